@@ -1,0 +1,314 @@
+"""The policy update of LD-Align: sequence log-probs, latent weights s/S, the Eq. 4 loss, and the loop.
+
+Read beside Section 4.2 of the paper (arXiv 2404.06390) and Algorithm 1, lines 9-10.
+
+    ldalign_loss(...)     Eq. 4, a pure function of tensors: copy-paste it into your own trainer
+    latent_weights(s)     s_i / S with S = mean_i s_i (Algorithm 1, line 9)
+    sequence_logps(...)   log p_theta(y|x) summed over response tokens (Eq. 1), the shift spelled out
+    dpo_train(...)        one iteration's update (Algorithm 1, line 10) with a fixed, cached reference
+    sft_train(...)        plain SFT (Section 3), used to build theta_0 for the toy task and for `--method sft`
+
+Conventions: a "pair" is (prompt_ids, chosen_ids, rejected_ids), token-id lists. In LD-Align the chosen
+response is the golden y from the SFT set D and the rejected one is the policy's own sample y'
+(Section 4.2.2: "we regard y as the winner sample and y' as the loser sample"). Response ids already end
+with EOS, so the model also learns where to stop.
+"""
+import math
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from generate import pad_sequences
+
+IGNORE = -100  # label value of prompt and padding tokens: not part of log p(y|x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Eq. 4: the loss. Pure function of tensors, no model inside: this is the part to copy.
+# ----------------------------------------------------------------------------------------------------
+def ldalign_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, weights, beta):
+    """Per-pair LD-Align loss (Eq. 4) and the implicit DPO rewards.
+
+    policy_chosen_logps   (B,)  log p_theta(y|x), summed over the tokens of the golden response y
+    policy_rejected_logps (B,)  log p_theta(y'|x), the policy's own sample y'
+    ref_chosen_logps      (B,)  log p_ref(y|x),  p_ref = p_{theta_{t-1}} (previous iteration, fixed)
+    ref_rejected_logps    (B,)  log p_ref(y'|x)
+    weights               (B,)  s_phi(x, y, y') / S_phi  (Algorithm 1, line 9); all ones gives plain DPO/SPIN
+    beta                  float, the DPO temperature (0.1 in the paper, as in SPIN)
+    returns losses (B,), chosen_rewards (B,), rejected_rewards (B,); the training loss is losses.mean(),
+    the Monte-Carlo estimate of the expectation in Eq. 4.
+
+    Gradient (Eq. 5, corrected): d losses_i / d theta = -beta * w_i * sigma(-z_i) * (grad log p(y) - grad log p(y')),
+    because d/dz log sigma(z) = sigma(-z). The paper prints sigma(z); see README, errata.
+    """
+    # The weights are constants of the update: phi is frozen while theta moves (README, errata), so no
+    # gradient may flow into them even if a caller passes a tensor that requires grad.
+    weights = weights.detach()
+    pi_logratios = policy_chosen_logps - policy_rejected_logps  # (B,) log p_theta(y|x) - log p_theta(y'|x)
+    ref_logratios = ref_chosen_logps - ref_rejected_logps  # (B,) the same under p_ref
+    z = beta * (pi_logratios - ref_logratios)  # (B,) the argument of sigma in Eq. 4
+    losses = -weights * F.logsigmoid(z)  # (B,) Eq. 4, one term of the expectation per pair
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()  # (B,) DPO implicit reward of y
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()  # (B,) ... of y'
+    return losses, chosen_rewards, rejected_rewards
+
+
+def latent_weights(s):
+    """w_i = s_i / S with S = (1/N) sum_i s_i (Algorithm 1, line 9). s: (N,) distances of the WHOLE data set.
+
+    Section 4.2.2 prints S_phi as s / E[s], which would make every weight s/S_phi = E[s], the same
+    constant for all pairs; Algorithm 1, line 9 defines S as the mean distance, which is what we use
+    (README, errata). The weights then average to 1, so the loss scale, and with it the learning rate,
+    matches plain DPO.
+    """
+    s = torch.as_tensor(s, dtype=torch.float64)
+    if s.ndim != 1 or s.numel() == 0:
+        raise ValueError(f"latent_weights expects a non-empty 1-D tensor of distances, got shape {tuple(s.shape)}")
+    if not torch.isfinite(s).all():
+        raise ValueError(f"latent_weights: {int((~torch.isfinite(s)).sum())} distances are NaN or inf; check the guide model")
+    if (s < 0).any():
+        raise ValueError("latent_weights: distances are norms and cannot be negative")
+    S = s.mean()  # Algorithm 1, line 9: S_phi(D, p_{theta_{t-1}}) = 1/N sum_i s_phi(x_i, y_i, y'_i)
+    if not S > 0:
+        raise ValueError("latent_weights: the mean distance S is 0: every sample y' has the same latent as its golden y "
+                         "(the policy reproduces D, or the guide maps everything to one point); nothing to weight")
+    return (s / S).float()  # (N,)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Eq. 1: log p_theta(y|x) = sum_j log p_theta(y_j | x, y_<j), response tokens only.
+# ----------------------------------------------------------------------------------------------------
+def sequence_logps(model, input_ids, attention_mask, labels):
+    """Sum of log-probs of the labelled tokens of each sequence.
+
+    input_ids, attention_mask: (B, T), right-padded prompt+response.
+    labels: (B, T), equal to input_ids on response tokens and IGNORE (-100) on prompt and padding.
+    returns (B,) float32.
+
+    The shift: the logits at position j are the model's distribution for token j+1 (causal LM), so
+    token j is scored by logits[j-1]. Dropping the last logit and the first label lines them up.
+    Getting this off by one scores every token with its own logits, the classic bug in DPO code:
+    test_ldalign.py pins it against -cross_entropy.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+    logits = logits[:, :-1, :].float()  # (B, T-1, V) position j predicts token j+1; fp32 for log_softmax
+    targets = labels[:, 1:]  # (B, T-1) token j+1, the one predicted by logits[:, j]
+    mask = targets != IGNORE  # (B, T-1) response tokens only
+    logp = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (logp * mask).sum(-1)  # (B,) Eq. 1 in log space: a sum, not a mean (as in DPO)
+
+
+def collate(prompts, responses, pad_id):
+    """Right-pad prompt+response sequences and build labels that mask the prompt and the padding."""
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    input_ids, attention_mask = pad_sequences(seqs, pad_id, side="right")  # (B, T), (B, T)
+    labels = input_ids.clone()
+    for i, p in enumerate(prompts):
+        labels[i, :len(p)] = IGNORE  # the prompt x is given, not predicted
+    labels[attention_mask == 0] = IGNORE  # padding
+    return input_ids, attention_mask, labels
+
+
+def pair_logps(model, pairs, device):
+    """log p(y|x) and log p(y'|x) of a micro-batch of pairs in ONE forward of 2B sequences.
+
+    One forward instead of two (as in Mitchell's DPO `concatenated_forward`) keeps the FSDP collectives
+    and the number of forward calls per step the same on every rank.
+    returns chosen (B,), rejected (B,).
+    """
+    B = len(pairs)
+    prompts = [p for p, _, _ in pairs] * 2
+    responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
+    pad_id = 0  # any id: padded positions are masked in attention and in labels
+    input_ids, attention_mask, labels = (t.to(device) for t in collate(prompts, responses, pad_id))
+    logps = sequence_logps(model, input_ids, attention_mask, labels)  # (2B,)
+    return logps[:B], logps[B:]
+
+
+@torch.no_grad()
+def reference_logps(model, pairs, micro_batch_size, device):
+    """Algorithm 1, line 10's p_{theta_{t-1}} terms, computed ONCE at the start of iteration t.
+
+    The reference model of iteration t is theta_{t-1}, fixed for the whole iteration (SPIN-style). At the
+    start of the iteration the policy IS theta_{t-1}, so scoring every pair now and caching the numbers
+    replaces keeping a second 7B model in memory. returns chosen (N,), rejected (N,) float32 on the CPU.
+    """
+    was_training = model.training
+    model.eval()
+    out_c, out_r = [], []
+    for i in range(0, len(pairs), micro_batch_size):
+        c, r = pair_logps(model, pairs[i:i + micro_batch_size], device)
+        out_c.append(c.float().cpu())
+        out_r.append(r.float().cpu())
+    model.train(was_training)
+    reshard_all(model)
+    if not pairs:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(out_c), torch.cat(out_r)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The optimisation loop shared by DPO and SFT: optimizer, warmup, accumulation, clipping, logging.
+# ----------------------------------------------------------------------------------------------------
+def make_optimizer(model, name, lr, weight_decay=0.0):
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if name == "rmsprop":  # SPIN's choice, which the paper keeps for its SPIN-style iterations
+        return torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}: use 'adamw' or 'rmsprop'")
+
+
+def lr_at(step, total_steps, warmup_steps, lr):
+    """Linear warmup to lr, then linear decay to 0 (SPIN and the alignment-handbook use this shape)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    return lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def global_batches(n, batch_size, epochs, seed, world):
+    """Index lists of the global batches of all epochs; every batch has exactly batch_size entries.
+
+    The last batch of an epoch is filled up with repeated indices marked fake (valid=False); their
+    weight is 0, so they add nothing to loss or gradient, but every rank still runs the same number of
+    forward calls (FSDP collectives hang otherwise) and batch shapes stay fixed.
+    """
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of the number of processes {world}")
+    out = []
+    for epoch in range(epochs):
+        g = torch.Generator().manual_seed(seed + epoch)
+        perm = torch.randperm(n, generator=g).tolist()
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            valid = [True] * len(idx)
+            while len(idx) < batch_size:  # fill the last batch
+                idx.append(perm[len(idx) % n])
+                valid.append(False)
+            out.append((idx, valid))
+    return out
+
+
+def is_fsdp(model):
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # older torch
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def reshard_all(model):
+    """Free the gathered FSDP2 weights after no-grad forwards.
+
+    FSDP2 keeps the ROOT module's weights unsharded after a forward (they are usually needed again by
+    the backward). After a forward under no_grad nothing will reshard them, and the next training step
+    would then run with weights outside FSDP's autograd hooks: their gradients are not reduced across
+    ranks (found by the 1-vs-2-process test). Resharding every FSDP module restores the normal state.
+    """
+    if is_fsdp(model):
+        from torch.distributed.fsdp import FSDPModule
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+
+def _all_reduce_sum(t):
+    """Named all-reduce: sums a small tensor of statistics over ranks (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _train_loop(model, n_items, loss_fn, *, lr, epochs, batch_size, micro_batch_size, optimizer, warmup_ratio,
+                max_grad_norm, seed, log_every, log_fn, stats_names):
+    """Shared by dpo_train and sft_train. loss_fn(idx, valid) -> (sum of per-item losses over the real
+    items of this micro-batch, stats tensor summed the same way). Returns the list of logged dicts.
+
+    Data parallel with FSDP2: each global batch is split between ranks (rank r takes every world-th index),
+    each rank accumulates over micro-batches, and FSDP2 AVERAGES gradients over ranks. Dividing the
+    local sum by (number of real items in the global batch / world) therefore gives exactly the
+    gradient of the global-batch mean, whatever the world size (tested: 1 process == 2 processes).
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    batches = global_batches(n_items, batch_size, epochs, seed, world)
+    total = len(batches)
+    warmup = max(1, int(warmup_ratio * total))
+    opt = make_optimizer(model, optimizer, lr)
+    model.train()
+    history, t0 = [], time.time()
+    for step, (idx, valid) in enumerate(batches):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, warmup, lr)
+        local_idx, local_valid = idx[rank::world], valid[rank::world]  # this rank's share of the batch
+        n_real = sum(valid)  # real items in the GLOBAL batch
+        stats = torch.zeros(1 + len(stats_names))
+        micro = list(range(0, len(local_idx), micro_batch_size))
+        for k, m in enumerate(micro):
+            if is_fsdp(model):  # reduce-scatter gradients only on the last micro-batch of the step
+                model.set_requires_gradient_sync(k == len(micro) - 1)
+            loss_sum, st = loss_fn(local_idx[m:m + micro_batch_size], local_valid[m:m + micro_batch_size])
+            (loss_sum * world / n_real).backward()  # FSDP divides by world again: global-batch mean
+            stats += torch.cat([loss_sum.detach().float().cpu().reshape(1), st.float().cpu()])
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # DTensor under FSDP2
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stats = _all_reduce_sum(stats) / n_real  # named all-reduce: batch means over all ranks
+        rec = {"step": step + 1, "steps": total, "loss": stats[0].item(), "lr": opt.param_groups[0]["lr"],
+               "grad_norm": float(gnorm)}
+        rec.update({k: v.item() for k, v in zip(stats_names, stats[1:])})
+        if not math.isfinite(rec["loss"]):
+            raise FloatingPointError(f"loss is {rec['loss']} at step {step + 1}/{total}; stopping before the weights "
+                                     "are saved (the last finished checkpoint on disk is intact). Lower --lr or --beta.")
+        history.append(rec)
+        if log_fn and (step % log_every == 0 or step + 1 == total):
+            el = time.time() - t0
+            rec = dict(rec, elapsed_s=round(el, 1), eta_s=round(el / (step + 1) * (total - step - 1), 1))
+            log_fn(rec)
+    return history
+
+
+def dpo_train(model, pairs, ref_chosen, ref_rejected, weights, *, beta, lr, epochs, batch_size, micro_batch_size,
+              device, optimizer="rmsprop", warmup_ratio=0.1, max_grad_norm=1.0, seed=0, log_every=10, log_fn=None):
+    """Algorithm 1, line 10: theta_t = argmax_theta sum_i (s_i/S) log sigma(beta log-ratio(y) - beta log-ratio(y')).
+
+    pairs: list of N (x, y, y') id lists, identical on every rank; ref_chosen/ref_rejected: (N,) cached
+    log p_{theta_{t-1}} (see reference_logps); weights: (N,) s_i/S (latent_weights), or ones for SPIN.
+    The model is updated in place; returns the logged metric dicts.
+    """
+    weights = torch.as_tensor(weights, dtype=torch.float32)
+
+    def loss_fn(idx, valid):
+        pc, pr = pair_logps(model, [pairs[i] for i in idx], device)  # (b,), (b,)
+        w = weights[idx] * torch.tensor(valid, dtype=torch.float32)  # (b,) fill-up items weigh 0
+        losses, rc, rr = ldalign_loss(pc, pr, ref_chosen[idx].to(device), ref_rejected[idx].to(device), w.to(device), beta)
+        v = torch.tensor(valid, dtype=torch.float32, device=device)
+        stats = torch.stack([(rc * v).sum(), (rr * v).sum(), ((rc > rr).float() * v).sum(), ((rc - rr) * v).sum()])
+        return losses.sum(), stats
+
+    return _train_loop(model, len(pairs), loss_fn, lr=lr, epochs=epochs, batch_size=batch_size,
+                       micro_batch_size=micro_batch_size, optimizer=optimizer, warmup_ratio=warmup_ratio,
+                       max_grad_norm=max_grad_norm, seed=seed, log_every=log_every, log_fn=log_fn,
+                       stats_names=["reward_chosen", "reward_rejected", "reward_acc", "reward_margin"])
+
+
+def sft_train(model, examples, *, lr, epochs, batch_size, micro_batch_size, device, optimizer="adamw",
+              warmup_ratio=0.1, max_grad_norm=1.0, seed=0, log_every=10, log_fn=None):
+    """SFT objective of Section 3: max E[log p_theta(y|x)], here the per-token mean NLL of each response.
+
+    examples: list of (x, y) id lists. Used to make theta_0 for the toy task and for `--method sft`.
+    """
+    def loss_fn(idx, valid):
+        xs, ys = [examples[i][0] for i in idx], [examples[i][1] for i in idx]
+        input_ids, attention_mask, labels = (t.to(device) for t in collate(xs, ys, 0))
+        logp = sequence_logps(model, input_ids, attention_mask, labels)  # (b,) summed over tokens
+        n_tok = (labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)  # (b,)
+        v = torch.tensor(valid, dtype=torch.float32, device=device)
+        nll = -(logp / n_tok) * v  # (b,) per-token NLL of each real example
+        return nll.sum(), torch.zeros(0)
+
+    return _train_loop(model, len(examples), loss_fn, lr=lr, epochs=epochs, batch_size=batch_size,
+                       micro_batch_size=micro_batch_size, optimizer=optimizer, warmup_ratio=warmup_ratio,
+                       max_grad_norm=max_grad_norm, seed=seed, log_every=log_every, log_fn=log_fn, stats_names=[])

@@ -1,0 +1,190 @@
+"""Hand-written batched sampling with a KV cache (Algorithm 1, lines 2 and 7: y' ~ p_theta(.|x)).
+
+Works on any Hugging Face causal LM (Llama, GPT-2, Mistral, ...): the only things used are the standard
+forward arguments input_ids / attention_mask / position_ids / past_key_values / use_cache and `.logits`.
+
+    ids, mask = pad_sequences(prompts, pad_id, side="left")          # (B, T), (B, T)
+    new = generate(model, ids, mask, 128, eos_id, pad_id, temperature=1.0, top_p=0.9)   # (B, n), n <= 128
+
+The caller puts the model in eval mode (dropout off); this file never changes the model's mode.
+`generate_naive` is the cache-free reference the tests compare `generate` against.
+"""
+import inspect
+
+import torch
+import torch.distributed as dist
+from transformers import DynamicCache
+
+
+def pad_sequences(seqs, pad_id, side="left"):
+    """Pad a list of token-id lists into one tensor.
+
+    Generation wants LEFT padding (every prompt ends at the last column, so the next token of every row
+    is predicted from column -1); training wants RIGHT padding (positions 0..n-1 stay where they are).
+    Returns input_ids (B, T) long and attention_mask (B, T) long, 1 on real tokens and 0 on padding.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (B, T)
+    for i, s in enumerate(seqs):
+        if len(s) == 0:
+            continue
+        row = torch.as_tensor(s, dtype=torch.long)
+        if side == "left":
+            ids[i, T - len(s):], mask[i, T - len(s):] = row, 1
+        else:
+            ids[i, :len(s)], mask[i, :len(s)] = row, 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling one token from (B, V) logits
+# ----------------------------------------------------------------------------------------------------
+def apply_top_k(logits, k):
+    """Keep the k largest logits of each row, set the rest to -inf. (B, V) -> (B, V); k <= 0 means off."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest logit of each row
+    return logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th value are kept
+
+
+def sample_top_p(probs, p, generator):
+    """Nucleus sampling, as llama's reference `sample_top_p`: (B, V) probs -> (B,) token ids.
+
+    Keep the smallest prefix of the sorted distribution whose mass reaches p; the most likely token is
+    always kept (its "mass before" is 0), so p -> 0 is greedy.
+    """
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (B, V)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)  # (B, V)
+    mask = probs_sum - probs_sort > p  # a token is dropped when the tokens before it already hold > p
+    probs_sort = probs_sort.masked_fill(mask, 0.0)
+    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)  # renormalise the nucleus
+    pick = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (B, 1) index into the sort
+    return torch.gather(probs_idx, -1, pick).squeeze(-1)  # (B,) back to vocabulary ids
+
+
+def sample_next(logits, temperature, top_p, top_k, generator):
+    """(B, V) float32 logits -> (B,) token ids. temperature == 0 means greedy argmax (top_p / top_k unused)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = apply_top_k(logits / temperature, top_k)
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        return sample_top_p(probs, top_p, generator)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The decode loop
+# ----------------------------------------------------------------------------------------------------
+def _all_finished(finished):
+    """True when every row is finished, on THIS rank and, under torch.distributed, on ALL ranks.
+
+    With FSDP every forward is a collective (parameters are all-gathered layer by layer), so all ranks must
+    run the same number of decode steps: a rank whose rows all hit EOS early keeps stepping (emitting pad)
+    until every rank is done, otherwise the others would wait forever in their next all-gather.
+    """
+    done = torch.tensor([int(bool(finished.all()))], device=finished.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)  # 1 only if every rank reports 1
+    return bool(done.item())
+
+
+def _last_logits(model, **kwargs):
+    """Run the model and return the float32 logits of the last position, (B, V).
+
+    Sampling is done in float32 whatever the model's dtype (bf16 softmax/cumsum is too coarse for top_p).
+    Models that accept `logits_to_keep` (recent HF: Llama, GPT-2, Mistral, ...) then skip the lm_head on
+    every prompt position but the last: (B, T, V) logits of a long prompt and a large vocabulary are big.
+    """
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    return model(**kwargs).logits[:, -1].float()  # (B, V)
+
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+             temperature=1.0, top_p=1.0, top_k=0, generator=None):
+    """Sample up to max_new_tokens tokens after LEFT-padded prompts (Algorithm 1, lines 2 and 7).
+
+    input_ids, attention_mask: (B, T), left padded (pad_sequences(..., side="left")).
+    Returns the new tokens only, (B, n) long with n <= max_new_tokens: after a row emits eos_token_id,
+    the rest of that row is pad_token_id; the loop stops as soon as every row is finished.
+    """
+    B = input_ids.shape[0]
+    # Positions count real tokens only, so a left-padded prompt gets the same positions 0..len-1 as
+    # the same prompt unpadded (HF generate does the same). Pad columns get 0; they are masked anyway.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    cache = DynamicCache()  # filled by the model in place: one (B, H, t, D) key and value per layer
+    # Prefill: one forward over the whole prompt fills the cache and gives the first token's logits.
+    logits = _last_logits(model, input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, past_key_values=cache, use_cache=True)  # (B, V)
+    position_ids = position_ids[:, -1:]  # (B, 1): the last prompt position of each row
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # (B,)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        tok = sample_next(logits, temperature, top_p, top_k, generator)  # (B,)
+        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)  # finished rows emit padding
+        new_tokens.append(tok)
+        if eos_token_id is not None:
+            finished |= tok == eos_token_id
+        if step == max_new_tokens - 1 or _all_finished(finished):
+            break
+        # Decode: feed only the new token; the cache holds the keys/values of everything before it.
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=-1)  # (B, T + step + 1)
+        position_ids = position_ids + 1  # (B, 1)
+        logits = _last_logits(model, input_ids=tok[:, None], attention_mask=attention_mask,
+                              position_ids=position_ids, past_key_values=cache, use_cache=True)  # (B, V)
+    if not new_tokens:
+        return input_ids.new_zeros(B, 0)
+    return torch.stack(new_tokens, dim=1)  # (B, n)
+
+
+@torch.no_grad()
+def generate_naive(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+                   temperature=1.0, top_p=1.0, top_k=0, generator=None):
+    """Cache-free reference for `generate` (tests only): re-runs the full sequence at every step.
+
+    Same arguments, same result, same use of `generator`; O(n^2) instead of O(n) work per row.
+    """
+    B = input_ids.shape[0]
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T + step)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits[:, -1].float()  # (B, V)
+        tok = sample_next(logits, temperature, top_p, top_k, generator)
+        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+        new_tokens.append(tok)
+        if eos_token_id is not None:
+            finished |= tok == eos_token_id
+        if _all_finished(finished):
+            break
+        input_ids = torch.cat([input_ids, tok[:, None]], dim=-1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=-1)
+    if not new_tokens:
+        return input_ids.new_zeros(B, 0)
+    return torch.stack(new_tokens, dim=1)
+
+
+def sample_responses(model, prompts, *, batch_size, max_new_tokens, eos_token_id, pad_token_id,
+                     temperature, top_p, top_k, seed, device):
+    """One response per prompt (lists of token ids in, lists of token ids out), batch_size prompts at a time.
+
+    One generator, seeded once per call: the same seed gives the same samples (the batches draw from it in
+    order). Each response keeps its EOS token at the end if one was produced; what follows (pad) is dropped.
+    """
+    generator = torch.Generator(device).manual_seed(seed)
+    responses = []
+    for b in range(0, len(prompts), batch_size):
+        ids, mask = pad_sequences(prompts[b:b + batch_size], pad_token_id, side="left")  # (B, T)
+        new = generate(model, ids.to(device), mask.to(device), max_new_tokens, eos_token_id, pad_token_id,
+                       temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)  # (B, n)
+        for row in new.tolist():
+            if eos_token_id is not None and eos_token_id in row:
+                row = row[:row.index(eos_token_id) + 1]  # keep the EOS, drop the padding after it
+            responses.append(row)
+    return responses

@@ -1,0 +1,244 @@
+"""The guiding model T = (phi, psi) of LD-Align (arXiv 2404.06390, Section 4.1).
+
+A *conditional autoencoder* built from two GPT-2s:
+  encoder phi(x, y) -> h in R^d           : what is it about this response y (to prompt x)?
+  decoder psi(y | x, h)                    : reconstruct y from the prompt x and the latent h.
+It is trained with Eq. 2 (Algorithm 1, line 4) on golden pairs (x, y) from the SFT set AND on generated pairs
+(x, y') from the current policy, and then used only through its encoder:
+  s_phi(x, y, y') = || phi(x, y) - phi(x, y') ||_2                     (Section 4.2.2, Algorithm 1, line 8)
+which becomes the per-example weight of the DPO loss (Eq. 3/4, elsewhere in the project).
+
+Deliberately NOT a VAE: Eq. 2 is a plain reconstruction objective with no KL / prior term, so phi is a
+deterministic encoder and h is a point, not a distribution. (Adding a KL would also shrink all distances
+towards each other, which is not what the paper's s_phi is meant to measure.)
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from generate import pad_sequences
+
+
+class GuideModel(nn.Module):
+    def __init__(self, encoder: GPT2LMHeadModel, decoder: GPT2LMHeadModel, latent_dim: int):
+        super().__init__()
+        self.encoder = encoder  # phi's backbone; only encoder.transformer (GPT2Model) is used, lm_head is tied/idle
+        self.decoder = decoder  # psi: a full GPT-2 LM
+        self.latent_dim = latent_dim
+        self.to_latent = nn.Linear(encoder.config.n_embd, latent_dim)  # pooled hidden state -> h   (n_embd -> d)
+        self.from_latent = nn.Linear(latent_dim, decoder.config.n_embd)  # h -> W_h h, added to token embeddings
+
+    # ---------------------------------------------------------------- phi
+    def encode(self, input_ids, attention_mask, response_mask):
+        """phi(x, y) -> h (B, d). input_ids = [x ; y] right-padded, response_mask = 1 on the y positions."""
+        hid = self.encoder.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, n_embd)
+        # Mean-pool over the RESPONSE tokens only. x is identical in y and y' (same prompt), so pooling over x
+        # would add a shared component that dilutes s_phi = ||phi(x,y) - phi(x,y')||; pooling over y makes the
+        # distance measure the responses. h is still conditioned on x: with causal attention every response
+        # position attends to all of x. (Mean rather than last token: no dependence on where EOS/padding sits.)
+        m = (response_mask * attention_mask).unsqueeze(-1).to(hid.dtype)  # (B, T, 1)
+        pooled = (hid * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, n_embd); clamp guards an empty response
+        return self.to_latent(pooled)  # (B, d)
+
+    # ---------------------------------------------------------------- psi
+    def recon_nll(self, input_ids, attention_mask, response_mask, h):
+        """-log p_psi(y | x, h): summed NLL over response tokens (B,) and the number of those tokens (B,)."""
+        wte = self.decoder.get_input_embeddings()
+        # Latent injection = "embedding injection" (Optimus, Li et al. 2020): W_h h is added to EVERY token
+        # embedding, so every position sees h directly (no need to route it through attention), and positions,
+        # labels and masks stay exactly those of the plain LM. The alternative would be a soft prefix (h mapped to
+        # k extra "virtual token" embeddings prepended to x), which shifts positions and needs masks/labels padded.
+        # GPT2Model adds its own position embeddings wpe(position_ids) to inputs_embeds; right padding means the
+        # default position_ids = arange(T) are correct.
+        emb = wte(input_ids) + self.from_latent(h).to(wte.weight.dtype).unsqueeze(1)  # (B, T, n_embd) + (B, 1, n_embd)
+        logits = self.decoder(inputs_embeds=emb, attention_mask=attention_mask).logits  # (B, T, V)
+        # Next-token shift: logits at position j predict token j+1. So logits[:, :-1] are scored against
+        # input_ids[:, 1:], and a target counts iff it is a (real, non-pad) response token. The first response
+        # token y_1 is therefore predicted from the LAST prompt position (x must be non-empty for it to count).
+        logits = logits[:, :-1].float()  # (B, T-1, V) in fp32 for a stable log-softmax under bf16 autocast
+        targets = input_ids[:, 1:]  # (B, T-1)
+        tmask = (response_mask[:, 1:] * attention_mask[:, 1:]).to(logits.dtype)  # (B, T-1): prompt and padding masked
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1) per-token -log p
+        return (nll * tmask).sum(1), tmask.sum(1)  # (B,), (B,)
+
+    def forward(self, input_ids, attention_mask, response_mask, shuffle_h=False):
+        """One Eq. 2 term per row: -log p_psi(y | x, phi(x, y)). Rows can be golden (x, y) or generated (x, y')."""
+        h = self.encode(input_ids, attention_mask, response_mask)  # (B, d)
+        if shuffle_h:  # diagnostic: give each row its neighbour's latent; a decoder that uses h must get worse
+            h = h.roll(1, dims=0)
+        return self.recon_nll(input_ids, attention_mask, response_mask, h)  # (B,), (B,)
+
+
+# ==================================================================== build / save / load
+def build_guide(model_name_or_config, latent_dim) -> GuideModel:
+    """str/path -> both encoder and decoder start from the same pre-trained GPT-2 (as in the paper);
+    GPT2Config -> two independently randomly initialised GPT-2s (tiny tests)."""
+    if isinstance(model_name_or_config, GPT2Config):
+        enc, dec = GPT2LMHeadModel(model_name_or_config), GPT2LMHeadModel(model_name_or_config)
+    else:
+        enc = GPT2LMHeadModel.from_pretrained(model_name_or_config)
+        dec = GPT2LMHeadModel.from_pretrained(model_name_or_config)
+    return GuideModel(enc, dec, latent_dim)
+
+
+def save_guide(guide, out_dir):
+    """out_dir/{encoder,decoder}/ (HF safetensors), out_dir/latent.safetensors, out_dir/guide_config.json.
+    Written into a sibling temp dir and swapped in with os.replace, so a crash never leaves a half-written guide."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".guide-tmp-", dir=parent)  # same filesystem -> os.replace is atomic
+    try:
+        guide.encoder.save_pretrained(os.path.join(tmp, "encoder"), safe_serialization=True)
+        guide.decoder.save_pretrained(os.path.join(tmp, "decoder"), safe_serialization=True)
+        latent = {f"{name}.{k}": v.detach().cpu().contiguous()  # safetensors needs contiguous CPU tensors
+                  for name in ("to_latent", "from_latent") for k, v in getattr(guide, name).state_dict().items()}
+        save_file(latent, os.path.join(tmp, "latent.safetensors"))
+        with open(os.path.join(tmp, "guide_config.json"), "w") as f:
+            json.dump({"latent_dim": guide.latent_dim, "encoder_n_embd": guide.encoder.config.n_embd,
+                       "decoder_n_embd": guide.decoder.config.n_embd, "injection": "embedding",
+                       "pooling": "mean_over_response"}, f, indent=2)
+        old = None
+        if os.path.exists(out_dir):  # os.replace cannot overwrite a non-empty dir: move the old one aside first
+            old = tempfile.mkdtemp(prefix=".guide-old-", dir=parent)
+            os.replace(out_dir, os.path.join(old, "g"))
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_guide(out_dir) -> GuideModel:
+    with open(os.path.join(out_dir, "guide_config.json")) as f:
+        cfg = json.load(f)
+    enc = GPT2LMHeadModel.from_pretrained(os.path.join(out_dir, "encoder"))
+    dec = GPT2LMHeadModel.from_pretrained(os.path.join(out_dir, "decoder"))
+    guide = GuideModel(enc, dec, cfg["latent_dim"])
+    state = load_file(os.path.join(out_dir, "latent.safetensors"))
+    guide.to_latent.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("to_latent.")})
+    guide.from_latent.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("from_latent.")})
+    return guide
+
+
+# ==================================================================== data
+def collate_guide(examples, pad_id):
+    """examples: list of (x_ids, y_ids). Sequence = x ; y, RIGHT padded (positions 0..n-1 stay put)."""
+    ids, attn = pad_sequences([list(x) + list(y) for x, y in examples], pad_id, side="right")  # (B, T), (B, T)
+    resp = torch.zeros_like(attn)  # (B, T)
+    for i, (x, y) in enumerate(examples):
+        resp[i, len(x):len(x) + len(y)] = 1
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+
+
+def _to(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _autocast(device):
+    device = torch.device(device)  # bf16 autocast on CUDA only; CPU tests run in fp32
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ==================================================================== Eq. 2 training (Algorithm 1, line 4)
+def train_guide(guide, examples, *, epochs, batch_size, lr, pad_id, seed, device, warmup_frac=0.1,
+                weight_decay=0.0, log_every=10, log_fn=print):
+    """Minimise L_guide (Eq. 2) over `examples` = golden (x, y) AND generated (x, y') pairs, mixed: each row is
+    reconstructed from its OWN latent, so the two expectation terms of Eq. 2 are just two kinds of rows.
+    The optimised loss is the per-token mean NLL over response tokens in the batch (sum NLL / #tokens), i.e. Eq. 2
+    up to length normalisation, so long responses do not dominate the step size.
+    `examples` is this rank's shard; the caller makes shards equal-size (same #steps on every rank). If the guide
+    is wrapped with FSDP2 fully_shard (the whole GuideModel as root, so wte/from_latent are unsharded inside
+    forward), gradients are averaged across ranks by FSDP itself; nothing distributed happens here.
+    The guide must already be on `device`. Returns one metrics dict per optimiser step."""
+    guide.train()
+    n = len(examples)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch
+    warmup = max(1, int(warmup_frac * total))
+    opt = torch.optim.AdamW([p for p in guide.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+    def lr_lambda(step):  # linear warmup, then cosine decay to 0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    history, step = [], 0
+    for epoch in range(epochs):
+        g = torch.Generator().manual_seed(seed + epoch)  # reproducible, different order every epoch
+        perm = torch.randperm(n, generator=g).tolist()
+        for b in range(0, n, batch_size):
+            batch = _to(collate_guide([examples[i] for i in perm[b:b + batch_size]], pad_id), device)
+            with _autocast(device):
+                nll_sum, n_tok = guide(**batch)  # (B,), (B,)
+            loss = nll_sum.sum() / n_tok.sum().clamp(min=1.0)  # per-token mean NLL (the Eq. 2 objective we optimise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(guide.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            rec = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+                   "grad_norm": float(gnorm), "n_tokens": int(n_tok.sum().item())}
+            history.append(rec)
+            if log_fn is not None and (step % log_every == 0 or step == 1 or step == total):
+                log_fn(f"[guide] step {step}/{total} epoch {epoch} loss {rec['loss']:.4f} lr {rec['lr']:.2e}")
+    return history
+
+
+# ==================================================================== diagnostics and s_phi
+@torch.no_grad()
+def eval_guide(guide, examples, *, batch_size, pad_id, device):
+    """Per-token NLL of the reconstruction with the TRUE latent vs. with a SHUFFLED latent (h rolled by 1 over the
+    whole example list, so a last batch of size 1 still gets someone else's h). If the decoder ignores h (posterior
+    collapse: it just models p(y|x)), the two are equal; a useful guide has nll_shuffled_h clearly > nll_true_h."""
+    was_training = guide.training
+    guide.eval()
+    batches = [collate_guide(examples[b:b + batch_size], pad_id) for b in range(0, len(examples), batch_size)]
+    with _autocast(device):
+        H = torch.cat([guide.encode(**_to(bt, device)).float() for bt in batches])  # (N, d)
+        Hs = H.roll(1, dims=0)  # (N, d): example i gets example i-1's latent
+        tot = {"true": 0.0, "shuf": 0.0}
+        ntok, off = 0.0, 0
+        for bt in batches:
+            bt = _to(bt, device)
+            B = bt["input_ids"].shape[0]
+            s_true, cnt = guide.recon_nll(**bt, h=H[off:off + B])
+            s_shuf, _ = guide.recon_nll(**bt, h=Hs[off:off + B])
+            tot["true"] += s_true.sum().item()
+            tot["shuf"] += s_shuf.sum().item()
+            ntok += cnt.sum().item()
+            off += B
+    guide.train(was_training)
+    ntok = max(ntok, 1.0)
+    return {"nll_true_h": tot["true"] / ntok, "nll_shuffled_h": tot["shuf"] / ntok, "n": len(examples),
+            "n_tokens": int(ntok)}
+
+
+@torch.no_grad()
+def latent_distances(guide, triples, *, batch_size, pad_id, device):
+    """s_i = || phi(x_i, y_i) - phi(x_i, y'_i) ||_2  (Section 4.2.2; Algorithm 1, line 8). Returns (N,) float32.
+    y and y' of a chunk are encoded in ONE forward pass (2B rows, same padded length), so an identical pair
+    gives an (up to kernel round-off) zero distance."""
+    was_training = guide.training
+    guide.eval()  # no dropout: phi must be a deterministic function
+    out = []
+    for b in range(0, len(triples), batch_size):
+        chunk = triples[b:b + batch_size]
+        B = len(chunk)
+        batch = _to(collate_guide([(x, y) for x, y, _ in chunk] + [(x, yp) for x, _, yp in chunk], pad_id), device)
+        with _autocast(device):
+            h = guide.encode(**batch).float()  # (2B, d)
+        out.append(torch.linalg.vector_norm(h[:B] - h[B:], dim=-1).cpu())  # (B,)
+    guide.train(was_training)
+    return torch.cat(out).float() if out else torch.zeros(0)

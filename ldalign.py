@@ -1,0 +1,747 @@
+"""LD-Align, Algorithm 1 of arXiv 2404.06390, line for line.
+
+    python ldalign.py                                   # embedded default: toy sorting task, CPU, ~5 min
+    python ldalign.py --preset paper --data ultrachat_50k.jsonl --out runs/paper    # the paper's setting
+    torchrun --nproc_per_node=8 ldalign.py --preset paper ...                       # the same, FSDP2 on 8 GPUs
+    python ldalign.py --out runs/x --T 5                # any default below can be overridden as --key value
+
+The script is a flat sequence of stages; each writes its result under --out and a rerun skips the
+stages whose result is already there (kill it and start it again: it goes on from the last finished stage).
+
+    out/config.json                 the settings of the run
+    out/tokenizer/                  (tiny preset) the byte-level BPE trained on the shipped data
+    out/sft/                        (tiny preset) theta_0: a tiny Llama SFT-ed on D (HF safetensors)
+    out/iter0/samples.jsonl         Algorithm 1, lines 1-3: y'_i ~ p_theta_0(.|x_i)
+    out/guide/                      Algorithm 1, line 4: guide T = (phi, psi) (HF safetensors + latent.safetensors)
+    out/iter{t}/samples.jsonl       line 7: y'_i ~ p_theta_{t-1}(.|x_i)
+    out/iter{t}/distances.jsonl     line 8: s_i = ||phi(x_i, y_i) - phi(x_i, y'_i)||_2, and the weight s_i/S
+    out/iter{t}/distances.json      line 9: S = mean_i s_i, and a summary of the distribution
+    out/iter{t}/train_metrics.jsonl line 10: loss, rewards, grad norm per logged step
+    out/iter{t}/policy/             line 10: theta_t (HF safetensors: any HF tool loads it)
+    out/iter{t}/eval.json           greedy exact match on held-out prompts (iter0: theta_0)
+    out/metrics.jsonl, out/results.md   one line per iteration: accuracy, S, loss
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import dpo
+import generate
+import guide as guide_lib
+
+# ----------------------------------------------------------------------------------------------------
+# Defaults: the embedded toy run. Every key can be overridden on the command line as --key value.
+# ----------------------------------------------------------------------------------------------------
+DEFAULTS = dict(
+    preset="tiny",            # "tiny" (toy sorting task, builds everything from configs) or "paper"
+    out="runs/tiny",          # run folder: every stage writes here, a rerun resumes from here
+    data="data/sort_train.jsonl",      # SFT set D, UltraChat-style JSONL: (x, y) = first user / assistant turn
+    eval_data="data/sort_eval.jsonl",  # held-out prompts for greedy exact match ("" to skip)
+    max_examples=0,           # use only the first N records of --data (0 = all); the paper uses 50k
+    max_eval=200,             # held-out prompts scored per iteration
+    overlength="error",       # prompt/response longer than the limits: "error" (file:line) or "skip" (logged)
+    seed=0,
+    # theta_0, the policy: "tiny" = SFT a tiny Llama on D from scratch, else any HF causal LM path/id
+    policy="tiny",
+    max_len=64,               # prompt + response tokens
+    max_prompt_len=32,        # prompt tokens (after the chat template)
+    max_new_tokens=32,        # length cap of sampled y' (max_prompt_len + max_new_tokens <= max_len)
+    # tiny SFT of theta_0 (tiny preset only): a weak model, leaves room for alignment to help
+    sft_steps=600, sft_lr=3e-3, sft_batch_size=32,
+    # sampling y' ~ p_theta(.|x) (Algorithm 1, lines 2 and 7)
+    temperature=1.0, top_p=1.0, top_k=0, gen_batch_size=128,
+    reuse_line2_samples=True,  # iteration 1 samples from theta_0, like lines 1-3: reuse those samples
+    # guide T = (phi, psi) (Section 4.1): "tiny" = tiny GPT-2s from config, else a GPT-2 path/id ("gpt2")
+    guide="tiny", latent_dim=32,
+    guide_epochs=3, guide_lr=1e-3, guide_batch_size=32,
+    # the LD-Align update (Algorithm 1, line 10, Eq. 4)
+    T=3,                      # iterations; the paper reports LD-Align 0, 1, 2
+    method="ldalign",         # "ldalign" (weights s/S) or "spin" (weights 1: SPIN in the same loop)
+    beta=0.1,
+    lr=1e-4, optimizer="rmsprop", warmup_ratio=0.1, max_grad_norm=1.0,
+    epochs=2, batch_size=32, micro_batch_size=32,
+    grad_ckpt=False,          # activation checkpointing of the policy (saves memory on 7B)
+    log_every=10,
+)
+
+PRESETS = {
+    "tiny": {},
+    # The paper's setting (Section 5.1): zephyr-7b-sft-full (Mistral-7B SFT on UltraChat 200k), a GPT-2
+    # guide, a 50k subset of UltraChat, beta 0.1, three iterations. What the paper leaves open follows SPIN
+    # (lr 5e-7, RMSprop, 2 epochs, global batch 64, max length 1024, prompt 512, 256 new tokens).
+    "paper": dict(
+        out="runs/paper", policy="alignment-handbook/zephyr-7b-sft-full", guide="gpt2",
+        data="data/ultrachat_50k.jsonl", eval_data="", max_examples=50000, overlength="skip",
+        max_len=1024, max_prompt_len=512, max_new_tokens=256, temperature=1.0, gen_batch_size=64,
+        latent_dim=64, guide_epochs=1, guide_lr=5e-5, guide_batch_size=32,
+        T=3, beta=0.1, lr=5e-7, optimizer="rmsprop", epochs=2, batch_size=64, micro_batch_size=2,
+        grad_ckpt=True, log_every=10),
+}
+
+
+def parse_args(argv):
+    """nanoGPT-style: defaults above, then the preset, then --key value pairs (typed like the default)."""
+    cfg = dict(DEFAULTS)
+    pairs = {}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if not a.startswith("--") or "=" not in a and i + 1 >= len(argv):
+            raise SystemExit(f"bad argument {a!r}: use --key value (keys: {', '.join(DEFAULTS)})")
+        k, v = (a[2:].split("=", 1) if "=" in a else (a[2:], argv[i + 1]))
+        i += 1 if "=" in a else 2
+        if k not in DEFAULTS:
+            raise SystemExit(f"unknown option --{k}; known: {', '.join(DEFAULTS)}")
+        pairs[k] = v
+    preset = pairs.get("preset", cfg["preset"])
+    if preset not in PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}: {', '.join(PRESETS)}")
+    cfg.update(PRESETS[preset])
+    for k, v in pairs.items():
+        d = DEFAULTS[k]
+        if isinstance(d, bool):
+            if v.lower() not in ("1", "0", "true", "false"):
+                raise SystemExit(f"--{k} takes true/false, got {v!r}")
+            cfg[k] = v.lower() in ("1", "true")
+        else:
+            try:
+                cfg[k] = type(d)(v)
+            except ValueError:
+                raise SystemExit(f"--{k} takes a {type(d).__name__}, got {v!r}")
+    if cfg["method"] not in ("ldalign", "spin"):
+        raise SystemExit(f"--method must be ldalign or spin, got {cfg['method']!r}")
+    if cfg["max_prompt_len"] + cfg["max_new_tokens"] > cfg["max_len"]:
+        raise SystemExit("need max_prompt_len + max_new_tokens <= max_len (a sampled y' must fit in training)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed: init, FSDP2 wrapping, rank-0 guard, and the two named gathers. Nothing else knows about it.
+# ----------------------------------------------------------------------------------------------------
+def init_distributed():
+    """Same script under `python` (one process) and `torchrun` (one process per GPU, or per CPU worker)."""
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, torch.device("cuda" if cuda else "cpu")
+
+
+def fsdp_wrap(model, device):
+    """FSDP2: shard every transformer block, then the root (embeddings, final norm, head, extra layers).
+
+    Block classes come from HF's own `_no_split_modules` (LlamaDecoderLayer, MistralDecoderLayer,
+    GPT2Block, ...). On GPU, bf16 compute with fp32 master weights and fp32 gradient reduction; the fp32
+    output cast goes on the root only (on a block it would feed fp32 into the next bf16 block's norm).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    bf16 = device.type == "cuda"
+    block_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    root_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                   output_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    block_names = set()
+    for m in model.modules():
+        block_names.update(getattr(m, "_no_split_modules", None) or [])
+    for m in model.modules():
+        if type(m).__name__ in block_names:
+            fully_shard(m, mesh=mesh, mp_policy=block_mp)
+    fully_shard(model, mesh=mesh, mp_policy=root_mp)
+    return model
+
+
+class gathered_weights:
+    """Keep FSDP2 weights unsharded for a run of forward calls (generation, scoring), then reshard.
+
+    Without it FSDP2 all-gathers every block's weights at every decode step. unshard/reshard are not
+    recursive, so every FSDP module is switched. A no-op for an unsharded model.
+    """
+
+    def __init__(self, model):
+        from torch.distributed.fsdp import FSDPModule
+        self.mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def __enter__(self):
+        for m in self.mods:
+            m.set_reshard_after_forward(False)
+            m.unshard()
+
+    def __exit__(self, *exc):
+        for m in self.mods:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+
+def autocast(device, model):
+    """bf16 autocast on GPU when FSDP's mixed precision does not already do it; fp32 on CPU."""
+    if device.type == "cuda" and not dpo.is_fsdp(model):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def gather_floats(local_values, local_idx, n, device):
+    """Named all-reduce: every rank scored its indices; sum into one (n,) tensor known to all ranks."""
+    full = torch.zeros(n, dtype=torch.float64, device=device)
+    full[torch.as_tensor(local_idx, dtype=torch.long, device=device)] = local_values.to(device, torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(full, op=dist.ReduceOp.SUM)
+    return full.float().cpu()
+
+
+def gather_lists(local_items, local_idx, n):
+    """Named all-gather of Python lists (sampled token ids), reassembled in data-set order."""
+    out = [None] * n
+    parts = [(local_idx, local_items)]
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (local_idx, local_items))
+    for idx, items in parts:
+        for i, item in zip(idx, items):
+            out[i] = item
+    return out
+
+
+def shard_indices(n, rank, world):
+    """This rank's indices rank, rank+world, ...; padded by repeating so every rank has the same count
+    (equal numbers of forward calls on every rank, or FSDP collectives hang). Returns (padded, n_real)."""
+    idx = list(range(rank, n, world))
+    n_real = len(idx)
+    per_rank = math.ceil(n / world)
+    while len(idx) < per_rank:
+        idx.append(idx[-1] if idx else 0)
+    return idx, n_real
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files: atomic writes, so a killed run never leaves a half-written result that a rerun would trust.
+# ----------------------------------------------------------------------------------------------------
+def write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, records):
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def save_hf(model, tokenizer, out_dir, rank):
+    """Save a causal LM as an HF checkpoint (config.json + model.safetensors + tokenizer), atomically.
+
+    Under FSDP2 the full state dict is gathered to rank 0's CPU first (every rank must call this).
+    """
+    state_dict = None
+    if dpo.is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        tmp = out_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state_dict)  # safetensors is the default format
+        cfg_path = os.path.join(tmp, "config.json")
+        cfg = json.load(open(cfg_path))
+        # FSDP2 renames the class (FSDPLlamaForCausalLM); store the real architecture name.
+        cfg["architectures"] = [a[4:] if a.startswith("FSDP") else a for a in cfg.get("architectures") or []]
+        write_atomic(cfg_path, json.dumps(cfg, indent=2))
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: D = {(x_i, y_i)} from UltraChat-style JSONL, validated before any compute.
+# ----------------------------------------------------------------------------------------------------
+def load_sft_jsonl(path, max_examples=0):
+    """Read (x, y) = (first user turn, first assistant turn) of each record; errors name file:line.
+
+    A record is {"messages": [{"role": "user", "content": x}, {"role": "assistant", "content": y}, ...]}
+    (UltraChat 200k's layout; later turns are ignored, as SPIN and the paper's 50k subset do), or
+    {"prompt": x, "response": y}. Returns a list of dicts {x, y, where} where `where` is "file:line".
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: data file not found")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue  # blank lines (e.g. a trailing newline) carry no record
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            if "messages" in rec:
+                msgs = rec["messages"]
+                if not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs[:2]):
+                    raise ValueError(f"{where}: 'messages' must be a list starting with a user and an assistant turn")
+                if msgs[0].get("role") != "user" or msgs[1].get("role") != "assistant":
+                    raise ValueError(f"{where}: the first two messages must have roles 'user' then 'assistant', got "
+                                     f"{msgs[0].get('role')!r} then {msgs[1].get('role')!r}")
+                x, y = msgs[0].get("content"), msgs[1].get("content")
+            elif "prompt" in rec and "response" in rec:
+                x, y = rec["prompt"], rec["response"]
+            else:
+                raise ValueError(f"{where}: missing field 'messages' (or 'prompt' and 'response')")
+            for name, v in (("prompt (user turn)", x), ("response (assistant turn)", y)):
+                if not isinstance(v, str):
+                    raise ValueError(f"{where}: {name} must be a string, got {type(v).__name__}")
+                if not v.strip():
+                    raise ValueError(f"{where}: {name} is empty")
+            out.append({"x": x, "y": y, "where": where})
+            if max_examples and len(out) >= max_examples:
+                break
+    if not out:
+        raise ValueError(f"{path}: no records")
+    return out
+
+
+def prompt_ids(tokenizer, x):
+    """The chat-templated prompt, as token ids: THE one function used for generation AND training.
+
+    SPIN's public code generates with one prompt format and trains with another; a policy then learns
+    from sequences it never produces. Here both paths call this function, so x's tokens are identical.
+    """
+    text = tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids  # exactly one BOS, whether or not the template writes it
+    return ids
+
+
+def response_ids(tokenizer, y):
+    """Golden response tokens, ending with EOS so the policy learns to stop."""
+    return tokenizer(y, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def tokenize_data(records, tok, gtok, cfg, log):
+    """Tokenize D for the policy (chat template) and the guide (plain text); check lengths up front.
+
+    Over-length records raise with file:line (--overlength error) or are dropped and listed
+    (--overlength skip), so a 7B run never dies on record 40,000 hours in.
+    """
+    kept, skipped = [], []
+    for r in records:
+        px, py = prompt_ids(tok, r["x"]), response_ids(tok, r["y"])
+        gx, gy = guide_ids(gtok, r["x"], r["y"])
+        problems = []
+        if len(px) > cfg["max_prompt_len"]:
+            problems.append(f"prompt has {len(px)} tokens > max_prompt_len={cfg['max_prompt_len']}")
+        if len(px) + len(py) > cfg["max_len"]:
+            problems.append(f"prompt + response have {len(px) + len(py)} tokens > max_len={cfg['max_len']}")
+        if len(gx) + max(len(gy), cfg["max_new_tokens"] + 1) > cfg["guide_max_len"]:
+            problems.append(f"guide input would exceed the guide's {cfg['guide_max_len']} positions")
+        if problems:
+            if cfg["overlength"] == "error":
+                raise ValueError(f"{r['where']}: {'; '.join(problems)} (raise the limits or pass --overlength skip)")
+            skipped.append({"where": r["where"], "why": "; ".join(problems)})
+            continue
+        kept.append(dict(r, px=px, py=py, gx=gx, gy=gy))
+    if skipped:
+        log(f"skipped {len(skipped)} over-length records (listed in skipped.jsonl); kept {len(kept)}")
+    if not kept:
+        raise ValueError(f"{cfg['data']}: every record is over-length")
+    return kept, skipped
+
+
+def guide_ids(gtok, x, y):
+    """The guide reads plain text, x then y (no chat template: GPT-2 has none); y ends with EOS."""
+    gx = gtok(x + "\n", add_special_tokens=False)["input_ids"]
+    gy = gtok(y, add_special_tokens=False)["input_ids"] + [gtok.eos_token_id]
+    return gx, gy
+
+
+# ----------------------------------------------------------------------------------------------------
+# The embedded default: tokenizer and tiny models built from configs (no hub downloads).
+# ----------------------------------------------------------------------------------------------------
+TOY_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>"
+                "{% else %}<|assistant|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def train_toy_tokenizer(texts, vocab_size=300):
+    """A real byte-level BPE trained with `tokenizers` on the shipped data, wrapped as an HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|bos|>", "<|end|>", "<|user|>", "<|assistant|>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>")
+    tok.chat_template = TOY_TEMPLATE
+    return tok
+
+
+def tiny_policy_config(tok, max_len):
+    """About 0.9M parameters: learns the sorting task only partly after the short SFT (room to improve)."""
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max(128, max_len),
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       tie_word_embeddings=True)
+
+
+def tiny_guide_config(gtok, n_positions):
+    from transformers import GPT2Config
+    return GPT2Config(vocab_size=len(gtok), n_embd=64, n_layer=2, n_head=4, n_positions=n_positions,
+                      bos_token_id=gtok.bos_token_id, eos_token_id=gtok.eos_token_id)
+
+
+def place_guide(guide, device, world):
+    """Move the guide to the device; under torchrun shard it like the policy. encode / recon_nll are
+    called directly (not through forward), so FSDP2 must be told to all-gather around them too."""
+    guide = guide.to(device)
+    if world > 1:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+        guide = fsdp_wrap(guide, device)
+        register_fsdp_forward_method(guide, "encode")
+        register_fsdp_forward_method(guide, "recon_nll")
+    return guide
+
+
+def save_guide_ckpt(guide, guide_src, latent_dim, guide_dir, diag, rank):
+    """Save the guide with guide.save_guide (rank 0 writes). Under FSDP2 every rank joins the gather of
+    the full state dict, which rank 0 loads into a plain, unsharded copy."""
+    plain = guide
+    if dpo.is_fsdp(guide):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(guide, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            plain = guide_lib.build_guide(guide_src, latent_dim)
+            plain.load_state_dict(sd)
+    if rank == 0:
+        guide_lib.save_guide(plain, guide_dir)
+        write_atomic(os.path.join(guide_dir, "diagnostics.json"), json.dumps(diag, indent=1))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stages used inside Algorithm 1
+# ----------------------------------------------------------------------------------------------------
+def sample_stage(model, tok, data, path, cfg, seed, ctx, greedy=False, what="y'"):
+    """Algorithm 1, lines 2 / 7: one response per prompt from the current policy; every rank samples its
+    share, all ranks end with all samples; rank 0 writes them. Skipped when `path` already exists."""
+    if path and os.path.exists(path):
+        recs = read_jsonl(path)
+        if len(recs) == len(data):
+            ctx["log"](f"[skip] {path} exists")
+            return [r["y_prime_ids"] for r in recs]
+    rank, world, device = ctx["rank"], ctx["world"], ctx["device"]
+    idx, n_real = shard_indices(len(data), rank, world)
+    t0 = time.time()
+    local = []
+    model.eval()
+    with gathered_weights(model), autocast(device, model):
+        bs = cfg["gen_batch_size"]
+        for b in range(0, len(idx), bs):
+            chunk = idx[b:b + bs]
+            local += generate.sample_responses(
+                model, [data[i]["px"] for i in chunk], batch_size=bs, max_new_tokens=cfg["max_new_tokens"],
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                temperature=0.0 if greedy else cfg["temperature"], top_p=cfg["top_p"], top_k=cfg["top_k"],
+                seed=seed * 100003 + rank * 1009 + b, device=device)
+            done = min(b + bs, len(idx)) * world
+            ctx["log"](f"  sampling {what}: {min(done, len(data))}/{len(data)} prompts, {time.time() - t0:.0f}s", end="\r")
+    ctx["log"]("")
+    ids = gather_lists(local[:n_real], idx[:n_real], len(data))
+    if path and rank == 0:
+        write_jsonl(path, [{"where": d["where"], "x": d["x"], "y": d["y"],
+                            "y_prime": tok.decode(y, skip_special_tokens=True), "y_prime_ids": y}
+                           for d, y in zip(data, ids)])
+    return ids
+
+
+def evaluate(model, tok, eval_data, path, cfg, ctx):
+    """Greedy exact match of the policy's answers on held-out prompts (meaningful on checkable tasks)."""
+    if not eval_data:
+        return None
+    if os.path.exists(path):
+        return json.load(open(path))["exact_match"]
+    ids = sample_stage(model, tok, eval_data, None, cfg, 0, ctx, greedy=True, what="greedy eval answers")
+    answers = [tok.decode(y, skip_special_tokens=True).strip() for y in ids]
+    hits = [a == d["y"].strip() for a, d in zip(answers, eval_data)]
+    acc = sum(hits) / len(hits)
+    if ctx["rank"] == 0:
+        write_atomic(path, json.dumps({"exact_match": acc, "n": len(hits), "examples": [
+            {"x": d["x"], "golden": d["y"], "answer": a, "correct": h}
+            for d, a, h in list(zip(eval_data, answers, hits))[:20]]}, indent=1))
+    return acc
+
+
+def guide_triples(data, tok, gtok, y_prime_ids):
+    """(x, y, y') in the guide's own tokens: y' is decoded from the policy's ids and re-encoded."""
+    out = []
+    for d, yp in zip(data, y_prime_ids):
+        gyp = guide_ids(gtok, d["x"], tok.decode(yp, skip_special_tokens=True))[1]
+        out.append((d["gx"], d["gy"], gyp))
+    return out
+
+
+def main(argv=None):
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    rank, world, device = init_distributed()
+    out = cfg["out"]
+    os.makedirs(out, exist_ok=True)
+    log_path = os.path.join(out, "log.txt")
+
+    def log(msg, end="\n"):
+        """Rank-0 guard: one process prints and writes the log."""
+        if rank == 0:
+            print(msg, end=end, flush=True)
+            if end == "\n" and msg:
+                with open(log_path, "a") as f:
+                    f.write(msg + "\n")
+
+    ctx = dict(rank=rank, world=world, device=device, log=log)
+    torch.manual_seed(cfg["seed"])
+    log(f"LD-Align | preset={cfg['preset']} method={cfg['method']} T={cfg['T']} | {world} process(es) on {device}")
+    if rank == 0:
+        write_atomic(os.path.join(out, "config.json"), json.dumps(cfg, indent=2))
+
+    # ------------------------------------------------------------------------------------------------
+    # Require: D = {(x_i, y_i)}, guide T = (phi, psi), LLM theta_0. Everything is read and checked here,
+    # before any compute: a bad line fails now, naming file:line.
+    # ------------------------------------------------------------------------------------------------
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+
+    records = load_sft_jsonl(cfg["data"], cfg["max_examples"])
+    eval_records = load_sft_jsonl(cfg["eval_data"], cfg["max_eval"]) if cfg["eval_data"] else []
+    tiny = cfg["policy"] == "tiny"
+    tok_dir = os.path.join(out, "tokenizer")
+    if tiny:
+        if not os.path.isdir(tok_dir):
+            if rank == 0:
+                texts = [t for r in records for t in (r["x"], r["y"])]
+                tok = train_toy_tokenizer(texts)
+                tok.save_pretrained(tok_dir + ".tmp")
+                shutil.rmtree(tok_dir, ignore_errors=True)
+                os.replace(tok_dir + ".tmp", tok_dir)
+            if dist.is_initialized():
+                dist.barrier()
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+    else:
+        tok = AutoTokenizer.from_pretrained(cfg["policy"])
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked everywhere; any id will do
+    if cfg["guide"] == "tiny":
+        gtok = tok  # the toy guide reads the toy tokenizer's ids
+        guide_src = tiny_guide_config(gtok, n_positions=2 * cfg["max_len"])
+        cfg["guide_max_len"] = guide_src.n_positions
+    else:
+        gtok = AutoTokenizer.from_pretrained(cfg["guide"])
+        guide_src = cfg["guide"]
+        cfg["guide_max_len"] = GPT2Config.from_pretrained(cfg["guide"]).n_positions
+    data, skipped = tokenize_data(records, tok, gtok, cfg, log)
+    eval_data, _ = tokenize_data(eval_records, tok, gtok, cfg, log) if eval_records else ([], [])
+    if skipped and rank == 0:
+        write_jsonl(os.path.join(out, "skipped.jsonl"), skipped)
+    pairs_golden = [(d["px"], d["py"]) for d in data]
+    log(f"D: {len(data)} pairs from {cfg['data']}; held-out: {len(eval_data)}")
+
+    # theta_0. For the toy task we make it: a tiny Llama SFT-ed on D (Section 3's objective).
+    sft_dir = os.path.join(out, "sft")
+    if tiny and not os.path.isdir(sft_dir):
+        log(f"[theta_0] SFT of a tiny Llama on D: {cfg['sft_steps']} steps")
+        model = AutoModelForCausalLM.from_config(tiny_policy_config(tok, cfg["max_len"]))
+        epochs = math.ceil(cfg["sft_steps"] * cfg["sft_batch_size"] / len(data))
+        model = model.to(device)
+        if world > 1:
+            model = fsdp_wrap(model, device)
+        with autocast(device, model):
+            hist = dpo.sft_train(model, pairs_golden, lr=cfg["sft_lr"], epochs=epochs, batch_size=cfg["sft_batch_size"],
+                                 micro_batch_size=cfg["sft_batch_size"], device=device, optimizer="adamw",
+                                 seed=cfg["seed"], log_every=50,
+                                 log_fn=lambda r: log(f"  sft step {r['step']}/{r['steps']} nll/token {r['loss']:.3f}"))
+        save_hf(model, tok, sft_dir, rank)
+        del model
+    theta0_path = sft_dir if tiny else cfg["policy"]
+
+    def load_policy(path):
+        # On GPU, load in bf16 (a 7B model is 14 GB per process in CPU memory, not 28), shard, then hold
+        # fp32 master weights on the GPU: FSDP's mixed precision computes in bf16.
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if cfg["grad_ckpt"]:
+            m.gradient_checkpointing_enable()
+            m.config.use_cache = False
+        if world > 1:
+            m = fsdp_wrap(m, device)
+        return m.to(device=device, dtype=torch.float32)
+
+    # Resume: theta_{t-1} is the newest finished iteration's policy (or theta_0).
+    t_start = 1
+    while os.path.isdir(os.path.join(out, f"iter{t_start}", "policy")) and t_start <= cfg["T"]:
+        t_start += 1
+    policy_path = theta0_path if t_start == 1 else os.path.join(out, f"iter{t_start - 1}", "policy")
+    model = load_policy(policy_path)
+    log(f"policy: {policy_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
+
+    results_path = os.path.join(out, "metrics.jsonl")
+    os.makedirs(os.path.join(out, "iter0"), exist_ok=True)
+    if t_start == 1:
+        acc0 = evaluate(model, tok, eval_data, os.path.join(out, "iter0", "eval.json"), cfg, ctx)
+        log(f"[iter 0] theta_0 greedy exact match on held-out: {acc0}")
+        if rank == 0:
+            write_jsonl(results_path, [{"iter": 0, "exact_match": acc0, "S": None, "loss": None}])
+
+    # ------------------------------------------------------------------------------------------------
+    # Algorithm 1, lines 1-3: for i = 1..N, generate y'_i ~ p_{theta_0}(.|x_i)
+    # (the paper writes y_i; it is the generated y'_i, README errata)
+    # ------------------------------------------------------------------------------------------------
+    guide_dir = os.path.join(out, "guide")
+    samples0 = os.path.join(out, "iter0", "samples.jsonl")
+    if t_start == 1 or not os.path.isdir(guide_dir):  # (a rerun finds the file and skips the sampling)
+        log("[Algorithm 1, lines 1-3] sampling y' ~ p_theta_0 for every x in D")
+        y0 = sample_stage(model, tok, data, samples0, cfg, cfg["seed"], ctx)
+
+    # ------------------------------------------------------------------------------------------------
+    # Algorithm 1, line 4: (phi, psi) = argmax sum_i log p_psi(y_i|x_i, phi(x_i,y_i)) + log p_psi(y'_i|x_i, phi(x_i,y'_i))
+    # Eq. 2 over golden AND generated responses; trained once, then frozen for all T iterations.
+    # ------------------------------------------------------------------------------------------------
+    if os.path.isdir(guide_dir):
+        log(f"[skip] guide: {guide_dir} exists")
+        guide = place_guide(guide_lib.load_guide(guide_dir), device, world)
+    else:
+        log("[Algorithm 1, line 4] training the guide T = (phi, psi) on golden and generated responses (Eq. 2)")
+        torch.manual_seed(cfg["seed"])
+        guide = place_guide(guide_lib.build_guide(guide_src, cfg["latent_dim"]), device, world)
+        triples = guide_triples(data, tok, gtok, y0)
+        examples = [(gx, gy) for gx, gy, _ in triples] + [(gx, gyp) for gx, _, gyp in triples]  # y and y'
+        idx, _ = shard_indices(len(examples), rank, world)  # this rank's share; FSDP2 averages the gradients
+        guide_lib.train_guide(guide, [examples[i] for i in idx], epochs=cfg["guide_epochs"],
+                              batch_size=cfg["guide_batch_size"], lr=cfg["guide_lr"], pad_id=gtok.eos_token_id,
+                              seed=cfg["seed"], device=device, log_every=cfg["log_every"] * 5,
+                              log_fn=lambda m: log(f"  guide step {m['step']} loss {m['loss']:.4f} lr {m['lr']:.2e}"))
+        # Does the decoder use h? Reconstruct held-back-free examples with the true and a shuffled latent.
+        n_diag = min(len(examples), 1024)
+        diag_idx = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:n_diag].tolist()
+        diag = guide_lib.eval_guide(guide, [examples[i] for i in diag_idx], batch_size=cfg["guide_batch_size"],
+                                    pad_id=gtok.eos_token_id, device=device)
+        log(f"  guide reconstruction NLL/token: true h {diag['nll_true_h']:.3f} vs shuffled h "
+            f"{diag['nll_shuffled_h']:.3f} (shuffled must be worse, or the decoder ignores h)")
+        save_guide_ckpt(guide, guide_src, cfg["latent_dim"], guide_dir, diag, rank)
+    guide.eval()
+    for p in guide.parameters():
+        p.requires_grad_(False)  # phi is frozen: s_i/S are constants of the policy update (README errata)
+
+    # ------------------------------------------------------------------------------------------------
+    # Algorithm 1, line 5: for t = 1..T
+    # ------------------------------------------------------------------------------------------------
+    for t in range(t_start, cfg["T"] + 1):
+        it = os.path.join(out, f"iter{t}")
+        os.makedirs(it, exist_ok=True)
+        log(f"===== iteration {t}/{cfg['T']}: theta_{t - 1} -> theta_{t} =====")
+
+        # Algorithm 1, lines 6-7: for i = 1..N, generate y'_i ~ p_{theta_{t-1}}(.|x_i)
+        # (printed as theta_{T-1}; it is the previous iteration's policy, README errata)
+        if t == 1 and cfg["reuse_line2_samples"]:
+            log("[line 7] theta_{t-1} = theta_0: reusing the samples of lines 1-3 (same distribution)")
+            y_prime = [r["y_prime_ids"] for r in read_jsonl(samples0)]
+        else:
+            log(f"[line 7] sampling y' ~ p_theta_{t - 1}")
+            y_prime = sample_stage(model, tok, data, os.path.join(it, "samples.jsonl"), cfg, cfg["seed"] + t, ctx)
+
+        # Algorithm 1, line 8: s_phi(x_i, y_i, y'_i) = ||phi(x_i, y_i) - phi(x_i, y'_i)||_2
+        dist_path = os.path.join(it, "distances.jsonl")
+        if os.path.exists(dist_path):
+            s = torch.tensor([r["s"] for r in read_jsonl(dist_path)])
+        else:
+            triples = guide_triples(data, tok, gtok, y_prime)
+            idx, n_real = shard_indices(len(triples), rank, world)
+            with gathered_weights(guide), autocast(device, guide):
+                s_local = guide_lib.latent_distances(guide, [triples[i] for i in idx], batch_size=cfg["guide_batch_size"],
+                                                     pad_id=gtok.eos_token_id, device=device)
+            s = gather_floats(s_local[:n_real], idx[:n_real], len(triples), device)
+
+        # Algorithm 1, line 9: S_phi(D, p_{theta_{t-1}}) = (1/N) sum_i s_i;  weights w_i = s_i / S
+        w = dpo.latent_weights(s) if cfg["method"] == "ldalign" else torch.ones(len(s))  # SPIN: all ones
+        S = float(s.mean())
+        if rank == 0 and not os.path.exists(dist_path):
+            identical = sum(d["py"] == yp for d, yp in zip(data, y_prime))
+            q = torch.quantile(s.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+            write_atomic(os.path.join(it, "distances.json"), json.dumps(
+                {"S": S, "min": float(s.min()), "p10": q[0], "median": q[1], "p90": q[2], "max": float(s.max()),
+                 "n": len(s), "n_identical_to_golden": identical}, indent=1))
+            write_jsonl(dist_path, [{"where": d["where"], "s": float(si), "weight": float(wi)}
+                                    for d, si, wi in zip(data, s, w)])
+        log(f"[lines 8-9] distances: S = mean s = {S:.4f}, min {float(s.min()):.4f}, max {float(s.max()):.4f}")
+
+        # Algorithm 1, line 10: theta_t = argmax_theta sum_i (s_i/S) log sigma(beta log p_theta(y|x)/p_{theta_{t-1}}(y|x)
+        #                                                                 - beta log p_theta(y'|x)/p_{theta_{t-1}}(y'|x))
+        # Reference = theta_{t-1} = the policy right now: score every pair once, cache, then train.
+        pairs = [(d["px"], d["py"], yp) for d, yp in zip(data, y_prime)]
+        idx, n_real = shard_indices(len(pairs), rank, world)
+        log("[line 10] reference log-probs under theta_{t-1} (computed once, cached)")
+        with autocast(device, model):
+            rc, rr = dpo.reference_logps(model, [pairs[i] for i in idx], cfg["micro_batch_size"], device)
+        ref_c = gather_floats(rc[:n_real], idx[:n_real], len(pairs), device)
+        ref_r = gather_floats(rr[:n_real], idx[:n_real], len(pairs), device)
+        metrics_path = os.path.join(it, "train_metrics.jsonl")
+        hist_lines = []
+
+        def train_log(r):
+            hist_lines.append(r)
+            log(f"  step {r['step']}/{r['steps']} loss {r['loss']:.4f} reward acc {r['reward_acc']:.2f} "
+                f"margin {r['reward_margin']:.3f} lr {r['lr']:.2e} | {r['elapsed_s']:.0f}s, eta {r['eta_s']:.0f}s")
+
+        log(f"[line 10] weighted DPO ({cfg['method']}): {cfg['epochs']} epoch(s) over {len(pairs)} pairs")
+        with autocast(device, model):
+            hist = dpo.dpo_train(model, pairs, ref_c, ref_r, w, beta=cfg["beta"], lr=cfg["lr"], epochs=cfg["epochs"],
+                                 batch_size=cfg["batch_size"], micro_batch_size=cfg["micro_batch_size"], device=device,
+                                 optimizer=cfg["optimizer"], warmup_ratio=cfg["warmup_ratio"],
+                                 max_grad_norm=cfg["max_grad_norm"], seed=cfg["seed"] + 1000 * t,
+                                 log_every=cfg["log_every"], log_fn=train_log)
+        if rank == 0:
+            write_jsonl(metrics_path, hist)
+        save_hf(model, tok, os.path.join(it, "policy"), rank)
+
+        acc = evaluate(model, tok, eval_data, os.path.join(it, "eval.json"), cfg, ctx)
+        loss = sum(h["loss"] for h in hist[-max(1, len(hist) // 4):]) / max(1, len(hist) // 4)
+        rec = {"iter": t, "exact_match": acc, "S": S, "loss": loss, "reward_acc": hist[-1]["reward_acc"]}
+        log(f"[iter {t}] held-out greedy exact match {acc} | S {S:.4f} | loss (last quarter) {loss:.4f}")
+        if rank == 0:
+            prev = read_jsonl(results_path) if os.path.exists(results_path) else []
+            write_jsonl(results_path, [r for r in prev if r["iter"] != t] + [rec])
+
+    # A table a person reads.
+    if rank == 0 and os.path.exists(results_path):
+        rows = read_jsonl(results_path)
+        lines = ["| iteration | held-out exact match | S (mean distance) | loss |", "|---|---|---|---|"]
+        for r in rows:
+            fmt = lambda v, f: "-" if v is None else format(v, f)
+            lines.append(f"| {r['iter']} | {fmt(r['exact_match'], '.3f')} | {fmt(r['S'], '.4f')} | {fmt(r['loss'], '.4f')} |")
+        write_atomic(os.path.join(out, "results.md"), "\n".join(lines) + "\n")
+        log("\n".join(lines))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

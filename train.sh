@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# LD-Align recipes (Algorithm 1 of arXiv 2404.06390), launched with torchrun.
+#
+#   bash train.sh                 # preset "tiny" (default): toy sorting task, CPU or GPU, ~5 min on 2 cores
+#   bash train.sh paper           # the paper's setting on 8 GPUs (see README, "The paper's setting")
+#   NPROC=2 bash train.sh tiny    # the toy run on 2 processes (FSDP2 over gloo on CPU)
+#   bash train.sh paper --T 2 --out runs/paper2    # extra --key value pairs are passed to ldalign.py
+#
+# A rerun with the same --out resumes after the last finished stage.
+set -euo pipefail
+cd "$(dirname "$0")"
+PRESET="${1:-tiny}"
+shift || true
+
+case "$PRESET" in
+  tiny)
+    NPROC="${NPROC:-1}"
+    ARGS=(--preset tiny --out "runs/tiny")
+    ;;
+  paper)
+    # zephyr-7b-sft-full (Mistral-7B SFT on UltraChat 200k) is theta_0, gpt2 the guide's backbone, a 50k
+    # subset of UltraChat 200k (first turns, JSONL with "messages") is D; beta 0.1, three iterations.
+    # POLICY / GUIDE may be local HF checkpoint folders (no internet: download them beforehand).
+    NPROC="${NPROC:-8}"
+    ARGS=(--preset paper --out "runs/paper"
+          --policy "${POLICY:-alignment-handbook/zephyr-7b-sft-full}"
+          --guide "${GUIDE:-gpt2}"
+          --data "${DATA:-data/ultrachat_50k.jsonl}")
+    ;;
+  *)
+    echo "unknown preset '$PRESET': use tiny or paper" >&2
+    exit 2
+    ;;
+esac
+
+# One process per GPU (or per CPU worker); the script itself calls fully_shard when WORLD_SIZE > 1.
+exec torchrun --standalone --nproc_per_node="$NPROC" ldalign.py "${ARGS[@]}" "$@"

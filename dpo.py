@@ -221,7 +221,7 @@ def _all_reduce_sum(t):
 
 
 def _train_loop(model, n_items, loss_fn, *, lr, epochs, batch_size, micro_batch_size, optimizer, warmup_ratio,
-                max_grad_norm, seed, log_every, log_fn, stats_names):
+                max_grad_norm, seed, log_every, log_fn, stats_names, max_steps=0):
     """Shared by dpo_train and sft_train. loss_fn(idx, valid) -> (sum of per-item losses over the real
     items of this micro-batch, stats tensor summed the same way). Returns the list of logged dicts.
 
@@ -233,6 +233,8 @@ def _train_loop(model, n_items, loss_fn, *, lr, epochs, batch_size, micro_batch_
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     batches = global_batches(n_items, batch_size, epochs, seed, world)
+    if max_steps:
+        batches = batches[:max_steps]  # stop after max_steps optimizer steps (the schedule ends there)
     total = len(batches)
     warmup = max(1, int(warmup_ratio * total))
     opt = make_optimizer(model, optimizer, lr)
@@ -295,7 +297,7 @@ def dpo_train(model, pairs, ref_chosen, ref_rejected, weights, *, beta, lr, epoc
 
 
 def sft_train(model, examples, *, lr, epochs, batch_size, micro_batch_size, device, optimizer="adamw",
-              warmup_ratio=0.1, max_grad_norm=1.0, seed=0, log_every=10, log_fn=None):
+              warmup_ratio=0.1, max_grad_norm=1.0, seed=0, log_every=10, log_fn=None, max_steps=0):
     """SFT objective of Section 3: max E[log p_theta(y|x)], here the per-token mean NLL of each response.
 
     examples: list of (x, y) id lists. Used to make theta_0 for the toy task and for `--method sft`.
@@ -311,4 +313,5 @@ def sft_train(model, examples, *, lr, epochs, batch_size, micro_batch_size, devi
 
     return _train_loop(model, len(examples), loss_fn, lr=lr, epochs=epochs, batch_size=batch_size,
                        micro_batch_size=micro_batch_size, optimizer=optimizer, warmup_ratio=warmup_ratio,
-                       max_grad_norm=max_grad_norm, seed=seed, log_every=log_every, log_fn=log_fn, stats_names=[])
+                       max_grad_norm=max_grad_norm, seed=seed, log_every=log_every, log_fn=log_fn, stats_names=[],
+                       max_steps=max_steps)

@@ -10,10 +10,20 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from generate import (apply_top_k, generate, generate_naive, pad_sequences, sample_next, sample_responses,
+                      sample_top_p)
+from guide import (GuideModel, build_guide, collate_guide, eval_guide, latent_distances, load_guide,
+                   save_guide, train_guide)
 
 import dpo
 import ldalign
@@ -223,11 +233,350 @@ def test_shipped_data_is_reproducible_and_disjoint(tmp_path):
     spec.loader.exec_module(mod)
     import random
     rng, seen = random.Random(0), set()
-    ev, tr = mod.make_records(200, rng, seen), mod.make_records(2000, rng, seen)
+    ev, tr = mod.make_records(200, rng, seen), mod.make_records(8000, rng, seen)
     assert ev == [json.loads(l) for l in open(os.path.join(HERE, "data", "sort_eval.jsonl"))]
     assert tr == [json.loads(l) for l in open(os.path.join(HERE, "data", "sort_train.jsonl"))]
     assert not {r["prompt"] for r in ev} & {r["prompt"] for r in tr}
 
+
+# ====================================================================================================
+# generate.py: the KV-cache sampler vs a cache-free path and vs transformers' generate
+# ====================================================================================================
+GEN_VOCAB = 96
+GEN_PAD = 0
+
+
+def gen_llama(init=0.2, seed=0):
+    # init=0.2 (10x HF's default) spreads the logits, so greedy argmax is not decided by float near-ties.
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=GEN_VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      initializer_range=init, bos_token_id=1, eos_token_id=2, pad_token_id=GEN_PAD)
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+def gen_gpt2(init=0.2, seed=0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=GEN_VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=128,
+                     initializer_range=init, bos_token_id=1, eos_token_id=2, pad_token_id=GEN_PAD)
+    return GPT2LMHeadModel(cfg).float().eval()
+
+
+def gen_prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, GEN_VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+MODELS = {"llama": gen_llama, "gpt2": gen_gpt2}
+SAME_LEN, MIXED_LEN = [7, 7, 7], [3, 9, 6, 1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. KV cache == no cache (greedy), with and without left padding
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("lengths", [SAME_LEN, MIXED_LEN])
+def test_cache_matches_naive(name, lengths):
+    model = MODELS[name]()
+    ids, mask = pad_sequences(gen_prompts(lengths), GEN_PAD, side="left")
+    fast = generate(model, ids, mask, 12, eos_token_id=None, pad_token_id=GEN_PAD, temperature=0)
+    slow = generate_naive(model, ids, mask, 12, eos_token_id=None, pad_token_id=GEN_PAD, temperature=0)
+    assert fast.shape == (len(lengths), 12)
+    assert torch.equal(fast, slow)
+
+
+def test_cache_matches_naive_sampling():
+    # Same generator seed -> same draws: the cache changes nothing about the distribution sampled from.
+    model = gen_llama(init=0.02)
+    ids, mask = pad_sequences(gen_prompts(MIXED_LEN), GEN_PAD, side="left")
+    kw = dict(eos_token_id=5, pad_token_id=GEN_PAD, temperature=0.9, top_p=0.95, top_k=40)
+    fast = generate(model, ids, mask, 10, generator=torch.Generator().manual_seed(3), **kw)
+    slow = generate_naive(model, ids, mask, 10, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(fast, slow)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. greedy == HF generate (do_sample=False), Llama and GPT-2, with and without left padding
+# ----------------------------------------------------------------------------------------------------
+# GPT-2 matters here: its positions are absolute, so wrong position_ids under left padding change its
+# output, while RoPE (Llama) only sees relative positions and would not notice a per-row shift.
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("lengths", [SAME_LEN, MIXED_LEN])
+def test_greedy_matches_hf_generate(name, lengths):
+    model = MODELS[name]()
+    ids, mask = pad_sequences(gen_prompts(lengths), GEN_PAD, side="left")
+    eos, n_new = {"llama": 7, "gpt2": 52}[name], 12  # emitted by some rows: padding after EOS is compared too
+    ours = generate(model, ids, mask, n_new, eos_token_id=eos, pad_token_id=GEN_PAD, temperature=0)
+    hf = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n_new,
+                        eos_token_id=eos, pad_token_id=GEN_PAD)[:, ids.shape[1]:]  # new tokens only
+    # Both pad after EOS and stop when every row has it; compare on the common length.
+    n = min(ours.shape[1], hf.shape[1])
+    assert n >= 8, "too few tokens compared: pick another eos"
+    assert torch.equal(ours[:, :n], hf[:, :n])
+    assert ours.shape[1] == hf.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3./5. top_p -> 0 and top_k = 1 are greedy
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("knobs", [dict(top_p=1e-9), dict(top_k=1), dict(top_p=1e-9, top_k=1)])
+def test_degenerate_sampling_is_greedy(knobs):
+    model = gen_llama(init=0.02)  # a flat distribution: plain sampling would almost surely differ
+    ids, mask = pad_sequences(gen_prompts(MIXED_LEN), GEN_PAD, side="left")
+    greedy = generate(model, ids, mask, 10, eos_token_id=None, pad_token_id=GEN_PAD, temperature=0)
+    sampled = generate(model, ids, mask, 10, eos_token_id=None, pad_token_id=GEN_PAD, temperature=1.0,
+                       generator=torch.Generator().manual_seed(0), **knobs)
+    assert torch.equal(greedy, sampled)
+    plain = generate(model, ids, mask, 10, eos_token_id=None, pad_token_id=GEN_PAD, temperature=1.0,
+                     generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(greedy, plain)  # the check above is not vacuous
+
+
+def test_apply_top_k_and_sample_top_p():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0], [0.0, -1.0, 5.0, 2.0]])
+    out = apply_top_k(logits, 2)
+    assert torch.isinf(out).sum(-1).tolist() == [2, 2]
+    assert torch.equal(out.argsort(-1, descending=True)[:, :2], torch.tensor([[1, 2], [2, 3]]))
+    assert torch.equal(apply_top_k(logits, 0), logits)  # off
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.1, 0.4, 0.35, 0.15]]).repeat(200, 1)
+    ids = sample_top_p(probs, 0.5, g)  # nucleus = {1, 2} (0.4 < 0.5, 0.4 + 0.35 >= 0.5)
+    assert set(ids.tolist()) == {1, 2}
+    assert set(sample_top_p(probs, 0.3, g).tolist()) == {1}
+    assert torch.equal(sample_next(logits, 0, 1.0, 0, None), torch.tensor([1, 2]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. same seed -> same samples, different seed -> different samples
+# ----------------------------------------------------------------------------------------------------
+def test_seeding():
+    model = gen_llama(init=0.02)
+    ps = gen_prompts([3, 8, 5, 2, 6])
+    kw = dict(batch_size=2, max_new_tokens=8, eos_token_id=2, pad_token_id=GEN_PAD, temperature=1.0,
+              top_p=1.0, top_k=0, device="cpu")
+    a = sample_responses(model, ps, seed=0, **kw)
+    b = sample_responses(model, ps, seed=0, **kw)
+    c = sample_responses(model, ps, seed=1, **kw)
+    assert a == b
+    assert a != c
+    assert len(a) == len(ps) and all(isinstance(t, int) for r in a for t in r)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. EOS: padding after it, early stop, stripping in sample_responses
+# ----------------------------------------------------------------------------------------------------
+class ScriptedLM(torch.nn.Module):
+    """A fake causal LM with a known greedy output: row b emits 10, 11, 12, ... and EOS (=2) after
+    stop_after[b] tokens (counted from the row's prompt length, read off position_ids). Counts forwards."""
+
+    def __init__(self, prompt_lens, stop_after, vocab=16):
+        super().__init__()
+        self.prompt_lens, self.stop_after, self.vocab, self.calls = prompt_lens, stop_after, vocab, 0
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+        self.calls += 1
+        B, T = input_ids.shape
+        k = position_ids[:, -1] + 1 - torch.tensor(self.prompt_lens)  # tokens generated so far per row
+        nxt = torch.where(k >= torch.tensor(self.stop_after), 2, 10 + k)
+        logits = torch.zeros(B, T, self.vocab)
+        logits[torch.arange(B), -1, nxt] = 5.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_eos_padding_and_early_stop():
+    lens, stop = [2, 4, 3], [0, 2, 1]  # row 0 emits EOS first, row 1 after two tokens, row 2 after one
+    model = ScriptedLM(lens, stop)
+    ids, mask = pad_sequences([[5] * n for n in lens], GEN_PAD, side="left")
+    out = generate(model, ids, mask, 10, eos_token_id=2, pad_token_id=GEN_PAD, temperature=0)
+    assert out.tolist() == [[2, GEN_PAD, GEN_PAD], [10, 11, 2], [10, 2, GEN_PAD]]
+    assert model.calls == 3  # prefill + 2 decode steps: stopped as soon as all rows had EOS
+    model.calls = 0
+    assert generate(model, ids, mask, 2, eos_token_id=2, pad_token_id=GEN_PAD, temperature=0).shape == (3, 2)
+    assert model.calls == 2  # max_new_tokens reached: no forward for a token never sampled
+    resp = sample_responses(ScriptedLM(lens, [0, 2, 9]), [[5] * n for n in lens], batch_size=3,
+                            max_new_tokens=4, eos_token_id=2, pad_token_id=GEN_PAD, temperature=0, top_p=1.0,
+                            top_k=0, seed=0, device="cpu")
+    assert resp == [[2], [10, 11, 2], [10, 11, 12, 13]]  # EOS kept, pad dropped, no EOS -> full length
+
+
+def test_eos_first_token_real_model():
+    # eos := the token greedy emits first for every row (same prompt), so exactly one column comes back.
+    model = gen_llama()
+    ids, mask = pad_sequences([[4, 5, 6]] * 2, GEN_PAD, side="left")
+    first = generate(model, ids, mask, 5, eos_token_id=None, pad_token_id=GEN_PAD, temperature=0)[0, 0].item()
+    out = generate(model, ids, mask, 5, eos_token_id=first, pad_token_id=GEN_PAD, temperature=0)
+    assert out.tolist() == [[first], [first]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed: ranks whose rows finish at different steps still take the same number of steps
+# ----------------------------------------------------------------------------------------------------
+def _dist_worker(rank, world, init_file, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = ScriptedLM([2], [0 if rank == 0 else 3])  # rank 0 is done at once, rank 1 after 4 tokens
+        ids, mask = pad_sequences([[5, 5]], GEN_PAD, side="left")
+        out = generate(model, ids, mask, 10, eos_token_id=2, pad_token_id=GEN_PAD, temperature=0)
+        results[rank] = (out.tolist(), model.calls)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_same_number_of_steps():
+    with tempfile.TemporaryDirectory() as d:
+        results = mp.Manager().dict()
+        mp.spawn(_dist_worker, args=(2, os.path.join(d, "pg"), results), nprocs=2)
+        assert results[0] == ([[2, GEN_PAD, GEN_PAD, GEN_PAD]], 4)  # kept stepping (emitting pad) for rank 1
+        assert results[1] == ([[10, 11, 12, 2]], 4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. pad_sequences
+# ----------------------------------------------------------------------------------------------------
+def test_pad_sequences():
+    seqs = [[1, 2, 3], [4], []]
+    ids, mask = pad_sequences(seqs, 9, side="left")
+    assert ids.tolist() == [[1, 2, 3], [9, 9, 4], [9, 9, 9]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    ids, mask = pad_sequences(seqs, 9, side="right")
+    assert ids.tolist() == [[1, 2, 3], [4, 9, 9], [9, 9, 9]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
+    with pytest.raises(ValueError):
+        pad_sequences(seqs, 9, side="middle")
+
+# ====================================================================================================
+# guide.py: T = (phi, psi), Eq. 2, s_phi
+# ====================================================================================================
+G_PAD, G_EOS = 0, 3
+
+
+def tiny_config():
+    # bos/eos set inside the tiny vocab (transformers 5 warns about the default 50256 otherwise); no dropout so
+    # the tiny runs are deterministic and converge fast.
+    return GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=G_EOS,
+                      eos_token_id=G_EOS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def tiny_guide(seed=0, latent_dim=8):
+    torch.manual_seed(seed)
+    return build_guide(tiny_config(), latent_dim)
+
+
+def synthetic_examples():
+    """8 prompts x 4 variations. y is a deterministic function of (x, v): given x alone the decoder can only guess
+    v (>= log 4 nats on the first token), given h = phi(x, y) it can recover v, so it must use h.
+    Ordered so that rolling by 1 always hands a row a latent with a different v."""
+    ex = []
+    for a in range(8):
+        x = [1, 10 + a, 20 + (3 * a) % 8]
+        for v in range(4):
+            y = [30 + v, 40 + (a + v) % 8, 50 + (a * v) % 8, G_EOS]
+            ex.append((x, y))
+    return ex
+
+
+@pytest.fixture(scope="module")
+def trained():
+    guide = tiny_guide(seed=0)
+    ex = synthetic_examples()
+    before = eval_guide(guide, ex, batch_size=8, pad_id=G_PAD, device="cpu")
+    hist = train_guide(guide, ex, epochs=40, batch_size=8, lr=3e-3, pad_id=G_PAD, seed=0, device="cpu",
+                       log_every=40, log_fn=lambda s: None)
+    after = eval_guide(guide, ex, batch_size=8, pad_id=G_PAD, device="cpu")
+    return guide, ex, hist, before, after
+
+
+# 1. Eq. 2 loss goes down
+def test_guide_loss_decreases(trained):
+    _, _, hist, before, after = trained
+    assert len(hist) == 40 * 4 and {"step", "loss", "lr"} <= set(hist[0])
+    first = sum(h["loss"] for h in hist[:4]) / 4
+    last = sum(h["loss"] for h in hist[-4:]) / 4
+    assert last < 0.5 * first, (first, last)
+    assert after["nll_true_h"] < 0.5 * before["nll_true_h"]
+
+
+# 2. the decoder actually uses the latent
+def test_decoder_uses_latent(trained):
+    _, ex, _, _, after = trained
+    assert after["n"] == len(ex)
+    # shuffled h must be clearly worse: without the right h, v (and 2 of the 3 content tokens) is a guess
+    assert after["nll_shuffled_h"] > after["nll_true_h"] + 0.3, after
+
+
+# 3. s_phi = ||phi(x,y) - phi(x,y')||_2
+def test_latent_distances(trained):
+    guide = trained[0]
+    ex = synthetic_examples()
+    triples = [(x, y, ex[(i + 1) % len(ex)][1]) for i, (x, y) in enumerate(ex)]
+    triples += [(x, y, list(y)) for x, y in ex[:5]]  # identical response -> distance 0
+    triples += [([1, 2], [5, 6, 7, 8, 9, G_EOS], [5, G_EOS])]  # different lengths inside one chunk
+    d = latent_distances(guide, triples, batch_size=7, pad_id=G_PAD, device="cpu")
+    assert d.shape == (len(triples),) and d.dtype == torch.float32
+    assert (d >= 0).all()
+    assert d[len(ex):len(ex) + 5].abs().max() < 1e-6
+    assert d[:len(ex)].min() > 1e-3  # different responses really are apart
+    # by hand: encode y's and y''s separately and take the norm of the difference
+    guide.eval()
+    with torch.no_grad():
+        hy = guide.encode(**collate_guide([(x, y) for x, y, _ in triples], G_PAD))
+        hp = guide.encode(**collate_guide([(x, yp) for x, _, yp in triples], G_PAD))
+    ref = torch.linalg.vector_norm(hy - hp, dim=-1)
+    torch.testing.assert_close(d, ref, atol=1e-5, rtol=1e-5)
+
+
+# 4. save / load round trip, safetensors only
+def test_save_load_roundtrip(tmp_path):
+    guide = tiny_guide(seed=1, latent_dim=5)
+    with torch.no_grad():
+        guide.to_latent.bias.normal_()  # make sure the latent layers' non-default values survive
+    out = tmp_path / "guide"
+    save_guide(guide, out)
+    save_guide(guide, out)  # overwriting an existing guide dir works too
+    files = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs]
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files), files
+    for sub in ("encoder/model.safetensors", "decoder/model.safetensors", "latent.safetensors", "guide_config.json"):
+        assert (out / sub).exists(), sub
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".guide-")]  # no temp dirs left behind
+    loaded = load_guide(out)
+    assert isinstance(loaded, GuideModel) and loaded.latent_dim == 5
+    batch = collate_guide(synthetic_examples()[:6], G_PAD)
+    guide.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(**batch), guide.encode(**batch), atol=0, rtol=0)
+        h = guide.encode(**batch)
+        torch.testing.assert_close(loaded.recon_nll(**batch, h=h)[0], guide.recon_nll(**batch, h=h)[0],
+                                   atol=0, rtol=0)
+
+
+# 5. response mask + next-token shift, checked against cross_entropy by hand
+def test_recon_nll_matches_hand_computation():
+    guide = tiny_guide(seed=2).eval()
+    examples = [([1, 11, 12], [30, 31, G_EOS]), ([1, 13], [32, 33, 34, 35, 36, G_EOS]), ([1, 14, 15, 16, 17], [37, G_EOS])]
+    batch = collate_guide(examples, G_PAD)
+    ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    assert ids.shape == (3, 8) and attn.sum(1).tolist() == [6, 8, 7] and resp.sum(1).tolist() == [3, 6, 2]
+    h = torch.randn(3, guide.latent_dim)
+    with torch.no_grad():
+        nll, cnt = guide.recon_nll(**batch, h=h)
+        # hand: same injection, then score ONLY response tokens, token t predicted by logits at t-1
+        emb = guide.decoder.transformer.wte(ids) + guide.from_latent(h)[:, None, :]
+        logits = guide.decoder(inputs_embeds=emb, attention_mask=attn).logits  # (B, T, V)
+        for i, (x, y) in enumerate(examples):
+            pos = torch.arange(len(x), len(x) + len(y))  # positions of y in the row
+            ref = F.cross_entropy(logits[i, pos - 1], ids[i, pos], reduction="sum")
+            torch.testing.assert_close(nll[i], ref, atol=1e-5, rtol=1e-5)
+            assert cnt[i].item() == len(y)
+            # padding is invisible: the row alone (no padding) gives the same NLL
+            alone = collate_guide([examples[i]], G_PAD)
+            torch.testing.assert_close(guide.recon_nll(**alone, h=h[i:i + 1])[0][0], nll[i], atol=1e-5, rtol=1e-5)
+        # and the pad id itself does not matter
+        torch.testing.assert_close(guide.recon_nll(**collate_guide(examples, 63), h=h)[0], nll, atol=1e-5, rtol=1e-5)
+        # forward() = recon_nll(encode(...)); shuffle_h rolls the latent across the batch
+        hh = guide.encode(**batch)
+        torch.testing.assert_close(guide(**batch)[0], guide.recon_nll(**batch, h=hh)[0])
+        torch.testing.assert_close(guide(**batch, shuffle_h=True)[0], guide.recon_nll(**batch, h=hh.roll(1, 0))[0])
 
 # ====================================================================================================
 # FSDP2 on 2 processes (gloo, CPU) == 1 process: same losses, same updated weights
@@ -281,6 +630,85 @@ def test_fsdp2_two_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-4)
     assert any(not torch.equal(wa[k], before[k]) for k in wa)  # the update did move the weights
 
+
+
+
+# ====================================================================================================
+# ldalign.py end to end: Algorithm 1 on a slice of the toy task, its files, and a rerun that resumes
+# ====================================================================================================
+TINY_RUN = ["--max_examples", "64", "--max_eval", "16", "--sft_steps", "30", "--T", "2", "--epochs", "1",
+            "--batch_size", "16", "--micro_batch_size", "8", "--guide_epochs", "1", "--gen_batch_size", "32",
+            "--lr", "1e-4"]
+
+
+def _run(args, nproc=1):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    p = subprocess.run(launcher + [os.path.join(HERE, "ldalign.py")] + args, cwd=HERE, env=env, timeout=600,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def _check_run_folder(out, T=2):
+    from transformers import AutoModelForCausalLM
+    for t in range(1, T + 1):
+        it = os.path.join(out, f"iter{t}")
+        rows = [json.loads(l) for l in open(os.path.join(it, "distances.jsonl"))]
+        summary = json.load(open(os.path.join(it, "distances.json")))
+        s = torch.tensor([r["s"] for r in rows])
+        assert len(rows) == 64 and (s >= 0).all()
+        assert summary["S"] == pytest.approx(s.mean().item(), rel=1e-5)  # Algorithm 1, line 9
+        assert sum(r["weight"] for r in rows) / 64 == pytest.approx(1.0, rel=1e-4)  # s/S averages to 1
+        assert os.path.exists(os.path.join(it, "policy", "model.safetensors"))
+        assert not any(f.endswith(".bin") for f in os.listdir(os.path.join(it, "policy")))
+        assert json.load(open(os.path.join(it, "policy", "config.json")))["architectures"] == ["LlamaForCausalLM"]
+    samples = [json.loads(l) for l in open(os.path.join(out, "iter0", "samples.jsonl"))]
+    assert len(samples) == 64 and all({"x", "y", "y_prime", "y_prime_ids", "where"} <= r.keys() for r in samples)
+    assert os.path.exists(os.path.join(out, "guide", "latent.safetensors"))
+    metrics = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["iter"] for m in metrics] == list(range(T + 1))
+    assert os.path.exists(os.path.join(out, "results.md"))
+    # theta_T is a plain HF checkpoint: any HF tool loads it
+    return AutoModelForCausalLM.from_pretrained(os.path.join(out, f"iter{T}", "policy"))
+
+
+def test_end_to_end_tiny_run_then_resume(tmp_path):
+    import shutil
+    out = str(tmp_path / "run")
+    log = _run(["--out", out] + TINY_RUN)
+    assert "Algorithm 1, line 4" in log and "[iter 2] held-out greedy exact match" in log
+    m1 = _check_run_folder(out)
+    # a rerun of a finished run skips every stage and leaves the results as they were
+    before = open(os.path.join(out, "metrics.jsonl")).read()
+    log = _run(["--out", out] + TINY_RUN)
+    assert "training the guide" not in log and "SFT of a tiny Llama" not in log
+    assert open(os.path.join(out, "metrics.jsonl")).read() == before
+    # a run killed during iteration 2 (its policy never written) resumes at iteration 2, from theta_1
+    shutil.rmtree(os.path.join(out, "iter2"))
+    log = _run(["--out", out] + TINY_RUN)
+    assert "iteration 1/2" not in log and "iteration 2/2" in log and "training the guide" not in log
+    m2 = _check_run_folder(out)
+    assert m1.state_dict().keys() == m2.state_dict().keys()
+
+
+def test_end_to_end_two_processes_fsdp2(tmp_path):
+    """torchrun with 2 CPU processes: FSDP2 over gloo for SFT, sampling, guide, DPO and saving; no hang."""
+    out = str(tmp_path / "run2")
+    log = _run(["--out", out] + TINY_RUN, nproc=2)
+    assert "2 process(es)" in log
+    _check_run_folder(out)
+
+
+def test_bad_data_fails_before_compute(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(GOOD + "\n" + '{"messages": "oops"}\n')
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "ldalign.py"), "--out", str(tmp_path / "r"), "--data", str(path)],
+                       cwd=HERE, env=env, timeout=120, capture_output=True, text=True)
+    assert p.returncode != 0 and f"{path}:2: 'messages' must be a list" in p.stderr
+    assert not os.path.exists(tmp_path / "r" / "sft")  # nothing was trained
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "fsdp_worker":
     _fsdp_worker(sys.argv[2])

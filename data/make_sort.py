@@ -28,7 +28,7 @@ def make_records(n, rng, seen):
 def main():
     rng, seen = random.Random(0), set()
     here = os.path.dirname(os.path.abspath(__file__))
-    for name, n in (("sort_eval.jsonl", 200), ("sort_train.jsonl", 2000)):
+    for name, n in (("sort_eval.jsonl", 200), ("sort_train.jsonl", 8000)):
         with open(os.path.join(here, name), "w") as f:
             for r in make_records(n, rng, seen):
                 f.write(json.dumps(r) + "\n")

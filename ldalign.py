@@ -92,6 +92,10 @@ PRESETS = {
 
 def parse_args(argv):
     """nanoGPT-style: defaults above, then the preset, then --key value pairs (typed like the default)."""
+    if "-h" in argv or "--help" in argv:  # print the docstring and the commented defaults block
+        src = open(os.path.abspath(__file__)).read()
+        print(__doc__ + "\n" + src[src.index("DEFAULTS = dict("):src.index("\ndef parse_args")])
+        raise SystemExit(0)
     cfg = dict(DEFAULTS)
     pairs = {}
     i = 0
@@ -472,9 +476,10 @@ def sample_stage(model, tok, data, path, cfg, seed, ctx, greedy=False, what="y'"
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                 temperature=0.0 if greedy else cfg["temperature"], top_p=cfg["top_p"], top_k=cfg["top_k"],
                 seed=seed * 100003 + rank * 1009 + b, device=device)
-            done = min(b + bs, len(idx)) * world
-            ctx["log"](f"  sampling {what}: {min(done, len(data))}/{len(data)} prompts, {time.time() - t0:.0f}s", end="\r")
-    ctx["log"]("")
+            n_batches, k = math.ceil(len(idx) / bs), b // bs + 1
+            if k == n_batches or k % max(1, n_batches // 4) == 0:  # progress at about 25/50/75/100%
+                done = min(min(b + bs, len(idx)) * world, len(data))
+                ctx["log"](f"  sampling {what}: {done}/{len(data)} prompts, {time.time() - t0:.0f}s")
     ids = gather_lists(local[:n_real], idx[:n_real], len(data))
     if path and rank == 0:
         write_jsonl(path, [{"where": d["where"], "x": d["x"], "y": d["y"],
@@ -500,12 +505,15 @@ def evaluate(model, tok, eval_data, path, cfg, ctx):
     return acc
 
 
-def guide_triples(data, tok, gtok, y_prime_ids):
-    """(x, y, y') in the guide's own tokens: y' is decoded from the policy's ids and re-encoded."""
+def guide_triples(data, tok, gtok, y_prime_ids, guide_max_len):
+    """(x, y, y') in the guide's own tokens: y' is decoded from the policy's ids and re-encoded.
+
+    The guide's tokenizer (GPT-2's) can need more tokens for y' than the policy's did, so y' is cut to
+    the guide's context (golden y was checked against it up front, in tokenize_data)."""
     out = []
     for d, yp in zip(data, y_prime_ids):
         gyp = guide_ids(gtok, d["x"], tok.decode(yp, skip_special_tokens=True))[1]
-        out.append((d["gx"], d["gy"], gyp))
+        out.append((d["gx"], d["gy"], gyp[:guide_max_len - len(d["gx"])]))
     return out
 
 
@@ -574,10 +582,10 @@ def main(argv=None):
         data = data[:cfg["max_examples"]]  # D of Algorithm 1: a subset, as in the paper (50k of 200k)
     log(f"D: {len(data)} pairs from {cfg['data']}; held-out: {len(eval_data)}")
 
-    # theta_0. For the toy task we make it: a tiny Llama SFT-ed on D (Section 3's objective).
+    # theta_0. For the toy task we make it: a tiny Llama SFT-ed on all records (Section 3's objective).
     sft_dir = os.path.join(out, "sft")
     if tiny and not os.path.isdir(sft_dir):
-        log(f"[theta_0] SFT of a tiny Llama on D: {cfg['sft_steps']} steps")
+        log(f"[theta_0] SFT of a tiny Llama on all {len(sft_pairs)} records of {cfg['data']}: {cfg['sft_steps']} steps")
         model = AutoModelForCausalLM.from_config(tiny_policy_config(tok, cfg["max_len"]))
         epochs = math.ceil(cfg["sft_steps"] * cfg["sft_batch_size"] / len(sft_pairs))
         model = model.to(device)
@@ -641,7 +649,7 @@ def main(argv=None):
         log("[Algorithm 1, line 4] training the guide T = (phi, psi) on golden and generated responses (Eq. 2)")
         torch.manual_seed(cfg["seed"])
         guide = place_guide(guide_lib.build_guide(guide_src, cfg["latent_dim"]), device, world)
-        triples = guide_triples(data, tok, gtok, y0)
+        triples = guide_triples(data, tok, gtok, y0, cfg["guide_max_len"])
         examples = [(gx, gy) for gx, gy, _ in triples] + [(gx, gyp) for gx, _, gyp in triples]  # y and y'
         idx, _ = shard_indices(len(examples), rank, world)  # this rank's share; FSDP2 averages the gradients
         guide_lib.train_guide(guide, [examples[i] for i in idx], epochs=cfg["guide_epochs"],
@@ -682,7 +690,7 @@ def main(argv=None):
         if os.path.exists(dist_path):
             s = torch.tensor([r["s"] for r in read_jsonl(dist_path)])
         else:
-            triples = guide_triples(data, tok, gtok, y_prime)
+            triples = guide_triples(data, tok, gtok, y_prime, cfg["guide_max_len"])
             idx, n_real = shard_indices(len(triples), rank, world)
             with gathered_weights(guide), autocast(device, guide):
                 s_local = guide_lib.latent_distances(guide, [triples[i] for i in idx], batch_size=cfg["guide_batch_size"],

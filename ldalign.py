@@ -606,8 +606,7 @@ def main(argv=None):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         if cfg["grad_ckpt"]:
-            m.gradient_checkpointing_enable()
-            m.config.use_cache = False
+            m.gradient_checkpointing_enable()  # recompute activations in backward; HF turns the cache off in training only
         if world > 1:
             m = fsdp_wrap(m, device)
         return m.to(device=device, dtype=torch.float32)
@@ -757,6 +756,7 @@ def main(argv=None):
         write_atomic(os.path.join(out, "results.md"), "\n".join(lines) + "\n")
         log("\n".join(lines))
     if dist.is_initialized():
+        dist.barrier()  # rank 0 may still be writing; a rank that leaves early aborts the other's gloo threads
         dist.destroy_process_group()
 
 

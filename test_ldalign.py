@@ -690,7 +690,9 @@ def test_end_to_end_tiny_run_then_resume(tmp_path):
     log = _run(["--out", out] + TINY_RUN)
     assert "iteration 1/2" not in log and "iteration 2/2" in log and "training the guide" not in log
     m2 = _check_run_folder(out)
-    assert m1.state_dict().keys() == m2.state_dict().keys()
+    # every stage is seeded on its own, so the resumed run ends with exactly the uninterrupted weights
+    for k, v in m1.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
 
 
 def test_end_to_end_two_processes_fsdp2(tmp_path):

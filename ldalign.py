@@ -31,6 +31,7 @@ import time
 import torch
 import torch.distributed as dist
 
+import analysis
 import dpo
 import generate
 import guide as guide_lib
@@ -64,7 +65,13 @@ DEFAULTS = dict(
     guide_epochs=3, guide_lr=1e-3, guide_batch_size=32,
     # the LD-Align update (Algorithm 1, line 10, Eq. 4)
     T=3,                      # iterations; the paper reports LD-Align 0, 1, 2
-    method="ldalign",         # "ldalign" (weights s/S) or "spin" (weights 1: SPIN in the same loop)
+    # The method, or several separated by commas, run one after the other from the same theta_0 and guide at
+    # an equal budget (T iterations of `epochs` epochs, same batch): the paper's table rows (Section 5.1.4).
+    #   ldalign  weights s/S, ref theta_{t-1}          spin  weights 1, same loop (SPIN)
+    #   dpo      annotated pairs from --pref_data, ref theta_0 fixed     sft  continual SFT on D
+    method="ldalign",
+    pref_data="data/sort_pairs.jsonl",  # for dpo: JSONL with prompt, chosen, rejected (UltraFeedback binarized)
+    measure_S=True,           # dpo / sft: also sample y' and compute S each iteration (a diagnostic only)
     beta=0.1,
     # On the toy task AdamW at 1e-5 improves held-out accuracy a little; 3e-5 and above, or RMSprop at
     # 1e-5, lower it (DPO pushes down the likelihood of y and y' alike and the tiny policy starts to drop
@@ -73,7 +80,14 @@ DEFAULTS = dict(
     epochs=2, batch_size=32, micro_batch_size=32,
     grad_ckpt=False,          # activation checkpointing of the policy (saves memory on 7B)
     log_every=10,
+    # evaluation (Section 5.1.3) and the analyses of Section 5.2
+    reward_model="",          # any HF sequence-classification reward model (the paper: reward-model-deberta-v3-large-v2)
+    judge="toy",              # who judges the ranking-agreement analysis: "toy" (edit distance to y) or "reward"
+    agreement_n=200,          # prompts of D for the ranking-agreement analysis (two samples each; 0 = skip)
+    trust_remote_code=False,  # passed to from_pretrained; only for checkpoints whose code you trust
 )
+
+METHODS = ("ldalign", "spin", "dpo", "sft")
 
 PRESETS = {
     "tiny": {},
@@ -86,7 +100,8 @@ PRESETS = {
         max_len=1024, max_prompt_len=512, max_new_tokens=256, temperature=1.0, gen_batch_size=64,
         latent_dim=64, guide_epochs=1, guide_lr=5e-5, guide_batch_size=32,
         T=3, beta=0.1, lr=5e-7, optimizer="rmsprop", epochs=2, batch_size=64, micro_batch_size=2,
-        grad_ckpt=True, log_every=10),
+        grad_ckpt=True, log_every=10, pref_data="data/ultrafeedback_binarized.jsonl", measure_S=False,
+        judge="reward", reward_model="OpenAssistant/reward-model-deberta-v3-large-v2", agreement_n=500),
 }
 
 
@@ -123,8 +138,11 @@ def parse_args(argv):
                 cfg[k] = type(d)(v)
             except ValueError:
                 raise SystemExit(f"--{k} takes a {type(d).__name__}, got {v!r}")
-    if cfg["method"] not in ("ldalign", "spin"):
-        raise SystemExit(f"--method must be ldalign or spin, got {cfg['method']!r}")
+    for m in cfg["method"].split(","):
+        if m not in METHODS:
+            raise SystemExit(f"--method takes {', '.join(METHODS)} (or several, comma-separated), got {m!r}")
+    if cfg["judge"] not in ("toy", "reward") or (cfg["judge"] == "reward" and not cfg["reward_model"]):
+        raise SystemExit("--judge is 'toy' or 'reward' (which needs --reward_model)")
     if cfg["max_prompt_len"] + cfg["max_new_tokens"] > cfg["max_len"]:
         raise SystemExit("need max_prompt_len + max_new_tokens <= max_len (a sampled y' must fit in training)")
     return cfg
@@ -326,6 +344,63 @@ def load_sft_jsonl(path, max_examples=0):
     return out
 
 
+def load_pref_jsonl(path, max_examples=0):
+    """Annotated preference pairs for `--method dpo`: (x, chosen, rejected) with errors naming file:line.
+
+    A record is UltraFeedback-binarized style, {"prompt": x, "chosen": [messages], "rejected": [messages]}
+    (the response is the last assistant message of each list), or {"prompt": x, "chosen": str, "rejected": str}.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: preference data file not found (needed by --method dpo)")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict) or not all(k in rec for k in ("prompt", "chosen", "rejected")):
+                raise ValueError(f"{where}: a preference record needs the fields 'prompt', 'chosen' and 'rejected'")
+            texts = {"prompt": rec["prompt"]}
+            for k in ("chosen", "rejected"):
+                v = rec[k]
+                if isinstance(v, list):  # a conversation: the answer is its last assistant turn
+                    turns = [m.get("content") for m in v if isinstance(m, dict) and m.get("role") == "assistant"]
+                    if not turns:
+                        raise ValueError(f"{where}: '{k}' has no assistant message")
+                    v = turns[-1]
+                texts[k] = v
+            for k, v in texts.items():
+                if not isinstance(v, str) or not v.strip():
+                    raise ValueError(f"{where}: '{k}' must be a non-empty string")
+            out.append({"x": texts["prompt"], "chosen": texts["chosen"], "rejected": texts["rejected"], "where": where})
+            if max_examples and len(out) >= max_examples:
+                break
+    if not out:
+        raise ValueError(f"{path}: no records")
+    return out
+
+
+def tokenize_pref(records, tok, cfg, log):
+    """Policy tokens of (x, chosen, rejected), with the same length checks as tokenize_data."""
+    kept = []
+    for r in records:
+        px, pc, pr = prompt_ids(tok, r["x"]), response_ids(tok, r["chosen"]), response_ids(tok, r["rejected"])
+        n = len(px) + max(len(pc), len(pr))
+        if len(px) > cfg["max_prompt_len"] or n > cfg["max_len"]:
+            if cfg["overlength"] == "error":
+                raise ValueError(f"{r['where']}: prompt ({len(px)} tokens) + response has {n} tokens, over max_prompt_len="
+                                 f"{cfg['max_prompt_len']} / max_len={cfg['max_len']} (raise them or pass --overlength skip)")
+            continue
+        kept.append((px, pc, pr))
+    if len(kept) < len(records):
+        log(f"skipped {len(records) - len(kept)} over-length preference pairs; kept {len(kept)}")
+    return kept
+
+
 def prompt_ids(tokenizer, x):
     """The chat-templated prompt, as token ids: THE one function used for generation AND training.
 
@@ -488,21 +563,81 @@ def sample_stage(model, tok, data, path, cfg, seed, ctx, greedy=False, what="y'"
     return ids
 
 
-def evaluate(model, tok, eval_data, path, cfg, ctx):
-    """Greedy exact match of the policy's answers on held-out prompts (meaningful on checkable tasks)."""
+def evaluate(model, tok, eval_data, path, cfg, ctx, rm=None):
+    """Greedy answers on held-out prompts: exact match (meaningful on checkable tasks such as the toy) and,
+    with --reward_model, the mean reward r = RM(x, y) of Section 5.1.3. Returns {"exact_match", "reward"}."""
     if not eval_data:
-        return None
+        return {"exact_match": None, "reward": None}
     if os.path.exists(path):
-        return json.load(open(path))["exact_match"]
+        res = json.load(open(path))
+        return {"exact_match": res["exact_match"], "reward": res.get("reward")}
     ids = sample_stage(model, tok, eval_data, None, cfg, 0, ctx, greedy=True, what="greedy eval answers")
     answers = [tok.decode(y, skip_special_tokens=True).strip() for y in ids]
     hits = [a == d["y"].strip() for a, d in zip(answers, eval_data)]
-    acc = sum(hits) / len(hits)
+    rewards = score_rewards(rm, [d["x"] for d in eval_data], answers, ctx) if rm else None
+    res = {"exact_match": sum(hits) / len(hits), "reward": None if rewards is None else float(rewards.mean())}
     if ctx["rank"] == 0:
-        write_atomic(path, json.dumps({"exact_match": acc, "n": len(hits), "examples": [
-            {"x": d["x"], "golden": d["y"], "answer": a, "correct": h}
-            for d, a, h in list(zip(eval_data, answers, hits))[:20]]}, indent=1))
-    return acc
+        write_atomic(path, json.dumps(dict(res, n=len(hits), examples=[
+            {"x": d["x"], "golden": d["y"], "answer": a, "correct": h, "reward": None if rewards is None else float(r)}
+            for d, a, h, r in list(zip(eval_data, answers, hits, rewards if rewards is not None else hits))[:20]]),
+            indent=1))
+    return res
+
+
+def score_rewards(rm, prompts, responses, ctx):
+    """Section 5.1.3: r = RM(x, y) with an HF sequence-classification reward model (kept on the CPU between
+    uses so it takes no GPU memory during training). Every rank scores everything: it is small and cheap."""
+    model, rtok = rm
+    model.to(ctx["device"])
+    r = analysis.reward_scores(model, rtok, prompts, responses, device=ctx["device"])
+    model.to("cpu")
+    return r
+
+
+def distances_stage(guide, triples, cfg, ctx, pad_id):
+    """Algorithm 1, line 8 for a list of (x, y, y') in guide tokens: every rank encodes its share, all get all."""
+    rank, world, device = ctx["rank"], ctx["world"], ctx["device"]
+    idx, n_real = shard_indices(len(triples), rank, world)
+    with gathered_weights(guide), autocast(device, guide):
+        s_local = guide_lib.latent_distances(guide, [triples[i] for i in idx], batch_size=cfg["guide_batch_size"],
+                                             pad_id=pad_id, device=device)
+    return gather_floats(s_local[:n_real], idx[:n_real], len(triples), device)
+
+
+def agreement_stage(model, tok, gtok, guide, data, cfg, ctx, path, rm):
+    """Section 5.2 (2): for each prompt sample two responses y'_a, y'_b; the one farther from y in the latent
+    space is ranked lower; a judge ranks them too; report how often the two rankings agree.
+    The paper's judge is GPT-4; here "toy" = closeness to the golden answer (0 for an exact match, else minus
+    the word edit distance), or "reward" = the reward model."""
+    if os.path.exists(path):
+        return json.load(open(path))
+    sub = data[:cfg["agreement_n"]]
+    ya = sample_stage(model, tok, sub, None, cfg, cfg["seed"] + 7, ctx, what="y'_a")
+    yb = sample_stage(model, tok, sub, None, cfg, cfg["seed"] + 8, ctx, what="y'_b")
+    sa = distances_stage(guide, guide_triples(sub, tok, gtok, ya, cfg["guide_max_len"]), cfg, ctx, gtok.eos_token_id)
+    sb = distances_stage(guide, guide_triples(sub, tok, gtok, yb, cfg["guide_max_len"]), cfg, ctx, gtok.eos_token_id)
+    ta = [tok.decode(y, skip_special_tokens=True).strip() for y in ya]
+    tb = [tok.decode(y, skip_special_tokens=True).strip() for y in yb]
+    if cfg["judge"] == "toy":
+        ja = [analysis.toy_judge(a, d["y"]) for a, d in zip(ta, sub)]
+        jb = [analysis.toy_judge(b, d["y"]) for b, d in zip(tb, sub)]
+    else:
+        ja = score_rewards(rm, [d["x"] for d in sub], ta, ctx).tolist()
+        jb = score_rewards(rm, [d["x"] for d in sub], tb, ctx).tolist()
+    res = dict(analysis.ranking_agreement(sa.tolist(), sb.tolist(), ja, jb), judge=cfg["judge"])
+    if ctx["rank"] == 0:
+        write_atomic(path, json.dumps(dict(res, examples=[
+            {"x": d["x"], "y": d["y"], "a": a, "b": b, "s_a": float(x), "s_b": float(y), "judge_a": p, "judge_b": q}
+            for d, a, b, x, y, p, q in list(zip(sub, ta, tb, sa, sb, ja, jb))[:20]]), indent=1))
+    return res
+
+
+def die_at(stage):
+    """Test hook for the resume tests: LDALIGN_DIE_AT=<stage> kills the process there, as a crash or a
+    pre-empted job would (no cleanup, no atexit). Stages: sft, samples0, guide, <method>.iter<t>.train."""
+    if os.environ.get("LDALIGN_DIE_AT") == stage:
+        print(f"LDALIGN_DIE_AT={stage}: killing the run here", flush=True)
+        os._exit(137)
 
 
 def guide_triples(data, tok, gtok, y_prime_ids, guide_max_len):
@@ -562,7 +697,7 @@ def main(argv=None):
                 dist.barrier()
         tok = AutoTokenizer.from_pretrained(tok_dir)
     else:
-        tok = AutoTokenizer.from_pretrained(cfg["policy"])
+        tok = AutoTokenizer.from_pretrained(cfg["policy"], trust_remote_code=cfg["trust_remote_code"])
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding is masked everywhere; any id will do
     if cfg["guide"] == "tiny":
@@ -581,6 +716,13 @@ def main(argv=None):
     if cfg["max_examples"]:
         data = data[:cfg["max_examples"]]  # D of Algorithm 1: a subset, as in the paper (50k of 200k)
     log(f"D: {len(data)} pairs from {cfg['data']}; held-out: {len(eval_data)}")
+    methods = cfg["method"].split(",")
+    pref_pairs = tokenize_pref(load_pref_jsonl(cfg["pref_data"], cfg["max_examples"]), tok, cfg, log) \
+        if "dpo" in methods else None
+    rm = None
+    if cfg["reward_model"]:  # loaded now: a wrong path fails before hours of compute
+        rm = analysis.load_reward_model(cfg["reward_model"], device=torch.device("cpu"),
+                                        trust_remote_code=cfg["trust_remote_code"])
 
     # theta_0. For the toy task we make it: a tiny Llama SFT-ed on all records (Section 3's objective).
     sft_dir = os.path.join(out, "sft")
@@ -592,10 +734,11 @@ def main(argv=None):
         if world > 1:
             model = fsdp_wrap(model, device)
         with autocast(device, model):
-            hist = dpo.sft_train(model, sft_pairs, lr=cfg["sft_lr"], epochs=epochs, batch_size=cfg["sft_batch_size"],
-                                 micro_batch_size=cfg["sft_batch_size"], device=device, optimizer="adamw",
-                                 seed=cfg["seed"], log_every=50, max_steps=cfg["sft_steps"],
-                                 log_fn=lambda r: log(f"  sft step {r['step']}/{r['steps']} nll/token {r['loss']:.3f}"))
+            dpo.sft_train(model, sft_pairs, lr=cfg["sft_lr"], epochs=epochs, batch_size=cfg["sft_batch_size"],
+                          micro_batch_size=cfg["sft_batch_size"], device=device, optimizer="adamw",
+                          seed=cfg["seed"], log_every=50, max_steps=cfg["sft_steps"],
+                          log_fn=lambda r: log(f"  sft step {r['step']}/{r['steps']} nll/token {r['loss']:.3f}"))
+        die_at("sft")
         save_hf(model, tok, sft_dir, rank)
         del model
     theta0_path = sft_dir if tiny else cfg["policy"]
@@ -604,38 +747,34 @@ def main(argv=None):
         # On GPU, load in bf16 (a 7B model is 14 GB per process in CPU memory, not 28), shard, then hold
         # fp32 master weights on the GPU: FSDP's mixed precision computes in bf16.
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg["trust_remote_code"])
         if cfg["grad_ckpt"]:
             m.gradient_checkpointing_enable()  # recompute activations in backward; HF turns the cache off in training only
         if world > 1:
             m = fsdp_wrap(m, device)
         return m.to(device=device, dtype=torch.float32)
 
-    # Resume: theta_{t-1} is the newest finished iteration's policy (or theta_0).
-    t_start = 1
-    while os.path.isdir(os.path.join(out, f"iter{t_start}", "policy")) and t_start <= cfg["T"]:
-        t_start += 1
-    policy_path = theta0_path if t_start == 1 else os.path.join(out, f"iter{t_start - 1}", "policy")
-    model = load_policy(policy_path)
-    log(f"policy: {policy_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
-
-    results_path = os.path.join(out, "metrics.jsonl")
+    # theta_0's own evaluation, its samples (lines 1-3), the guide (line 4) and the Section 5.2 ranking
+    # analysis: shared by every method. theta_0 is loaded only if one of them is still to do.
     os.makedirs(os.path.join(out, "iter0"), exist_ok=True)
-    if t_start == 1:
-        acc0 = evaluate(model, tok, eval_data, os.path.join(out, "iter0", "eval.json"), cfg, ctx)
-        log(f"[iter 0] theta_0 greedy exact match on held-out: {acc0}")
-        if rank == 0:
-            write_jsonl(results_path, [{"iter": 0, "exact_match": acc0, "S": None, "loss": None}])
+    guide_dir = os.path.join(out, "guide")
+    samples0 = os.path.join(out, "iter0", "samples.jsonl")
+    agreement_path = os.path.join(guide_dir, "agreement.json")
+    todo = [not os.path.exists(os.path.join(out, "iter0", "eval.json")) and eval_data, not os.path.exists(samples0),
+            not os.path.isdir(guide_dir), cfg["agreement_n"] > 0 and not os.path.exists(agreement_path)]
+    model = load_policy(theta0_path) if any(todo) else None
+    if model is not None:
+        log(f"theta_0: {theta0_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
+    ev0 = evaluate(model, tok, eval_data, os.path.join(out, "iter0", "eval.json"), cfg, ctx, rm)
+    log(f"[iter 0] theta_0 held-out greedy exact match {ev0['exact_match']} | mean reward {ev0['reward']}")
 
     # ------------------------------------------------------------------------------------------------
     # Algorithm 1, lines 1-3: for i = 1..N, generate y'_i ~ p_{theta_0}(.|x_i)
     # (the paper writes y_i; it is the generated y'_i, README errata)
     # ------------------------------------------------------------------------------------------------
-    guide_dir = os.path.join(out, "guide")
-    samples0 = os.path.join(out, "iter0", "samples.jsonl")
-    if t_start == 1 or not os.path.isdir(guide_dir):  # (a rerun finds the file and skips the sampling)
-        log("[Algorithm 1, lines 1-3] sampling y' ~ p_theta_0 for every x in D")
-        y0 = sample_stage(model, tok, data, samples0, cfg, cfg["seed"], ctx)
+    log("[Algorithm 1, lines 1-3] sampling y' ~ p_theta_0 for every x in D")
+    y0 = sample_stage(model, tok, data, samples0, cfg, cfg["seed"], ctx)  # a rerun reads the file instead
+    die_at("samples0")
 
     # ------------------------------------------------------------------------------------------------
     # Algorithm 1, line 4: (phi, psi) = argmax sum_i log p_psi(y_i|x_i, phi(x_i,y_i)) + log p_psi(y'_i|x_i, phi(x_i,y'_i))
@@ -655,109 +794,190 @@ def main(argv=None):
                               batch_size=cfg["guide_batch_size"], lr=cfg["guide_lr"], pad_id=gtok.eos_token_id,
                               seed=cfg["seed"], device=device, log_every=cfg["log_every"] * 5,
                               log_fn=lambda m: log("  " + m))
-        # Does the decoder use h? Reconstruct held-back-free examples with the true and a shuffled latent.
+        # Does the decoder use h? Reconstruct examples with the true and with a shuffled latent.
         n_diag = min(len(examples), 1024)
         diag_idx = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:n_diag].tolist()
         diag = guide_lib.eval_guide(guide, [examples[i] for i in diag_idx], batch_size=cfg["guide_batch_size"],
                                     pad_id=gtok.eos_token_id, device=device)
         log(f"  guide reconstruction NLL/token: true h {diag['nll_true_h']:.3f} vs shuffled h "
             f"{diag['nll_shuffled_h']:.3f} (shuffled must be worse, or the decoder ignores h)")
+        die_at("guide")
         save_guide_ckpt(guide, guide_src, cfg["latent_dim"], guide_dir, diag, rank)
     guide.eval()
     for p in guide.parameters():
         p.requires_grad_(False)  # phi is frozen: s_i/S are constants of the policy update (README errata)
 
-    # ------------------------------------------------------------------------------------------------
-    # Algorithm 1, line 5: for t = 1..T
-    # ------------------------------------------------------------------------------------------------
-    for t in range(t_start, cfg["T"] + 1):
-        it = os.path.join(out, f"iter{t}")
-        os.makedirs(it, exist_ok=True)
-        log(f"===== iteration {t}/{cfg['T']}: theta_{t - 1} -> theta_{t} =====")
+    if cfg["agreement_n"] > 0:  # Section 5.2 (2), on theta_0's samples
+        agr = agreement_stage(model, tok, gtok, guide, data, cfg, ctx, agreement_path, rm)
+        log(f"[Section 5.2] ranking agreement, latent distance vs {agr['judge']} judge: {agr['agree']}/"
+            f"{agr['n_decided']} = {agr['agreement']} (pairs where both rank strictly; {agreement_path})")
+    del model
 
-        # Algorithm 1, lines 6-7: for i = 1..N, generate y'_i ~ p_{theta_{t-1}}(.|x_i)
-        # (printed as theta_{T-1}; it is the previous iteration's policy, README errata)
-        if t == 1 and cfg["reuse_line2_samples"]:
-            log("[line 7] theta_{t-1} = theta_0: reusing the samples of lines 1-3 (same distribution)")
-            y_prime = [r["y_prime_ids"] for r in read_jsonl(samples0)]
-        else:
-            log(f"[line 7] sampling y' ~ p_theta_{t - 1}")
-            y_prime = sample_stage(model, tok, data, os.path.join(it, "samples.jsonl"), cfg, cfg["seed"] + t, ctx)
+    summaries = {}
+    for method in methods:
+        mdir = os.path.join(out, method)  # each method's iterations live in their own folder
+        results_path = os.path.join(mdir, "metrics.jsonl")
+        os.makedirs(mdir, exist_ok=True)
+        # Resume: theta_{t-1} is the newest finished iteration's policy (or theta_0).
+        t_start = 1
+        while t_start <= cfg["T"] and os.path.isdir(os.path.join(mdir, f"iter{t_start}", "policy")):
+            t_start += 1
+        if t_start == 1 and rank == 0:
+            write_jsonl(results_path, [{"iter": 0, "S": None, "loss": None, **ev0}])
+        model = None
+        if t_start <= cfg["T"]:
+            policy_path = theta0_path if t_start == 1 else os.path.join(mdir, f"iter{t_start - 1}", "policy")
+            log(f"##### method {method}: iterations {t_start}..{cfg['T']}, starting from {policy_path}")
+            model = load_policy(policy_path)
 
-        # Algorithm 1, line 8: s_phi(x_i, y_i, y'_i) = ||phi(x_i, y_i) - phi(x_i, y'_i)||_2
-        dist_path = os.path.join(it, "distances.jsonl")
-        if os.path.exists(dist_path):
-            s = torch.tensor([r["s"] for r in read_jsonl(dist_path)])
-        else:
-            triples = guide_triples(data, tok, gtok, y_prime, cfg["guide_max_len"])
-            idx, n_real = shard_indices(len(triples), rank, world)
-            with gathered_weights(guide), autocast(device, guide):
-                s_local = guide_lib.latent_distances(guide, [triples[i] for i in idx], batch_size=cfg["guide_batch_size"],
-                                                     pad_id=gtok.eos_token_id, device=device)
-            s = gather_floats(s_local[:n_real], idx[:n_real], len(triples), device)
+        # --------------------------------------------------------------------------------------------
+        # Algorithm 1, line 5: for t = 1..T
+        # --------------------------------------------------------------------------------------------
+        for t in range(t_start, cfg["T"] + 1):
+            it = os.path.join(mdir, f"iter{t}")
+            os.makedirs(it, exist_ok=True)
+            log(f"===== {method} iteration {t}/{cfg['T']}: theta_{t - 1} -> theta_{t} =====")
+            S, s = None, None
+            if method in ("ldalign", "spin") or cfg["measure_S"]:
+                # Algorithm 1, lines 6-7: for i = 1..N, generate y'_i ~ p_{theta_{t-1}}(.|x_i)
+                # (printed as theta_{T-1}; it is the previous iteration's policy, README errata)
+                if t == 1 and cfg["reuse_line2_samples"]:
+                    log("[line 7] theta_{t-1} = theta_0: reusing the samples of lines 1-3 (same distribution)")
+                    y_prime = y0
+                else:
+                    log(f"[line 7] sampling y' ~ p_theta_{t - 1}")
+                    y_prime = sample_stage(model, tok, data, os.path.join(it, "samples.jsonl"), cfg, cfg["seed"] + t, ctx)
 
-        # Algorithm 1, line 9: S_phi(D, p_{theta_{t-1}}) = (1/N) sum_i s_i;  weights w_i = s_i / S
-        w = dpo.latent_weights(s) if cfg["method"] == "ldalign" else torch.ones(len(s))  # SPIN: all ones
-        S = float(s.mean())
-        if rank == 0 and not os.path.exists(dist_path):
-            identical = sum(d["py"] == yp for d, yp in zip(data, y_prime))
-            q = torch.quantile(s.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
-            write_atomic(os.path.join(it, "distances.json"), json.dumps(
-                {"S": S, "min": float(s.min()), "p10": q[0], "median": q[1], "p90": q[2], "max": float(s.max()),
-                 "n": len(s), "n_identical_to_golden": identical}, indent=1))
-            write_jsonl(dist_path, [{"where": d["where"], "s": float(si), "weight": float(wi)}
-                                    for d, si, wi in zip(data, s, w)])
-        log(f"[lines 8-9] distances: S = mean s = {S:.4f}, min {float(s.min()):.4f}, max {float(s.max()):.4f}")
+                # Algorithm 1, line 8: s_phi(x_i, y_i, y'_i) = ||phi(x_i, y_i) - phi(x_i, y'_i)||_2
+                dist_path = os.path.join(it, "distances.jsonl")
+                if os.path.exists(dist_path):
+                    s = torch.tensor([r["s"] for r in read_jsonl(dist_path)])
+                else:
+                    triples = guide_triples(data, tok, gtok, y_prime, cfg["guide_max_len"])
+                    s = distances_stage(guide, triples, cfg, ctx, gtok.eos_token_id)
 
-        # Algorithm 1, line 10: theta_t = argmax_theta sum_i (s_i/S) log sigma(beta log p_theta(y|x)/p_{theta_{t-1}}(y|x)
-        #                                                                 - beta log p_theta(y'|x)/p_{theta_{t-1}}(y'|x))
-        # Reference = theta_{t-1} = the policy right now: score every pair once, cache, then train.
-        pairs = [(d["px"], d["py"], yp) for d, yp in zip(data, y_prime)]
-        idx, n_real = shard_indices(len(pairs), rank, world)
-        log("[line 10] reference log-probs under theta_{t-1} (computed once, cached)")
-        with autocast(device, model):
-            rc, rr = dpo.reference_logps(model, [pairs[i] for i in idx], cfg["micro_batch_size"], device)
-        ref_c = gather_floats(rc[:n_real], idx[:n_real], len(pairs), device)
-        ref_r = gather_floats(rr[:n_real], idx[:n_real], len(pairs), device)
-        metrics_path = os.path.join(it, "train_metrics.jsonl")
-        hist_lines = []
+                # Algorithm 1, line 9: S_phi(D, p_{theta_{t-1}}) = (1/N) sum_i s_i;  weights w_i = s_i / S
+                w = dpo.latent_weights(s) if method == "ldalign" else torch.ones(len(s))  # SPIN: all ones
+                S = float(s.mean())
+                if rank == 0 and not os.path.exists(dist_path):
+                    identical = sum(d["py"] == yp for d, yp in zip(data, y_prime))
+                    # Section 5.2 (1): the distribution of the distances, as numbers (and a PNG at the end)
+                    write_atomic(os.path.join(it, "distances.json"), json.dumps(
+                        {"S": S, "n": len(s), "n_identical_to_golden": identical, "min": float(s.min()),
+                         "max": float(s.max()), "histogram": analysis.distance_histogram(s.tolist())}, indent=1))
+                    write_jsonl(dist_path, [{"where": d["where"], "s": float(si), "weight": float(wi)}
+                                            for d, si, wi in zip(data, s, w)])
+                log(f"[lines 8-9] distances: S = mean s = {S:.4f}, min {float(s.min()):.4f}, max {float(s.max()):.4f}")
 
-        def train_log(r):
-            hist_lines.append(r)
-            log(f"  step {r['step']}/{r['steps']} loss {r['loss']:.4f} reward acc {r['reward_acc']:.2f} "
-                f"margin {r['reward_margin']:.3f} lr {r['lr']:.2e} | {r['elapsed_s']:.0f}s, eta {r['eta_s']:.0f}s")
+            def train_log(r):
+                extra = f"reward acc {r['reward_acc']:.2f} margin {r['reward_margin']:.3f} " if "reward_acc" in r else ""
+                log(f"  step {r['step']}/{r['steps']} loss {r['loss']:.4f} {extra}lr {r['lr']:.2e} | "
+                    f"{r['elapsed_s']:.0f}s, eta {r['eta_s']:.0f}s")
+                if r["step"] * 2 >= r["steps"]:
+                    die_at(f"{method}.iter{t}.train")  # a kill half-way through the update
 
-        log(f"[line 10] weighted DPO ({cfg['method']}): {cfg['epochs']} epoch(s) over {len(pairs)} pairs")
-        with autocast(device, model):
-            hist = dpo.dpo_train(model, pairs, ref_c, ref_r, w, beta=cfg["beta"], lr=cfg["lr"], epochs=cfg["epochs"],
-                                 batch_size=cfg["batch_size"], micro_batch_size=cfg["micro_batch_size"], device=device,
-                                 optimizer=cfg["optimizer"], warmup_ratio=cfg["warmup_ratio"],
-                                 max_grad_norm=cfg["max_grad_norm"], seed=cfg["seed"] + 1000 * t,
-                                 log_every=cfg["log_every"], log_fn=train_log)
+            budget = dict(lr=cfg["lr"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+                          micro_batch_size=cfg["micro_batch_size"], device=device, optimizer=cfg["optimizer"],
+                          warmup_ratio=cfg["warmup_ratio"], max_grad_norm=cfg["max_grad_norm"],
+                          seed=cfg["seed"] + 1000 * t, log_every=cfg["log_every"], log_fn=train_log)
+            if method == "sft":  # Continual SFT (Section 5.1.4): the same budget spent on log p(y|x)
+                log(f"[sft] continual SFT: {cfg['epochs']} epoch(s) over {len(data)} pairs of D")
+                with autocast(device, model):
+                    hist = dpo.sft_train(model, [(d["px"], d["py"]) for d in data], **budget)
+            else:
+                if method == "dpo":
+                    # DPO on annotated pairs (Section 5.1.4): the reference stays theta_0 in every iteration, so
+                    # its log-probs are computed at t = 1 (when the policy is theta_0) and kept in a file.
+                    pairs, w = pref_pairs, torch.ones(len(pref_pairs))
+                    ref_path = os.path.join(mdir, "ref_logps_theta0.json")
+                    if t == 1 or not os.path.exists(ref_path):
+                        ref_c, ref_r = reference_stage(model, pairs, cfg, ctx)
+                        if rank == 0:
+                            write_atomic(ref_path, json.dumps({"chosen": ref_c.tolist(), "rejected": ref_r.tolist()}))
+                    else:
+                        ref = json.load(open(ref_path))
+                        ref_c, ref_r = torch.tensor(ref["chosen"]), torch.tensor(ref["rejected"])
+                else:
+                    # Algorithm 1, line 10: theta_t = argmax_theta sum_i (s_i/S) log sigma(
+                    #     beta log p_theta(y|x)/p_{theta_{t-1}}(y|x) - beta log p_theta(y'|x)/p_{theta_{t-1}}(y'|x))
+                    # Reference = theta_{t-1} = the policy right now: score every pair once, cache, then train.
+                    pairs = [(d["px"], d["py"], yp) for d, yp in zip(data, y_prime)]
+                    log("[line 10] reference log-probs under theta_{t-1} (computed once, cached)")
+                    ref_c, ref_r = reference_stage(model, pairs, cfg, ctx)
+                log(f"[line 10] {'weighted ' if method == 'ldalign' else ''}DPO ({method}): {cfg['epochs']} epoch(s) "
+                    f"over {len(pairs)} pairs")
+                with autocast(device, model):
+                    hist = dpo.dpo_train(model, pairs, ref_c, ref_r, w, beta=cfg["beta"], **budget)
+            if rank == 0:
+                write_jsonl(os.path.join(it, "train_metrics.jsonl"), hist)
+            save_hf(model, tok, os.path.join(it, "policy"), rank)
+
+            ev = evaluate(model, tok, eval_data, os.path.join(it, "eval.json"), cfg, ctx, rm)
+            q = max(1, len(hist) // 4)
+            loss = sum(h["loss"] for h in hist[-q:]) / q
+            log(f"[{method} iter {t}] held-out greedy exact match {ev['exact_match']} | mean reward {ev['reward']} | "
+                f"S {S} | loss (last quarter) {loss:.4f}")
+            if rank == 0:
+                prev = read_jsonl(results_path) if os.path.exists(results_path) else []
+                write_jsonl(results_path, [r for r in prev if r["iter"] != t] + [{"iter": t, "S": S, "loss": loss, **ev}])
+        del model
+
+        # A table a person reads, and the distances' distribution per iteration (Section 5.2 (1)).
         if rank == 0:
-            write_jsonl(metrics_path, hist)
-        save_hf(model, tok, os.path.join(it, "policy"), rank)
+            rows = read_jsonl(results_path)
+            summaries[method] = rows
+            table = format_table(rows)
+            write_atomic(os.path.join(mdir, "results.md"), table)
+            log(f"{method}:\n{table}")
+            hists = {f"iter {t}": [r["s"] for r in read_jsonl(os.path.join(mdir, f"iter{t}", "distances.jsonl"))]
+                     for t in range(1, cfg["T"] + 1) if os.path.exists(os.path.join(mdir, f"iter{t}", "distances.jsonl"))}
+            if hists and not analysis.save_histogram_png(hists, os.path.join(mdir, "distances.png")):
+                log("(pip install matplotlib for distances.png; the numbers are in iter*/distances.json)")
 
-        acc = evaluate(model, tok, eval_data, os.path.join(it, "eval.json"), cfg, ctx)
-        loss = sum(h["loss"] for h in hist[-max(1, len(hist) // 4):]) / max(1, len(hist) // 4)
-        rec = {"iter": t, "exact_match": acc, "S": S, "loss": loss, "reward_acc": hist[-1]["reward_acc"]}
-        log(f"[iter {t}] held-out greedy exact match {acc} | S {S:.4f} | loss (last quarter) {loss:.4f}")
-        if rank == 0:
-            prev = read_jsonl(results_path) if os.path.exists(results_path) else []
-            write_jsonl(results_path, [r for r in prev if r["iter"] != t] + [rec])
-
-    # A table a person reads.
-    if rank == 0 and os.path.exists(results_path):
-        rows = read_jsonl(results_path)
-        lines = ["| iteration | held-out exact match | S (mean distance) | loss |", "|---|---|---|---|"]
-        for r in rows:
-            fmt = lambda v, f: "-" if v is None else format(v, f)
-            lines.append(f"| {r['iter']} | {fmt(r['exact_match'], '.3f')} | {fmt(r['S'], '.4f')} | {fmt(r['loss'], '.4f')} |")
-        write_atomic(os.path.join(out, "results.md"), "\n".join(lines) + "\n")
-        log("\n".join(lines))
+    if rank == 0 and len(methods) > 1:
+        table = format_comparison(summaries)
+        write_atomic(os.path.join(out, "comparison.md"), table)
+        log(f"comparison at equal budget ({cfg['T']} iterations x {cfg['epochs']} epochs, batch {cfg['batch_size']}):\n{table}")
     if dist.is_initialized():
         dist.barrier()  # rank 0 may still be writing; a rank that leaves early aborts the other's gloo threads
         dist.destroy_process_group()
+
+
+def reference_stage(model, pairs, cfg, ctx):
+    """log p_ref(y|x), log p_ref(y'|x) of every pair under the current policy: each rank its share, gathered."""
+    idx, n_real = shard_indices(len(pairs), ctx["rank"], ctx["world"])
+    with autocast(ctx["device"], model):
+        rc, rr = dpo.reference_logps(model, [pairs[i] for i in idx], cfg["micro_batch_size"], ctx["device"])
+    return (gather_floats(rc[:n_real], idx[:n_real], len(pairs), ctx["device"]),
+            gather_floats(rr[:n_real], idx[:n_real], len(pairs), ctx["device"]))
+
+
+def _fmt(v, f):
+    return "-" if v is None else format(v, f)
+
+
+def format_table(rows):
+    lines = ["| iteration | held-out exact match | mean reward | S (mean distance) | loss |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['iter']} | {_fmt(r['exact_match'], '.3f')} | {_fmt(r.get('reward'), '.3f')} | "
+                     f"{_fmt(r['S'], '.4f')} | {_fmt(r['loss'], '.4f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def format_comparison(summaries):
+    """One row per iteration, per method: held-out exact match, mean reward, and S (mean latent distance)."""
+    methods = list(summaries)
+    head = "| iteration | " + " | ".join(f"{m}: exact match / reward / S" for m in methods) + " |"
+    lines = [head, "|---|" + "---|" * len(methods)]
+    iters = sorted({r["iter"] for rows in summaries.values() for r in rows})
+    for t in iters:
+        cells = []
+        for m in methods:
+            r = next((r for r in summaries[m] if r["iter"] == t), None)
+            cells.append("-" if r is None else f"{_fmt(r['exact_match'], '.3f')} / {_fmt(r.get('reward'), '.3f')} / "
+                                               f"{_fmt(r['S'], '.4f')}")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sys
 import tempfile
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from generate import (apply_top_k, generate, generate_naive, pad_sequences, samp
 from guide import (GuideModel, build_guide, collate_guide, eval_guide, latent_distances, load_guide,
                    save_guide, train_guide)
 
+import analysis
 import dpo
 import ldalign
 
@@ -651,42 +653,46 @@ def _run(args, nproc=1):
     return p.stdout
 
 
-def _check_run_folder(out, T=2):
+def _check_run_folder(out, T=2, method="ldalign"):
     from transformers import AutoModelForCausalLM
+    mdir = os.path.join(out, method)
     for t in range(1, T + 1):
-        it = os.path.join(out, f"iter{t}")
-        rows = [json.loads(l) for l in open(os.path.join(it, "distances.jsonl"))]
-        summary = json.load(open(os.path.join(it, "distances.json")))
-        s = torch.tensor([r["s"] for r in rows])
-        assert len(rows) == 64 and (s >= 0).all()
-        assert summary["S"] == pytest.approx(s.mean().item(), rel=1e-5)  # Algorithm 1, line 9
-        assert sum(r["weight"] for r in rows) / 64 == pytest.approx(1.0, rel=1e-4)  # s/S averages to 1
+        it = os.path.join(mdir, f"iter{t}")
+        if method in ("ldalign", "spin"):
+            rows = [json.loads(l) for l in open(os.path.join(it, "distances.jsonl"))]
+            summary = json.load(open(os.path.join(it, "distances.json")))
+            s = torch.tensor([r["s"] for r in rows])
+            assert len(rows) == 64 and (s >= 0).all()
+            assert summary["S"] == pytest.approx(s.mean().item(), rel=1e-5)  # Algorithm 1, line 9
+            assert sum(summary["histogram"]["counts"]) == 64  # Section 5.2 (1), as numbers
+            mean_w = sum(r["weight"] for r in rows) / 64
+            assert mean_w == pytest.approx(1.0, rel=1e-4)  # s/S averages to 1 (and is 1 for SPIN)
         assert os.path.exists(os.path.join(it, "policy", "model.safetensors"))
-        assert not any(f.endswith(".bin") for f in os.listdir(os.path.join(it, "policy")))
+        assert not any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(os.path.join(it, "policy")))
         assert json.load(open(os.path.join(it, "policy", "config.json")))["architectures"] == ["LlamaForCausalLM"]
     samples = [json.loads(l) for l in open(os.path.join(out, "iter0", "samples.jsonl"))]
     assert len(samples) == 64 and all({"x", "y", "y_prime", "y_prime_ids", "where"} <= r.keys() for r in samples)
     assert os.path.exists(os.path.join(out, "guide", "latent.safetensors"))
-    metrics = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    metrics = [json.loads(l) for l in open(os.path.join(mdir, "metrics.jsonl"))]
     assert [m["iter"] for m in metrics] == list(range(T + 1))
-    assert os.path.exists(os.path.join(out, "results.md"))
+    assert os.path.exists(os.path.join(mdir, "results.md"))
     # theta_T is a plain HF checkpoint: any HF tool loads it
-    return AutoModelForCausalLM.from_pretrained(os.path.join(out, f"iter{T}", "policy"))
+    return AutoModelForCausalLM.from_pretrained(os.path.join(mdir, f"iter{T}", "policy"))
 
 
 def test_end_to_end_tiny_run_then_resume(tmp_path):
     import shutil
     out = str(tmp_path / "run")
     log = _run(["--out", out] + TINY_RUN)
-    assert "Algorithm 1, line 4" in log and "[iter 2] held-out greedy exact match" in log
+    assert "Algorithm 1, line 4" in log and "[ldalign iter 2] held-out greedy exact match" in log
     m1 = _check_run_folder(out)
     # a rerun of a finished run skips every stage and leaves the results as they were
-    before = open(os.path.join(out, "metrics.jsonl")).read()
+    before = open(os.path.join(out, "ldalign", "metrics.jsonl")).read()
     log = _run(["--out", out] + TINY_RUN)
-    assert "training the guide" not in log and "SFT of a tiny Llama" not in log
-    assert open(os.path.join(out, "metrics.jsonl")).read() == before
-    # a run killed during iteration 2 (its policy never written) resumes at iteration 2, from theta_1
-    shutil.rmtree(os.path.join(out, "iter2"))
+    assert "training the guide" not in log and "SFT of a tiny Llama" not in log and "=====" not in log
+    assert open(os.path.join(out, "ldalign", "metrics.jsonl")).read() == before
+    # a run whose iteration 2 was lost (its policy never written) resumes at iteration 2, from theta_1
+    shutil.rmtree(os.path.join(out, "ldalign", "iter2"))
     log = _run(["--out", out] + TINY_RUN)
     assert "iteration 1/2" not in log and "iteration 2/2" in log and "training the guide" not in log
     m2 = _check_run_folder(out)
@@ -711,6 +717,342 @@ def test_bad_data_fails_before_compute(tmp_path):
                        cwd=HERE, env=env, timeout=120, capture_output=True, text=True)
     assert p.returncode != 0 and f"{path}:2: 'messages' must be a list" in p.stderr
     assert not os.path.exists(tmp_path / "r" / "sft")  # nothing was trained
+
+# ====================================================================================================
+# analysis.py: reward-model scoring (Section 5.1.3) and the Section 5.2 analyses
+# ====================================================================================================
+# ==================================================================== toy judge
+def test_word_edit_distance_small_cases():
+    d = analysis.word_edit_distance
+    assert d("1 2 3", "1 2 3") == 0
+    assert d("1 2 3", "1  2\t3 ") == 0  # words, not characters: whitespace does not count
+    assert d("1 2 3", "1 9 3") == 1  # one substitution
+    assert d("1 2 3", "1 3") == 1  # one deletion
+    assert d("1 3", "1 2 3") == 1  # one insertion
+    assert d("", "") == 0
+    assert d("", "a b c") == 3 and d("a b c", "") == 3
+    assert d("a b c d", "b a d c") == 3  # no transpositions in plain Levenshtein: 2 swaps cost 3 here
+    assert d("12 3", "1 23") == 2  # "12" is one word, not two
+
+
+def test_toy_judge_orders_answers():
+    j = analysis.toy_judge
+    golden = "22 53 93"
+    assert j("22 53 93", golden) == 0.0
+    assert j(" 22 53  93 ", golden) == 0.0  # an exact match up to whitespace
+    one_off = j("22 93 93", golden)
+    two_off = j("93 22 53", golden)
+    assert one_off == -1.0
+    assert two_off < one_off < 0.0
+    assert j("", golden) == -3.0
+    assert isinstance(j("x", golden), float)
+
+
+# ==================================================================== Section 5.2 (2): ranking agreement
+def test_ranking_agreement_hand_made():
+    #          pair:   0     1     2            3     4     5
+    dist_a = [0.1, 0.9, 0.3, 0.4, 0.5, 0.8]
+    dist_b = [0.5, 0.2, 0.3 + 1e-8, 0.7, 0.5, 0.6]
+    judge_a = [0.0, -1.0, 0.0, -2.0, -1.0, -4.0]
+    judge_b = [-2.0, -3.0, -1.0, -2.0, -1.0, -1.0]
+    # 0: distance prefers a (smaller), judge prefers a (higher)          -> agree
+    # 1: distance prefers b, judge prefers a                             -> disagree
+    # 2: distances tie (|diff| <= 1e-6)                                  -> not decided
+    # 3: judge ties                                                      -> not decided
+    # 4: both tie                                                        -> not decided
+    # 5: distance prefers b, judge prefers b                             -> agree
+    r = analysis.ranking_agreement(dist_a, dist_b, judge_a, judge_b)
+    assert r["n"] == 6
+    assert r["n_decided"] == 3
+    assert r["agree"] == 2
+    assert r["agreement"] == pytest.approx(2 / 3)
+    assert r["judge_ties"] == 2  # pairs 3, 4
+    assert r["distance_ties"] == 2  # pairs 2, 4
+    json.dumps(r)
+    # torch / numpy inputs give the same answer
+    r2 = analysis.ranking_agreement(torch.tensor(dist_a), np.array(dist_b), torch.tensor(judge_a), judge_b)
+    assert r2 == r
+
+
+def test_ranking_agreement_edges():
+    # judge ties are exact: a tiny difference in judge scores is a preference
+    r = analysis.ranking_agreement([0.1], [0.2], [-1.0], [-1.0 + 1e-12])
+    assert r["judge_ties"] == 0 and r["n_decided"] == 1 and r["agree"] == 0
+    # nothing decided -> agreement None (not a division by zero)
+    r = analysis.ranking_agreement([0.1, 0.2], [0.1, 0.3], [0.0, -1.0], [-1.0, -1.0])
+    assert r["n_decided"] == 0 and r["agreement"] is None
+    r = analysis.ranking_agreement([], [], [], [])
+    assert r["n"] == 0 and r["agreement"] is None
+    with pytest.raises(ValueError):
+        analysis.ranking_agreement([0.1, 0.2], [0.1], [0.0], [0.0])
+
+
+# ==================================================================== Section 5.2 (1): distance distribution
+def test_distance_histogram_shapes_and_json():
+    s = torch.rand(137, generator=torch.Generator().manual_seed(0)) * 3.0
+    h = analysis.distance_histogram(s, bins=10)
+    assert len(h["edges"]) == 11 and len(h["counts"]) == 10
+    assert sum(h["counts"]) == 137 and h["n"] == 137 and h["outside"] == 0
+    assert h["mean"] == pytest.approx(float(s.double().mean()))
+    assert h["std"] == pytest.approx(float(s.double().std(unbiased=False)))
+    q = h["quantiles"]
+    assert h["edges"][0] <= q["p10"] <= q["p50"] <= q["p90"] <= h["edges"][-1]
+    assert all(type(c) is int for c in h["counts"]) and all(type(e) is float for e in h["edges"])
+    assert json.loads(json.dumps(h)) == h  # plain JSON types all the way down
+    # a fixed range (same bins for every iteration): values outside it are counted in "outside"
+    h2 = analysis.distance_histogram([0.5, 1.5, 2.5, 9.0], bins=3, range_=(0.0, 3.0))
+    assert h2["counts"] == [1, 1, 1] and h2["outside"] == 1 and h2["edges"] == [0.0, 1.0, 2.0, 3.0]
+    with pytest.raises(ValueError):
+        analysis.distance_histogram([])
+    with pytest.raises(ValueError):
+        analysis.distance_histogram([1.0, float("nan")])
+
+
+def test_save_histogram_png_without_matplotlib(tmp_path, monkeypatch):
+    # None in sys.modules makes `import matplotlib...` raise ImportError, as if it were not installed.
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    path = tmp_path / "sub" / "hist.png"
+    assert analysis.save_histogram_png({"iter 1": [0.1, 0.2, 0.3]}, str(path)) is False
+    assert not path.exists() and not (tmp_path / "sub").exists()
+
+
+def test_save_histogram_png_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")  # optional dependency: runs only where it is installed
+    path = tmp_path / "hist.png"
+    ok = analysis.save_histogram_png({"iter 1": [0.5, 0.7, 0.9, 1.2], "iter 2": torch.tensor([0.2, 0.3, 0.4])}, str(path))
+    assert ok is True
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(tmp_path) == ["hist.png"]  # the temp file was renamed, not left behind
+
+
+# ==================================================================== Section 5.1.3: reward model
+# Tiny checkpoints built offline from configs (never the hub), saved with save_pretrained, loaded back through
+# load_reward_model exactly as a downloaded RM folder would be.
+RM_PROMPTS = ["sort: 3 1 2", "hello", "sort: 9 8 7 6 5 4 3 2 1 0 sort sort", "how are you"]
+RM_RESPONSES = ["1 2 3", "world how are you today", "0 1", "fine"]
+RM_CORPUS = RM_PROMPTS + RM_RESPONSES + ["0 1 2 3 4 5 6 7 8 9 hello world"]
+
+
+def _deberta_tokenizer():
+    """A WordLevel tokenizer with DeBERTa's pair template: [CLS] x [SEP] y [SEP]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(RM_CORPUS, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    # Without a post-processor a tokenizers-backed tokenizer just concatenates x and y: the template is what
+    # makes tokenizer(x, y) a DeBERTa-style pair.
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tk.token_to_id("[CLS]")), ("[SEP]", tk.token_to_id("[SEP]"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]")
+
+
+def _gpt2_tokenizer(with_pad=True):
+    """A byte-level BPE like GPT-2's: no template, so a pair is x and y concatenated."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<|end|>", "<|pad|>"] if with_pad else ["<|end|>"]
+    tk.train_from_iterator(RM_CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    kw = dict(pad_token="<|pad|>") if with_pad else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|end|>", **kw)
+
+
+def _tiny_deberta(tok):
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+    # Shaped like deberta-v3 (relative attention with p2c/c2p, no absolute positions in the input, no token
+    # types), only tiny. initializer_range is large so different pairs get visibly different rewards.
+    cfg = DebertaV2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64, max_position_embeddings=64, type_vocab_size=0,
+                          relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"],
+                          position_buckets=16, max_relative_positions=-1, norm_rel_ebd="layer_norm",
+                          share_att_key=True, num_labels=1, pad_token_id=tok.pad_token_id, initializer_range=0.2)
+    torch.manual_seed(0)
+    return DebertaV2ForSequenceClassification(cfg)
+
+
+def _tiny_gpt2(tok, pad_token_id):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2, num_labels=1,
+                     pad_token_id=pad_token_id, eos_token_id=tok.eos_token_id, initializer_range=0.2)
+    torch.manual_seed(0)
+    return GPT2ForSequenceClassification(cfg)
+
+
+def _by_hand(model, tok, x, y):
+    """The model's own forward on one unpadded pair: the reference reward_scores must reproduce."""
+    enc = tok(x, y, return_tensors="pt")
+    with torch.no_grad():
+        return float(model(**enc).logits[0, 0])
+
+
+def _check_scores(model, tok):
+    s = analysis.reward_scores(model, tok, RM_PROMPTS, RM_RESPONSES, batch_size=16, device="cpu")
+    assert s.shape == (len(RM_PROMPTS),) and s.dtype == torch.float32
+    assert torch.isfinite(s).all()
+    assert float(s.max() - s.min()) > 1e-3  # different pairs, different rewards: the comparison below means something
+    for i in (0, 2):
+        assert float(s[i]) == pytest.approx(_by_hand(model, tok, RM_PROMPTS[i], RM_RESPONSES[i]), abs=1e-4)
+    # Batched (padded, mixed lengths) vs one at a time (no padding): padding must not change a score.
+    s1 = analysis.reward_scores(model, tok, RM_PROMPTS, RM_RESPONSES, batch_size=1, device="cpu")
+    torch.testing.assert_close(s, s1, atol=1e-4, rtol=0)
+    return s
+
+
+@pytest.mark.parametrize("arch", ["deberta-v2", "gpt2"])
+def test_reward_model_roundtrip(tmp_path, arch):
+    if arch == "deberta-v2":
+        tok = _deberta_tokenizer()
+        model = _tiny_deberta(tok)
+    else:
+        tok = _gpt2_tokenizer(with_pad=True)
+        model = _tiny_gpt2(tok, pad_token_id=tok.pad_token_id)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert any(f.endswith(".safetensors") for f in os.listdir(tmp_path))
+
+    rm, rtok = analysis.load_reward_model(str(tmp_path), device="cpu")
+    assert not rm.training  # eval mode: no dropout in the scores
+    assert type(rm).__name__ == type(model).__name__
+    s = _check_scores(rm, rtok)
+    # the loaded checkpoint scores like the model that was saved
+    s0 = analysis.reward_scores(model.eval(), tok, RM_PROMPTS, RM_RESPONSES, device="cpu")
+    torch.testing.assert_close(s, s0, atol=1e-5, rtol=0)
+    assert analysis.reward_scores(rm, rtok, [], [], device="cpu").shape == (0,)
+    with pytest.raises(ValueError):
+        analysis.reward_scores(rm, rtok, RM_PROMPTS, RM_RESPONSES[:2], device="cpu")
+
+
+def test_reward_model_without_pad_token():
+    # GPT-2's own tokenizer has no pad token and its config no pad id: reward_scores borrows eos for the
+    # duration, and leaves both the tokenizer and the model's config as they were.
+    tok = _gpt2_tokenizer(with_pad=False)
+    assert tok.pad_token is None
+    model = _tiny_gpt2(tok, pad_token_id=None).eval()
+    _check_scores(model, tok)
+    assert tok.pad_token is None and model.config.pad_token_id is None
+
+
+def test_reward_scores_truncates_to_max_length():
+    tok = _deberta_tokenizer()
+    model = _tiny_deberta(tok).eval()
+    long_x = " ".join(["sort"] * 200)  # longer than the model's 64 positions
+    s = analysis.reward_scores(model, tok, [long_x, "hello"], ["1 2 3", "world"], max_length=32, device="cpu")
+    assert s.shape == (2,) and torch.isfinite(s).all() and not math.isnan(float(s[0]))
+
+# ====================================================================================================
+# ldalign.py: competing methods at equal budget, reward-model evaluation, Section 5.2, reliability
+# ====================================================================================================
+def _tiny_reward_model(path):
+    """A tiny GPT-2 sequence classifier (num_labels=1) with the toy tokenizer, saved as an HF checkpoint."""
+    from transformers import GPT2ForSequenceClassification
+    tok = _toy_tok()
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=128, num_labels=1,
+                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2ForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_compare_four_methods_with_reward_model(tmp_path):
+    out = str(tmp_path / "cmp")
+    rm = _tiny_reward_model(str(tmp_path / "rm"))
+    args = ["--out", out, "--method", "ldalign,spin,dpo,sft", "--reward_model", rm, "--judge", "reward",
+            "--agreement_n", "32"] + TINY_RUN
+    args[args.index("--T") + 1] = "1"
+    log = _run(args)
+    for m in ("ldalign", "spin", "dpo", "sft"):
+        _check_run_folder(out, T=1, method=m)
+        rows = [json.loads(l) for l in open(os.path.join(out, m, "metrics.jsonl"))]
+        assert all(isinstance(r["reward"], float) for r in rows)  # Section 5.1.3: mean reward per method
+        assert rows[1]["S"] is not None  # dpo and sft report S too (measure_S)
+    spin_w = [json.loads(l)["weight"] for l in open(os.path.join(out, "spin", "iter1", "distances.jsonl"))]
+    assert set(spin_w) == {1.0}  # SPIN: the same loop with weights 1
+    ref = json.load(open(os.path.join(out, "dpo", "ref_logps_theta0.json")))
+    assert len(ref["chosen"]) == 64  # DPO's fixed reference theta_0, cached
+    table = open(os.path.join(out, "comparison.md")).read()
+    assert all(m in table for m in ("ldalign", "spin", "dpo", "sft")) and "comparison at equal budget" in log
+    agr = json.load(open(os.path.join(out, "guide", "agreement.json")))
+    assert agr["judge"] == "reward" and agr["n"] == 32 and 0 <= agr["n_decided"] <= 32
+
+
+def test_agreement_with_toy_judge_and_histogram_numbers(tmp_path):
+    out = str(tmp_path / "run")
+    args = ["--out", out, "--agreement_n", "32"] + TINY_RUN
+    args[args.index("--T") + 1] = "1"
+    _run(args)
+    agr = json.load(open(os.path.join(out, "guide", "agreement.json")))
+    assert agr["judge"] == "toy" and agr["n"] == 32
+    if agr["n_decided"]:
+        assert agr["agreement"] == pytest.approx(agr["agree"] / agr["n_decided"])
+    hist = json.load(open(os.path.join(out, "ldalign", "iter1", "distances.json")))["histogram"]
+    assert len(hist["edges"]) == len(hist["counts"]) + 1
+
+
+@pytest.mark.parametrize("stage", ["sft", "guide", "ldalign.iter1.train", "ldalign.iter2.train"])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, stage, uninterrupted):
+    out = str(tmp_path / "run")
+    env = dict(os.environ, OMP_NUM_THREADS="1", LDALIGN_DIE_AT=stage)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "ldalign.py"), "--out", out] + TINY_RUN, cwd=HERE,
+                       env=env, timeout=600, capture_output=True, text=True)
+    assert p.returncode == 137 and f"LDALIGN_DIE_AT={stage}" in p.stdout
+    assert not any(f.endswith(".tmp") for f in os.listdir(out))  # no half-written result left to trust
+    _run(["--out", out] + TINY_RUN)
+    resumed = _check_run_folder(out).state_dict()
+    for k, v in uninterrupted.items():
+        assert torch.equal(v, resumed[k]), k
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("full") / "run")
+    _run(["--out", out] + TINY_RUN)
+    return _check_run_folder(out).state_dict()
+
+
+def test_nan_loss_stops_run_and_keeps_last_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    args = ["--out", out] + TINY_RUN
+    args[args.index("--T") + 1] = "1"
+    _run(args)
+    ckpt = os.path.join(out, "ldalign", "iter1", "policy", "model.safetensors")
+    before = open(ckpt, "rb").read()
+    args[args.index("--T") + 1] = "2"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "ldalign.py")] + args + ["--beta", "nan"], cwd=HERE, env=env,
+                       timeout=600, capture_output=True, text=True)
+    assert p.returncode != 0 and "loss is nan at step 1" in p.stderr and "last finished checkpoint" in p.stderr
+    assert open(ckpt, "rb").read() == before  # theta_1 intact
+    assert not os.path.exists(os.path.join(out, "ldalign", "iter2", "policy"))  # no theta_2 from a NaN update
+
+
+def test_pref_jsonl_errors_name_file_and_line(tmp_path):
+    p = tmp_path / "p.jsonl"
+    good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
+    p.write_text(good + "\n" + json.dumps({"prompt": "q", "chosen": [{"role": "user", "content": "q"}], "rejected": "b"}) + "\n")
+    with pytest.raises(ValueError, match=f"{p}:2: 'chosen' has no assistant message"):
+        ldalign.load_pref_jsonl(str(p))
+    p.write_text(good + "\n" + json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
+    with pytest.raises(ValueError, match=f"{p}:2: a preference record needs"):
+        ldalign.load_pref_jsonl(str(p))
+    recs = ldalign.load_pref_jsonl(os.path.join(HERE, "data", "sort_pairs.jsonl"))
+    assert len(recs) == 2000 and all(r["chosen"] != r["rejected"] for r in recs)
+
+
+def test_no_pickle_checkpoints_and_no_remote_code_by_default():
+    for name in ("ldalign.py", "dpo.py", "guide.py", "generate.py"):
+        src = open(os.path.join(HERE, name)).read()
+        assert "torch.load(" not in src or "weights_only=True" in src
+        assert "trust_remote_code=True" not in src
+    assert ldalign.DEFAULTS["trust_remote_code"] is False
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "fsdp_worker":
     _fsdp_worker(sys.argv[2])

@@ -1,5 +1,10 @@
 """Writes the embedded toy SFT data set (sorting), shipped as data/sort_train.jsonl and data/sort_eval.jsonl.
 
+Also writes data/sort_pairs.jsonl: annotated preference pairs for `--method dpo` (the paper's DPO baseline
+trains on UltraFeedback binarized; this file has its layout: prompt, chosen and rejected message lists). The
+chosen answer is golden, the rejected one a corrupted copy (a number dropped, repeated or two swapped), for the
+same 2,000 prompts that LD-Align uses as D.
+
 Why sorting: the golden answer y of every prompt x is checkable by exact match, so a CPU run can show
 whether LD-Align moves the policy towards D (the paper's premise: y in D is a golden label, Section 4.2.2)
 without a reward model or GPT-4. Records use the UltraChat 200k layout (`prompt`, `messages`), so the
@@ -25,13 +30,39 @@ def make_records(n, rng, seen):
     return out
 
 
+def corrupt(y, rng):
+    """A plausible wrong answer: the mistakes a weak sorting model makes (drop, repeat, swap)."""
+    nums = y.split()
+    kind = rng.choice(["drop", "repeat", "swap"])
+    if kind == "drop" or len(set(nums)) == 1:
+        del nums[rng.randrange(len(nums))]
+    elif kind == "repeat":
+        i = rng.randrange(1, len(nums))
+        nums[i] = nums[i - 1] if nums[i] != nums[i - 1] else nums[0]
+    else:
+        i = rng.randrange(len(nums) - 1)
+        while nums[i] == nums[i + 1]:
+            i = (i + 1) % (len(nums) - 1)
+        nums[i], nums[i + 1] = nums[i + 1], nums[i]
+    out = " ".join(nums)
+    return out if out != y else " ".join(y.split()[:-1])
+
+
 def main():
     rng, seen = random.Random(0), set()
     here = os.path.dirname(os.path.abspath(__file__))
     for name, n in (("sort_eval.jsonl", 200), ("sort_train.jsonl", 8000)):
+        recs = make_records(n, rng, seen)
         with open(os.path.join(here, name), "w") as f:
-            for r in make_records(n, rng, seen):
+            for r in recs:
                 f.write(json.dumps(r) + "\n")
+    prng = random.Random(1)
+    with open(os.path.join(here, "sort_pairs.jsonl"), "w") as f:
+        for r in recs[:2000]:
+            x, y = r["messages"][0]["content"], r["messages"][1]["content"]
+            user = {"role": "user", "content": x}
+            f.write(json.dumps({"prompt": x, "chosen": [user, {"role": "assistant", "content": y}],
+                                "rejected": [user, {"role": "assistant", "content": corrupt(y, prng)}]}) + "\n")
 
 
 if __name__ == "__main__":

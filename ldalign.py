@@ -1,6 +1,7 @@
 """LD-Align, Algorithm 1 of arXiv 2404.06390, line for line.
 
     python ldalign.py                                   # embedded default: toy sorting task, CPU, ~5 min
+    python ldalign.py --method ldalign,spin,dpo,sft     # the paper's competing methods at equal budget
     python ldalign.py --preset paper --data ultrachat_50k.jsonl --out runs/paper    # the paper's setting
     torchrun --nproc_per_node=8 ldalign.py --preset paper ...                       # the same, FSDP2 on 8 GPUs
     python ldalign.py --out runs/x --T 5                # any default below can be overridden as --key value
@@ -8,18 +9,19 @@
 The script is a flat sequence of stages; each writes its result under --out and a rerun skips the
 stages whose result is already there (kill it and start it again: it goes on from the last finished stage).
 
-    out/config.json                 the settings of the run
+    out/config.json                 the settings of the run (and log.txt, everything printed)
     out/tokenizer/                  (tiny preset) the byte-level BPE trained on the shipped data
-    out/sft/                        (tiny preset) theta_0: a tiny Llama SFT-ed on D (HF safetensors)
-    out/iter0/samples.jsonl         Algorithm 1, lines 1-3: y'_i ~ p_theta_0(.|x_i)
-    out/guide/                      Algorithm 1, line 4: guide T = (phi, psi) (HF safetensors + latent.safetensors)
-    out/iter{t}/samples.jsonl       line 7: y'_i ~ p_theta_{t-1}(.|x_i)
-    out/iter{t}/distances.jsonl     line 8: s_i = ||phi(x_i, y_i) - phi(x_i, y'_i)||_2, and the weight s_i/S
-    out/iter{t}/distances.json      line 9: S = mean_i s_i, and a summary of the distribution
-    out/iter{t}/train_metrics.jsonl line 10: loss, rewards, grad norm per logged step
-    out/iter{t}/policy/             line 10: theta_t (HF safetensors: any HF tool loads it)
-    out/iter{t}/eval.json           greedy exact match on held-out prompts (iter0: theta_0)
-    out/metrics.jsonl, out/results.md   one line per iteration: accuracy, S, loss
+    out/sft/                        (tiny preset) theta_0: a tiny Llama SFT-ed on the data (HF safetensors)
+    out/iter0/samples.jsonl         Algorithm 1, lines 1-3: y'_i ~ p_theta_0(.|x_i);  iter0/eval.json: theta_0
+    out/guide/                      Algorithm 1, line 4: guide T = (phi, psi) (HF safetensors + latent.safetensors),
+                                    diagnostics.json (true vs shuffled h), agreement.json (Section 5.2 (2))
+    out/M/iter{t}/samples.jsonl     line 7: y'_i ~ p_theta_{t-1}(.|x_i)       (M = the method: ldalign, spin, dpo, sft)
+    out/M/iter{t}/distances.jsonl   line 8: s_i = ||phi(x_i, y_i) - phi(x_i, y'_i)||_2, and the weight s_i/S
+    out/M/iter{t}/distances.json    line 9: S = mean_i s_i, and the distribution (Section 5.2 (1))
+    out/M/iter{t}/train_metrics.jsonl  line 10: loss, rewards, grad norm per logged step
+    out/M/iter{t}/policy/           line 10: theta_t (HF safetensors: any HF tool loads it)
+    out/M/iter{t}/eval.json         greedy answers on held-out prompts: exact match, mean reward
+    out/M/metrics.jsonl, results.md one line per iteration;  out/comparison.md when several methods ran
 """
 import json
 import math
@@ -916,7 +918,7 @@ def main(argv=None):
             q = max(1, len(hist) // 4)
             loss = sum(h["loss"] for h in hist[-q:]) / q
             log(f"[{method} iter {t}] held-out greedy exact match {ev['exact_match']} | mean reward {ev['reward']} | "
-                f"S {S} | loss (last quarter) {loss:.4f}")
+                f"S {_fmt(S, '.4f')} | loss (last quarter) {loss:.4f}")
             if rank == 0:
                 prev = read_jsonl(results_path) if os.path.exists(results_path) else []
                 write_jsonl(results_path, [r for r in prev if r["iter"] != t] + [{"iter": t, "S": S, "loss": loss, **ev}])

@@ -3,6 +3,7 @@
 #
 #   bash train.sh                 # preset "tiny" (default): toy sorting task, CPU or GPU, ~5 min on 2 cores
 #   bash train.sh paper           # the paper's setting on 8 GPUs (see README, "The paper's setting")
+#   bash train.sh compare         # the toy task with ldalign, spin, dpo and sft at equal budget (~12 min, CPU)
 #   NPROC=2 bash train.sh tiny    # the toy run on 2 processes (FSDP2 over gloo on CPU)
 #   bash train.sh paper --T 2 --out runs/paper2    # extra --key value pairs are passed to ldalign.py
 #
@@ -17,6 +18,12 @@ case "$PRESET" in
     NPROC="${NPROC:-1}"
     ARGS=(--preset tiny --out "runs/tiny")
     ;;
+  compare)
+    # The paper's table rows on the toy task: one theta_0 and one guide, then each method for T iterations of
+    # the same number of optimizer steps; writes runs/compare/comparison.md.
+    NPROC="${NPROC:-1}"
+    ARGS=(--preset tiny --out "runs/compare" --method "ldalign,spin,dpo,sft")
+    ;;
   paper)
     # zephyr-7b-sft-full (Mistral-7B SFT on UltraChat 200k) is theta_0, gpt2 the guide's backbone, a 50k
     # subset of UltraChat 200k (first turns, JSONL with "messages") is D; beta 0.1, three iterations.
@@ -28,7 +35,7 @@ case "$PRESET" in
           --data "${DATA:-data/ultrachat_50k.jsonl}")
     ;;
   *)
-    echo "unknown preset '$PRESET': use tiny or paper" >&2
+    echo "unknown preset '$PRESET': use tiny, compare or paper" >&2
     exit 2
     ;;
 esac

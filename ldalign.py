@@ -300,16 +300,11 @@ def save_hf(model, tokenizer, out_dir, rank):
 # ----------------------------------------------------------------------------------------------------
 # Data: D = {(x_i, y_i)} from UltraChat-style JSONL, validated before any compute.
 # ----------------------------------------------------------------------------------------------------
-def load_sft_jsonl(path, max_examples=0):
-    """Read (x, y) = (first user turn, first assistant turn) of each record; errors name file:line.
-
-    A record is {"messages": [{"role": "user", "content": x}, {"role": "assistant", "content": y}, ...]}
-    (UltraChat 200k's layout; later turns are ignored, as SPIN and the paper's 50k subset do), or
-    {"prompt": x, "response": y}. Returns a list of dicts {x, y, where} where `where` is "file:line".
-    """
+def jsonl_records(path, what):
+    """Yield ("file:line", record) for each non-blank line of a JSONL file; a line that is not a JSON object
+    raises ValueError naming file:line. Shared by the SFT and the preference data loaders."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: data file not found")
-    out = []
+        raise FileNotFoundError(f"{path}: {what} file not found")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -321,26 +316,38 @@ def load_sft_jsonl(path, max_examples=0):
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            if "messages" in rec:
-                msgs = rec["messages"]
-                if not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs[:2]):
-                    raise ValueError(f"{where}: 'messages' must be a list starting with a user and an assistant turn")
-                if msgs[0].get("role") != "user" or msgs[1].get("role") != "assistant":
-                    raise ValueError(f"{where}: the first two messages must have roles 'user' then 'assistant', got "
-                                     f"{msgs[0].get('role')!r} then {msgs[1].get('role')!r}")
-                x, y = msgs[0].get("content"), msgs[1].get("content")
-            elif "prompt" in rec and "response" in rec:
-                x, y = rec["prompt"], rec["response"]
-            else:
-                raise ValueError(f"{where}: missing field 'messages' (or 'prompt' and 'response')")
-            for name, v in (("prompt (user turn)", x), ("response (assistant turn)", y)):
-                if not isinstance(v, str):
-                    raise ValueError(f"{where}: {name} must be a string, got {type(v).__name__}")
-                if not v.strip():
-                    raise ValueError(f"{where}: {name} is empty")
-            out.append({"x": x, "y": y, "where": where})
-            if max_examples and len(out) >= max_examples:
-                break
+            yield where, rec
+
+
+def load_sft_jsonl(path, max_examples=0):
+    """Read (x, y) = (first user turn, first assistant turn) of each record; errors name file:line.
+
+    A record is {"messages": [{"role": "user", "content": x}, {"role": "assistant", "content": y}, ...]}
+    (UltraChat 200k's layout; later turns are ignored, as SPIN and the paper's 50k subset do), or
+    {"prompt": x, "response": y}. Returns a list of dicts {x, y, where} where `where` is "file:line".
+    """
+    out = []
+    for where, rec in jsonl_records(path, "data"):
+        if "messages" in rec:
+            msgs = rec["messages"]
+            if not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs[:2]):
+                raise ValueError(f"{where}: 'messages' must be a list starting with a user and an assistant turn")
+            if msgs[0].get("role") != "user" or msgs[1].get("role") != "assistant":
+                raise ValueError(f"{where}: the first two messages must have roles 'user' then 'assistant', got "
+                                 f"{msgs[0].get('role')!r} then {msgs[1].get('role')!r}")
+            x, y = msgs[0].get("content"), msgs[1].get("content")
+        elif "prompt" in rec and "response" in rec:
+            x, y = rec["prompt"], rec["response"]
+        else:
+            raise ValueError(f"{where}: missing field 'messages' (or 'prompt' and 'response')")
+        for name, v in (("prompt (user turn)", x), ("response (assistant turn)", y)):
+            if not isinstance(v, str):
+                raise ValueError(f"{where}: {name} must be a string, got {type(v).__name__}")
+            if not v.strip():
+                raise ValueError(f"{where}: {name} is empty")
+        out.append({"x": x, "y": y, "where": where})
+        if max_examples and len(out) >= max_examples:
+            break
     if not out:
         raise ValueError(f"{path}: no records")
     return out
@@ -352,35 +359,25 @@ def load_pref_jsonl(path, max_examples=0):
     A record is UltraFeedback-binarized style, {"prompt": x, "chosen": [messages], "rejected": [messages]}
     (the response is the last assistant message of each list), or {"prompt": x, "chosen": str, "rejected": str}.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: preference data file not found (needed by --method dpo)")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict) or not all(k in rec for k in ("prompt", "chosen", "rejected")):
-                raise ValueError(f"{where}: a preference record needs the fields 'prompt', 'chosen' and 'rejected'")
-            texts = {"prompt": rec["prompt"]}
-            for k in ("chosen", "rejected"):
-                v = rec[k]
-                if isinstance(v, list):  # a conversation: the answer is its last assistant turn
-                    turns = [m.get("content") for m in v if isinstance(m, dict) and m.get("role") == "assistant"]
-                    if not turns:
-                        raise ValueError(f"{where}: '{k}' has no assistant message")
-                    v = turns[-1]
-                texts[k] = v
-            for k, v in texts.items():
-                if not isinstance(v, str) or not v.strip():
-                    raise ValueError(f"{where}: '{k}' must be a non-empty string")
-            out.append({"x": texts["prompt"], "chosen": texts["chosen"], "rejected": texts["rejected"], "where": where})
-            if max_examples and len(out) >= max_examples:
-                break
+    for where, rec in jsonl_records(path, "preference data (needed by --method dpo)"):
+        if not all(k in rec for k in ("prompt", "chosen", "rejected")):
+            raise ValueError(f"{where}: a preference record needs the fields 'prompt', 'chosen' and 'rejected'")
+        texts = {"prompt": rec["prompt"]}
+        for k in ("chosen", "rejected"):
+            v = rec[k]
+            if isinstance(v, list):  # a conversation: the answer is its last assistant turn
+                turns = [m.get("content") for m in v if isinstance(m, dict) and m.get("role") == "assistant"]
+                if not turns:
+                    raise ValueError(f"{where}: '{k}' has no assistant message")
+                v = turns[-1]
+            texts[k] = v
+        for k, v in texts.items():
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError(f"{where}: '{k}' must be a non-empty string")
+        out.append({"x": texts["prompt"], "chosen": texts["chosen"], "rejected": texts["rejected"], "where": where})
+        if max_examples and len(out) >= max_examples:
+            break
     if not out:
         raise ValueError(f"{path}: no records")
     return out

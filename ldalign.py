@@ -107,39 +107,50 @@ PRESETS = {
 }
 
 
-def parse_args(argv):
-    """nanoGPT-style: defaults above, then the preset, then --key value pairs (typed like the default)."""
-    if "-h" in argv or "--help" in argv:  # print the docstring and the commented defaults block
-        src = open(os.path.abspath(__file__)).read()
-        print(__doc__ + "\n" + src[src.index("DEFAULTS = dict("):src.index("\ndef parse_args")])
+def read_overrides(argv, defaults, help_text):
+    """Command-line `--key value`, `--key=value` or a bare `--flag` (= true), keys checked against `defaults`,
+    values typed like the default. -h / --help prints help_text. Shared with bench.py."""
+    if "-h" in argv or "--help" in argv:
+        print(help_text)
         raise SystemExit(0)
-    cfg = dict(DEFAULTS)
-    pairs = {}
-    i = 0
+    raw, i = {}, 0
     while i < len(argv):
         a = argv[i]
-        if not a.startswith("--") or "=" not in a and i + 1 >= len(argv):
-            raise SystemExit(f"bad argument {a!r}: use --key value (keys: {', '.join(DEFAULTS)})")
-        k, v = (a[2:].split("=", 1) if "=" in a else (a[2:], argv[i + 1]))
-        i += 1 if "=" in a else 2
-        if k not in DEFAULTS:
-            raise SystemExit(f"unknown option --{k}; known: {', '.join(DEFAULTS)}")
-        pairs[k] = v
-    preset = pairs.get("preset", cfg["preset"])
-    if preset not in PRESETS:
-        raise SystemExit(f"unknown preset {preset!r}: {', '.join(PRESETS)}")
-    cfg.update(PRESETS[preset])
-    for k, v in pairs.items():
-        d = DEFAULTS[k]
+        if not a.startswith("--"):
+            raise SystemExit(f"bad argument {a!r}: use --key value (keys: {', '.join(defaults)})")
+        if "=" in a:
+            k, v = a[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            k, v = a[2:], argv[i + 1]
+            i += 2
+        else:
+            k, v = a[2:], "true"  # bare flag
+            i += 1
+        if k not in defaults:
+            raise SystemExit(f"unknown option --{k}; known: {', '.join(defaults)}")
+        d = defaults[k]
         if isinstance(d, bool):
             if v.lower() not in ("1", "0", "true", "false"):
                 raise SystemExit(f"--{k} takes true/false, got {v!r}")
-            cfg[k] = v.lower() in ("1", "true")
+            raw[k] = v.lower() in ("1", "true")
         else:
             try:
-                cfg[k] = type(d)(v)
+                raw[k] = type(d)(v)
             except ValueError:
-                raise SystemExit(f"--{k} takes a {type(d).__name__}, got {v!r}")
+                raise SystemExit(f"--{k} takes a {type(d).__name__}, got {v!r}") from None
+    return raw
+
+
+def parse_args(argv):
+    """nanoGPT-style: defaults above, then the preset, then --key value pairs (typed like the default)."""
+    src = open(os.path.abspath(__file__)).read()
+    pairs = read_overrides(argv, DEFAULTS, __doc__ + "\n" + src[src.index("DEFAULTS = dict("):src.index("\ndef read_overrides")])
+    preset = pairs.get("preset", DEFAULTS["preset"])
+    if preset not in PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}: {', '.join(PRESETS)}")
+    cfg = dict(DEFAULTS, **PRESETS[preset])
+    cfg.update(pairs)
     for m in cfg["method"].split(","):
         if m not in METHODS:
             raise SystemExit(f"--method takes {', '.join(METHODS)} (or several, comma-separated), got {m!r}")

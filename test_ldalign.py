@@ -1054,5 +1054,48 @@ def test_no_pickle_checkpoints_and_no_remote_code_by_default():
         assert "trust_remote_code=True" not in src
     assert ldalign.DEFAULTS["trust_remote_code"] is False
 
+# ====================================================================================================
+# bench.py: the GPU benchmark script, smoke-tested on the CPU with a tiny model
+# ====================================================================================================
+def _bench_run(tmp_path, launcher, extra=()):
+    out = tmp_path / "b.json"
+    env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run(launcher + [os.path.join(HERE, "bench.py"), "--size", "tiny", "--out", str(out), *extra],
+                       cwd=HERE, env=env, timeout=180, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert not os.path.exists(str(out) + ".tmp")  # written atomically
+    return json.loads(out.read_text()), p.stdout
+
+
+def _bench_check(r, stdout):
+    s, d, ref, proj = r["sampler"], r["dpo"], r["reference"], r["projection"]
+    assert r["model"]["params"] > 1e6
+    for key in ("generate_py", "hf_generate"):
+        assert s[key]["new_tokens_per_s"] > 0 and s[key]["decode_steps_per_s"] > 0 and s[key]["seconds"] > 0
+    assert s["speedup_vs_hf"] > 0 and 0 <= s["token_match_frac"] <= 1
+    if r["env"]["device"] == "cpu":  # fp32: the greedy tokens of both samplers must agree exactly
+        assert s["token_match_frac"] == 1.0 and s["first_k_identical"]
+    assert d["tokens_per_s"] > 0 and d["step_s"] > 0 and ref["tokens_per_s"] > 0
+    assert d["tokens_per_step"] == d["batch"] * 2 * (d["prompt"] + d["response"])  # chosen + rejected, no padding
+    assert abs(d["first_loss"] - math.log(2)) < 1e-2  # step 0: policy == reference, every pair's loss is log 2
+    assert len(proj["stages"]) == 4 and proj["hours_total"] > 0
+    assert math.isclose(proj["hours_total"], 3 * proj["hours_per_iteration"])
+    for word in ("sampler:", "generate.py", "HF generate", "policy update", "projection to the paper"):
+        assert word in stdout
+
+
+def test_bench_tiny_cpu(tmp_path):
+    r, stdout = _bench_run(tmp_path, [sys.executable], ["--left_pad", "true"])
+    _bench_check(r, stdout)
+    assert r["env"]["world"] == 1 and r["sampler"]["left_pad"] is True
+
+
+def test_bench_tiny_fsdp_two_processes(tmp_path):
+    """torchrun, 2 CPU processes: FSDP2 policy, generation inside gathered_weights; no hang, same JSON."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r, stdout = _bench_run(tmp_path, launcher, ["--grad_ckpt", "true"])
+    _bench_check(r, stdout)
+    assert r["env"]["world"] == 2 and r["env"]["fsdp"] is True
+
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "fsdp_worker":
     _fsdp_worker(sys.argv[2])

@@ -1,0 +1,324 @@
+"""Speed of the two hot loops of LD-Align on one GPU, and what they imply for the paper's setting.
+
+    python bench.py                                     # CUDA: ~1.1B Llama, bf16; CPU: a tiny one (< 1 min)
+    torchrun --nproc_per_node=1 bench.py                # the same, policy wrapped with FSDP2 (ldalign.fsdp_wrap)
+    python bench.py --grad_ckpt true --micro_batch 8    # any default below can be overridden as --key value
+
+Measures, on a Llama built from a config with random weights (nothing is downloaded):
+  1. the sampler (Algorithm 1, lines 2 and 7): generate.generate vs transformers' model.generate, same model,
+     same random prompts, greedy, forced to the full length, in the same run; new tokens/s, decode steps/s,
+     peak memory, and how many greedy tokens of the two agree (bf16 ties may legitimately diverge late);
+  2. the reference log-probs (dpo.reference_logps, forward only) and the DPO policy update (dpo.dpo_train:
+     one forward of 2B sequences, backward, clipping, RMSprop), tokens/s and MFU = 6 N tokens/s / peak;
+  3. a projection of the paper's wall time (7B, 50k pairs, 3 iterations, 8 GPUs) from those per-token costs.
+Prints a table and writes the numbers to --out (JSON, atomically).
+"""
+import contextlib
+import os
+import json
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import dpo
+import generate
+import ldalign
+
+# ----------------------------------------------------------------------------------------------------
+# Defaults. Every key can be overridden as --key value (or --key=value; a bare --flag means true).
+# 0 / "" means "take it from --size" (the SIZES table below).
+# ----------------------------------------------------------------------------------------------------
+DEFAULTS = dict(
+    size="",               # "1b" (default on CUDA) or "tiny" (default on CPU)
+    out="bench.json",      # the numbers, as JSON
+    seed=0,
+    layers=0, hidden=0, intermediate=0, heads=0, kv_heads=0, vocab=0,  # Llama shape overrides
+    # sampler
+    gen_batch=0, prompt_len=0, new_tokens=0,
+    left_pad=False,        # prompts of random length in [prompt_len/2, prompt_len], left padded (else all equal)
+    gen_dtype="bf16",      # CUDA without FSDP: "bf16" (weights cast to bf16) or "autocast" (fp32 weights + bf16
+                           # autocast, what ldalign.py does on one process); under FSDP: its bf16 mixed precision
+    warmup_new=0,          # new tokens of the untimed warmup call of each sampler (0 = new_tokens: the
+                           # allocator then already holds the blocks of the full-length KV cache)
+    agree_rows=8, agree_tokens=16,  # the "first K rows x first K tokens identical" check
+    hbm_bw=0.0,            # bytes/s for the decode roofline; 0 = 4.8e12 on an H200, else 3.35e12 (H100 SXM)
+    # DPO update
+    fsdp="auto",           # "auto" = FSDP2 when launched by torchrun, "true", "false"
+    grad_ckpt=False,       # activation checkpointing (HF gradient_checkpointing_enable)
+    dpo_prompt=0, dpo_response=0,  # tokens of the prompt and of each response (chosen and rejected)
+    dpo_batch=0, micro_batch=0,    # pairs per optimizer step (global) and per forward
+    dpo_warmup=0, dpo_steps=0,     # untimed and timed optimizer steps
+    optimizer="rmsprop", lr=5e-7, beta=0.1,  # the paper preset of ldalign.py (SPIN's choices)
+    peak_flops=0.0,        # 0 = 989e12 on CUDA (H100/H200 bf16 dense); on CPU MFU is n/a
+    skip_gen=False, skip_dpo=False,
+)
+SIZES = {
+    # ~9M parameters (most in the 32k embeddings): the whole script runs in well under a minute on 2 cores
+    "tiny": dict(layers=4, hidden=128, intermediate=344, heads=4, kv_heads=2, vocab=32000, gen_batch=4,
+                 prompt_len=16, new_tokens=16, dpo_prompt=16, dpo_response=16, dpo_batch=4, micro_batch=2,
+                 dpo_warmup=1, dpo_steps=3),
+    # TinyLlama-1.1B's shape: 1,100,048,384 parameters (untied head), GQA with 4 kv heads
+    "1b": dict(layers=22, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000, gen_batch=64,
+               prompt_len=256, new_tokens=256, dpo_prompt=256, dpo_response=256, dpo_batch=32, micro_batch=4,
+               dpo_warmup=2, dpo_steps=5),
+}
+# The paper's setting (Section 5.1; what it leaves open follows SPIN, as ldalign.py's paper preset).
+PAPER = dict(params=7.24e9,     # Mistral-7B (zephyr-7b-sft-full)
+             pairs=50_000, prompt_tokens=512, response_tokens=256,  # (512 + 256) tokens per sequence, at the cap
+             new_tokens=256, iterations=3, epochs=2, gpus=8)
+
+
+def parse_args(argv):
+    src = open(os.path.abspath(__file__)).read()
+    cfg = dict(DEFAULTS, **ldalign.read_overrides(argv, DEFAULTS, __doc__ + "\n" + src[src.index("DEFAULTS = dict("):src.index("SIZES = {")]))
+    cfg["size"] = cfg["size"] or ("1b" if torch.cuda.is_available() else "tiny")
+    if cfg["size"] not in SIZES:
+        raise SystemExit(f"--size is one of {', '.join(SIZES)}")
+    for k, v in SIZES[cfg["size"]].items():
+        cfg[k] = cfg[k] or v
+    if cfg["fsdp"] not in ("auto", "true", "false") or cfg["gen_dtype"] not in ("bf16", "autocast"):
+        raise SystemExit("--fsdp is auto/true/false; --gen_dtype is bf16/autocast")
+    if cfg["dpo_batch"] % cfg["micro_batch"]:
+        raise SystemExit("--dpo_batch must be a multiple of --micro_batch")
+    return cfg
+
+
+def main(argv=None):
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    rank, world, device = ldalign.init_distributed()
+    cuda = device.type == "cuda"
+    use_fsdp = {"auto": dist.is_initialized(), "true": True, "false": False}[cfg["fsdp"]]
+    if (use_fsdp and not dist.is_initialized()) or (world > 1 and not use_fsdp):
+        raise SystemExit("--fsdp true needs torchrun; several processes need FSDP")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+
+    def log(msg=""):
+        if rank == 0:
+            print(msg, flush=True)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def reset_mem(free=False):  # free=True only between phases: an empty allocator cache would be re-filled
+        if cuda:                  # by slow cudaMallocs inside the timed region
+            if free:
+                torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gb():  # None on CPU (printed as n/a)
+        return torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+
+    # eos_token_id=None: no token ends a row, so both samplers run exactly new_tokens steps (generate.py
+    # skips the EOS check; HF adds no stopping criterion). Prompt ids avoid 0..2 (pad/bos/old eos).
+    mcfg = LlamaConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"],
+                       num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+                       num_key_value_heads=cfg["kv_heads"], max_position_embeddings=4096, bos_token_id=1,
+                       eos_token_id=None, pad_token_id=0, tie_word_embeddings=False)
+
+    def build(dtype):
+        """Same seed, same random weights; initialised directly on the device (fast even for 1B)."""
+        torch.manual_seed(cfg["seed"])
+        with torch.device(device):
+            m = LlamaForCausalLM(mcfg)
+        if cfg["grad_ckpt"]:
+            # as ldalign.load_policy: before wrapping, active in training mode only (newer HF renamed it)
+            (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
+        m = m.to(dtype)
+        return ldalign.fsdp_wrap(m, device) if use_fsdp else m
+
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(mcfg)  # shapes only, no memory
+    n_params = sum(p.numel() for p in meta.parameters())  # exact, embeddings and head included
+    gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
+    peak_flops = cfg["peak_flops"] or (989e12 if cuda else None)
+    hbm_bw = cfg["hbm_bw"] or (4.8e12 if "H200" in gpu else 3.35e12)
+    R = dict(config=cfg, env=dict(torch=torch.__version__, transformers=__import__("transformers").__version__,
+                                  device=gpu, world=world, fsdp=use_fsdp, threads=torch.get_num_threads()),
+             model=dict(params=n_params, attn=getattr(meta.config, "_attn_implementation", None),
+                        shape={k: cfg[k] for k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab")}))
+    log(f"bench | size={cfg['size']} Llama {n_params:,} parameters ({n_params / 1e9:.3f}B) | {world} process(es) on "
+        f"{gpu} | FSDP2={use_fsdp} grad_ckpt={cfg['grad_ckpt']} | torch {torch.__version__}")
+    policy = build(torch.float32) if use_fsdp else None  # under FSDP one model serves both phases
+
+    # ------------------------------------------------------------------------------------------------
+    # 1. Sampler: generate.generate vs HF generate, greedy, full length, same model and prompts.
+    # ------------------------------------------------------------------------------------------------
+    if not cfg["skip_gen"]:
+        B, T, N = cfg["gen_batch"], cfg["prompt_len"], cfg["new_tokens"]
+        g = torch.Generator().manual_seed(cfg["seed"] + 1 + rank)  # each rank its own prompts
+        lens = torch.randint(T // 2, T + 1, (B,), generator=g).tolist() if cfg["left_pad"] else [T] * B
+        prompts = [torch.randint(3, cfg["vocab"], (n,), generator=g).tolist() for n in lens]
+        ids, mask = (t.to(device) for t in generate.pad_sequences(prompts, 0, side="left"))  # (B, T)
+        if use_fsdp:  # bf16 through FSDP's mixed precision (ldalign.autocast is then off)
+            gm, dtype_name = policy, "FSDP2 " + ("bf16 mixed precision" if cuda else "fp32") + ", gathered_weights"
+        elif cuda and cfg["gen_dtype"] == "bf16":  # pure bf16 weights: no autocast needed
+            gm, dtype_name = build(torch.bfloat16), "bf16 weights"
+        else:  # what ldalign.py does on one process: fp32 weights, bf16 autocast on CUDA
+            gm, dtype_name = build(torch.float32), "fp32 weights + bf16 autocast" if cuda else "fp32"
+        amp = contextlib.nullcontext() if dtype_name == "bf16 weights" else ldalign.autocast(device, gm)
+        gm.eval()
+        weights_gb = torch.cuda.memory_allocated() / 2**30 if cuda else None
+        ours = lambda n: generate.generate(gm, ids, mask, n, eos_token_id=None, pad_token_id=0, temperature=0.0)
+        theirs = lambda n: gm.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                                       min_new_tokens=n, pad_token_id=0)[:, ids.shape[1]:]
+
+        def timed(fn, n):
+            if dist.is_initialized():
+                dist.barrier()
+            reset_mem()
+            sync()
+            t0 = time.perf_counter()
+            out = fn(n)
+            sync()
+            return out, time.perf_counter() - t0, peak_gb()
+
+        # gathered_weights: under FSDP the weights are all-gathered once here, not at every decode step
+        # (checked on 2 CPU processes: 2 all-gathers for 20 tokens instead of 41); a no-op for a plain model.
+        with ldalign.gathered_weights(gm), amp:
+            ours(cfg["warmup_new"] or N), theirs(cfg["warmup_new"] or N)  # untimed: CUDA context, cuBLAS, allocator
+            _, prefill_s, _ = timed(ours, 1)  # prefill + one argmax: subtracted to get decode steps/s
+            a, ours_s, ours_mem = timed(ours, N)
+            b, hf_s, hf_mem = timed(theirs, N)
+        assert a.shape == b.shape == (B, N), (a.shape, b.shape)
+        eq = a == b  # (B, N)
+        first_diff = torch.where(eq.all(1), N, (~eq).float().argmax(1))  # (B,) common prefix length
+        kr, kt = min(cfg["agree_rows"], B), min(cfg["agree_tokens"], N)
+        kv_bytes = B * (sum(lens) / B + N / 2) * cfg["layers"] * 2 * cfg["kv_heads"] * (cfg["hidden"] // cfg["heads"]) * 2
+        # decode is memory bound: every step reads the bf16 weights (less the embedding table) and the KV cache
+        roofline = hbm_bw / (2 * (n_params - cfg["vocab"] * cfg["hidden"]) + kv_bytes)
+
+        def rec(s, mem):
+            return dict(seconds=s, new_tokens_per_s=B * N / s, decode_steps_per_s=(N - 1) / max(s - prefill_s, 1e-9),
+                        peak_mem_gb=mem)
+        R["sampler"] = dict(batch=B, prompt_len=T, new_tokens=N, left_pad=cfg["left_pad"], precision=dtype_name,
+                            prefill_s=prefill_s, weights_gb=weights_gb, generate_py=rec(ours_s, ours_mem),
+                            hf_generate=rec(hf_s, hf_mem), speedup_vs_hf=hf_s / ours_s,
+                            token_match_frac=eq.float().mean().item(),
+                            common_prefix_frac=(first_diff.float() / N).mean().item(),
+                            first_k_identical=bool(eq[:kr, :kt].all()), first_k=[kr, kt],
+                            roofline_decode_steps_per_s=roofline if cuda else None, hbm_bw=hbm_bw if cuda else None)
+        if not use_fsdp:
+            del gm
+        reset_mem(free=True)
+
+    # ------------------------------------------------------------------------------------------------
+    # 2. Reference log-probs (forward only) and the DPO update (forward + backward + optimizer step).
+    # ------------------------------------------------------------------------------------------------
+    if not cfg["skip_dpo"]:
+        if policy is None:
+            policy = build(torch.float32)  # fp32 master weights; bf16 compute via ldalign.autocast on CUDA
+        P, Rl, bs, mb = cfg["dpo_prompt"], cfg["dpo_response"], cfg["dpo_batch"], cfg["micro_batch"]
+        warm, steps = max(1, cfg["dpo_warmup"]), cfg["dpo_steps"]
+        g = torch.Generator().manual_seed(cfg["seed"] + 7)  # identical pairs on every rank (dpo_train splits them)
+        rnd = lambda n: torch.randint(3, cfg["vocab"], (n,), generator=g).tolist()
+        pairs = [(rnd(P), rnd(Rl), rnd(Rl)) for _ in range(bs * (warm + steps))]
+        tok_per_pair = sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs) / len(pairs)  # non-pad tokens
+        ctx = dict(rank=rank, world=world, device=device)
+        ldalign.reference_stage(policy, pairs[:mb * world], {"micro_batch_size": mb}, ctx)  # warmup
+        reset_mem()
+        sync()
+        t0 = time.perf_counter()
+        ref_c, ref_r = ldalign.reference_stage(policy, pairs, {"micro_batch_size": mb}, ctx)  # as the pipeline
+        sync()
+        ref_s, ref_mem = time.perf_counter() - t0, peak_gb()
+        ref_tok_s = len(pairs) * tok_per_pair / ref_s / world  # per GPU
+        stamps = []
+
+        def stamp(rec):  # dpo_train calls this after every optimizer step (log_every=1)
+            sync()
+            stamps.append(time.perf_counter())
+        reset_mem()
+        with ldalign.autocast(device, policy):
+            hist = dpo.dpo_train(policy, pairs, ref_c, ref_r, torch.ones(len(pairs)), beta=cfg["beta"], lr=cfg["lr"],
+                                 epochs=1, batch_size=bs, micro_batch_size=mb, device=device,
+                                 optimizer=cfg["optimizer"], warmup_ratio=0.0, seed=cfg["seed"], log_every=1,
+                                 log_fn=stamp)
+        step_s = (stamps[-1] - stamps[warm - 1]) / steps  # warmup steps (optimizer state, allocator) excluded
+        tok_s = bs * tok_per_pair / step_s / world  # per GPU
+        R["reference"] = dict(pairs=len(pairs), seconds=ref_s, tokens_per_s=ref_tok_s, peak_mem_gb=ref_mem,
+                              mfu=2 * n_params * ref_tok_s / peak_flops if peak_flops else None)
+        R["dpo"] = dict(prompt=P, response=Rl, batch=bs, micro_batch=mb, tokens_per_step=bs * tok_per_pair,
+                        warmup_steps=warm, timed_steps=steps, step_s=step_s, tokens_per_s=tok_s,
+                        mfu=6 * n_params * tok_s / peak_flops if peak_flops else None, peak_mem_gb=peak_gb(),
+                        first_loss=hist[0]["loss"], last_loss=hist[-1]["loss"], grad_ckpt=cfg["grad_ckpt"],
+                        optimizer=cfg["optimizer"])
+
+    # ------------------------------------------------------------------------------------------------
+    # 3. Projection to the paper's setting. Per-token cost scales with the parameter count; 8 GPUs scale
+    #    perfectly (no communication cost); prompt length effects on decode and attention FLOPs are ignored.
+    # ------------------------------------------------------------------------------------------------
+    scale = n_params / PAPER["params"]  # tokens/s of the 7B = measured tokens/s x scale
+    seq = PAPER["prompt_tokens"] + PAPER["response_tokens"]
+    rows = []  # (stage, work per iteration, rate per GPU at 7B, seconds per iteration)
+    if "sampler" in R:
+        for name, key in (("sample y' (generate.py)", "generate_py"), ("sample y' (HF generate)", "hf_generate")):
+            rate = R["sampler"][key]["new_tokens_per_s"] * scale
+            rows.append((name, f"{PAPER['pairs']} x {PAPER['new_tokens']} new tok", rate,
+                         PAPER["pairs"] * PAPER["new_tokens"] / rate / PAPER["gpus"]))
+    if "dpo" in R:
+        rate = R["reference"]["tokens_per_s"] * scale
+        rows.append(("reference log-probs", f"{PAPER['pairs']} x 2 x {seq} tok", rate,
+                     PAPER["pairs"] * 2 * seq / rate / PAPER["gpus"]))
+        rate = R["dpo"]["tokens_per_s"] * scale
+        rows.append((f"DPO update ({PAPER['epochs']} epochs)", f"{PAPER['epochs']} x {PAPER['pairs']} x 2 x {seq} tok",
+                     rate, PAPER["epochs"] * PAPER["pairs"] * 2 * seq / rate / PAPER["gpus"]))
+    per_iter = sum(s for name, _, _, s in rows if "HF" not in name)
+    R["projection"] = dict(assumptions=dict(PAPER, param_scale=scale, perfect_scaling=True,
+                                            notes="per-token cost x (7.24B / measured params); 8 GPUs scale perfectly; "
+                                                  "guide training, distances and evaluation ignored; every sequence at "
+                                                  "the 512+256 cap; decode rate measured at this run's batch and prompt"),
+                           stages={name: dict(work=w, tokens_per_s_per_gpu=r, hours_per_iteration=s / 3600)
+                                   for name, w, r, s in rows},
+                           hours_per_iteration=per_iter / 3600, hours_total=PAPER["iterations"] * per_iter / 3600)
+
+    # ------------------------------------------------------------------------------------------------
+    # Report: a table on stdout, the numbers as JSON (rank 0, atomic).
+    # ------------------------------------------------------------------------------------------------
+    f = lambda v, fmt: "n/a" if v is None else format(v, fmt)
+    if "sampler" in R:
+        s = R["sampler"]
+        log(f"\nsampler: batch {s['batch']}, prompt {s['prompt_len']}{' (left-padded, ragged)' if s['left_pad'] else ''}, "
+            f"{s['new_tokens']} new tokens, greedy, {s['precision']}; prefill {s['prefill_s'] * 1e3:.1f} ms; "
+            f"weights {f(s['weights_gb'], '.2f')} GiB")
+        log(f"  {'per GPU':14s} {'new tok/s':>11s} {'decode steps/s':>15s} {'seconds':>9s} {'peak GiB':>9s}")
+        for name, key in (("generate.py", "generate_py"), ("HF generate", "hf_generate")):
+            r = s[key]
+            log(f"  {name:14s} {r['new_tokens_per_s']:11.1f} {r['decode_steps_per_s']:15.1f} {r['seconds']:9.2f} "
+                f"{f(r['peak_mem_gb'], '.2f'):>9s}")
+        log(f"  generate.py / HF speed: {s['speedup_vs_hf']:.2f}x | decode roofline "
+            f"{f(s['roofline_decode_steps_per_s'], '.0f')} steps/s (HBM {f(s['hbm_bw'], '.3g')} B/s)")
+        log(f"  greedy agreement: {s['token_match_frac']:.3f} of tokens, common prefix {s['common_prefix_frac']:.3f} "
+            f"of length, first {s['first_k'][0]} rows x {s['first_k'][1]} tokens identical: {s['first_k_identical']}")
+    if "dpo" in R:
+        d, r = R["dpo"], R["reference"]
+        log(f"\nDPO: {d['batch']} pairs/step (micro-batch {d['micro_batch']}), prompt {d['prompt']} + response "
+            f"{d['response']} tokens, {d['tokens_per_step']:.0f} tokens/step, {d['optimizer']}, grad_ckpt={d['grad_ckpt']}")
+        log(f"  {'':22s} {'tok/s/GPU':>11s} {'MFU':>7s} {'peak GiB':>9s}")
+        log(f"  {'reference log-probs':22s} {r['tokens_per_s']:11.1f} {f(r['mfu'], '.3f'):>7s} "
+            f"{f(r['peak_mem_gb'], '.2f'):>9s}  (forward only: MFU = 2N tok/s / peak)")
+        log(f"  {'policy update':22s} {d['tokens_per_s']:11.1f} {f(d['mfu'], '.3f'):>7s} {f(d['peak_mem_gb'], '.2f'):>9s}"
+            f"  ({d['step_s']:.3f} s/step over {d['timed_steps']} steps; loss {d['first_loss']:.4f} -> {d['last_loss']:.4f})")
+    p = R["projection"]
+    log(f"\nprojection to the paper: {PAPER['params'] / 1e9:.2f}B params (x{1 / scale:.2f} the measured per-token cost), "
+        f"{PAPER['pairs']} pairs, {PAPER['iterations']} iterations x {PAPER['epochs']} epochs, {PAPER['gpus']} GPUs, "
+        f"perfect scaling ASSUMED")
+    log(f"  {'stage':28s} {'work per iteration':26s} {'tok/s/GPU (7B)':>15s} {'h/iteration':>12s} {'h total':>9s}")
+    for name, w, rate, s_ in rows:
+        log(f"  {name:28s} {w:26s} {rate:15.1f} {s_ / 3600:12.2f} {PAPER['iterations'] * s_ / 3600:9.2f}")
+    log(f"  {'total (generate.py sampler)':28s} {'':26s} {'':15s} {p['hours_per_iteration']:12.2f} {p['hours_total']:9.2f}")
+    log("  (guide training, distances and evaluation not included; sequences at the 512+256 cap)")
+    if rank == 0:
+        ldalign.write_atomic(cfg["out"], json.dumps(R, indent=2))
+        log(f"\nwrote {cfg['out']}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -27,12 +27,13 @@ case "$PRESET" in
   paper)
     # zephyr-7b-sft-full (Mistral-7B SFT on UltraChat 200k) is theta_0, gpt2 the guide's backbone, a 50k
     # subset of UltraChat 200k (first turns, JSONL with "messages") is D; beta 0.1, three iterations.
-    # POLICY / GUIDE may be local HF checkpoint folders (no internet: download them beforehand).
+    # POLICY / GUIDE / REWARD_MODEL may be local HF checkpoint folders (no internet: download them beforehand).
     NPROC="${NPROC:-8}"
     ARGS=(--preset paper --out "runs/paper"
           --policy "${POLICY:-alignment-handbook/zephyr-7b-sft-full}"
           --guide "${GUIDE:-gpt2}"
-          --data "${DATA:-data/ultrachat_50k.jsonl}")
+          --data "${DATA:-data/ultrachat_50k.jsonl}"
+          --reward_model "${REWARD_MODEL:-OpenAssistant/reward-model-deberta-v3-large-v2}")
     ;;
   *)
     echo "unknown preset '$PRESET': use tiny, compare or paper" >&2

@@ -394,21 +394,37 @@ def load_pref_jsonl(path, max_examples=0):
     return out
 
 
-def tokenize_pref(records, tok, cfg, log):
+def tokenize_pref(records, tok, cfg, skipped):
     """Policy tokens of (x, chosen, rejected), with the same length checks as tokenize_data."""
     kept = []
     for r in records:
         px, pc, pr = prompt_ids(tok, r["x"]), response_ids(tok, r["chosen"]), response_ids(tok, r["rejected"])
-        n = len(px) + max(len(pc), len(pr))
-        if len(px) > cfg["max_prompt_len"] or n > cfg["max_len"]:
-            if cfg["overlength"] == "error":
-                raise ValueError(f"{r['where']}: prompt ({len(px)} tokens) + response has {n} tokens, over max_prompt_len="
-                                 f"{cfg['max_prompt_len']} / max_len={cfg['max_len']} (raise them or pass --overlength skip)")
-            continue
-        kept.append((px, pc, pr))
-    if len(kept) < len(records):
-        log(f"skipped {len(records) - len(kept)} over-length preference pairs; kept {len(kept)}")
+        if not too_long(r["where"], length_problems(px, [pc, pr], cfg), cfg, skipped):
+            kept.append((px, pc, pr))
+    if not kept:
+        raise ValueError(f"{cfg['pref_data']}: every record is over-length")
     return kept
+
+
+def length_problems(px, responses, cfg):
+    """What is over the limits in a prompt and its responses (policy tokens)."""
+    problems = []
+    if len(px) > cfg["max_prompt_len"]:
+        problems.append(f"prompt has {len(px)} tokens > max_prompt_len={cfg['max_prompt_len']}")
+    n = len(px) + max(len(r) for r in responses)
+    if n > cfg["max_len"]:
+        problems.append(f"prompt + response have {n} tokens > max_len={cfg['max_len']}")
+    return problems
+
+
+def too_long(where, problems, cfg, skipped):
+    """--overlength error: raise naming file:line; skip: record it in `skipped` (skipped.jsonl). True if dropped."""
+    if not problems:
+        return False
+    if cfg["overlength"] == "error":
+        raise ValueError(f"{where}: {'; '.join(problems)} (raise the limits or pass --overlength skip)")
+    skipped.append({"where": where, "why": "; ".join(problems)})
+    return True
 
 
 def prompt_ids(tokenizer, x):
@@ -440,19 +456,11 @@ def tokenize_data(records, tok, gtok, cfg, log):
     for r in records:
         px, py = prompt_ids(tok, r["x"]), response_ids(tok, r["y"])
         gx, gy = guide_ids(gtok, r["x"], r["y"])
-        problems = []
-        if len(px) > cfg["max_prompt_len"]:
-            problems.append(f"prompt has {len(px)} tokens > max_prompt_len={cfg['max_prompt_len']}")
-        if len(px) + len(py) > cfg["max_len"]:
-            problems.append(f"prompt + response have {len(px) + len(py)} tokens > max_len={cfg['max_len']}")
+        problems = length_problems(px, [py], cfg)
         if len(gx) + max(len(gy), cfg["max_new_tokens"] + 1) > cfg["guide_max_len"]:
             problems.append(f"guide input would exceed the guide's {cfg['guide_max_len']} positions")
-        if problems:
-            if cfg["overlength"] == "error":
-                raise ValueError(f"{r['where']}: {'; '.join(problems)} (raise the limits or pass --overlength skip)")
-            skipped.append({"where": r["where"], "why": "; ".join(problems)})
-            continue
-        kept.append(dict(r, px=px, py=py, gx=gx, gy=gy))
+        if not too_long(r["where"], problems, cfg, skipped):
+            kept.append(dict(r, px=px, py=py, gx=gx, gy=gy))
     if skipped:
         log(f"skipped {len(skipped)} over-length records (listed in skipped.jsonl); kept {len(kept)}")
     if not kept:
@@ -584,13 +592,12 @@ def evaluate(model, tok, eval_data, path, cfg, ctx, rm=None):
     ids = sample_stage(model, tok, eval_data, None, cfg, 0, ctx, greedy=True, what="greedy eval answers")
     answers = [tok.decode(y, skip_special_tokens=True).strip() for y in ids]
     hits = [a == d["y"].strip() for a, d in zip(answers, eval_data)]
-    rewards = score_rewards(rm, [d["x"] for d in eval_data], answers, ctx) if rm else None
-    res = {"exact_match": sum(hits) / len(hits), "reward": None if rewards is None else float(rewards.mean())}
+    rewards = score_rewards(rm, [d["x"] for d in eval_data], answers, ctx).tolist() if rm else None
+    res = {"exact_match": sum(hits) / len(hits), "reward": None if rewards is None else sum(rewards) / len(rewards)}
     if ctx["rank"] == 0:
         write_atomic(path, json.dumps(dict(res, n=len(hits), examples=[
-            {"x": d["x"], "golden": d["y"], "answer": a, "correct": h, "reward": None if rewards is None else float(r)}
-            for d, a, h, r in list(zip(eval_data, answers, hits, rewards if rewards is not None else hits))[:20]]),
-            indent=1))
+            {"x": d["x"], "golden": d["y"], "answer": a, "correct": h, "reward": None if rewards is None else rewards[i]}
+            for i, (d, a, h) in enumerate(list(zip(eval_data, answers, hits))[:20])]), indent=1))
     return res
 
 
@@ -720,15 +727,15 @@ def main(argv=None):
         cfg["guide_max_len"] = GPT2Config.from_pretrained(cfg["guide"]).n_positions
     data, skipped = tokenize_data(records, tok, gtok, cfg, log)
     eval_data, _ = tokenize_data(eval_records, tok, gtok, cfg, log) if eval_records else ([], [])
-    if skipped and rank == 0:
-        write_jsonl(os.path.join(out, "skipped.jsonl"), skipped)
     sft_pairs = [(d["px"], d["py"]) for d in data]  # all records: the SFT set of theta_0 (tiny preset)
     if cfg["max_examples"]:
         data = data[:cfg["max_examples"]]  # D of Algorithm 1: a subset, as in the paper (50k of 200k)
     log(f"D: {len(data)} pairs from {cfg['data']}; held-out: {len(eval_data)}")
     methods = cfg["method"].split(",")
-    pref_pairs = tokenize_pref(load_pref_jsonl(cfg["pref_data"], cfg["max_examples"]), tok, cfg, log) \
+    pref_pairs = tokenize_pref(load_pref_jsonl(cfg["pref_data"], cfg["max_examples"]), tok, cfg, skipped) \
         if "dpo" in methods else None
+    if skipped and rank == 0:
+        write_jsonl(os.path.join(out, "skipped.jsonl"), skipped)  # every over-length record, file:line and why
     rm = None
     if cfg["reward_model"]:  # loaded now: a wrong path fails before hours of compute
         rm = analysis.load_reward_model(cfg["reward_model"], device=torch.device("cpu"),

@@ -1045,6 +1045,15 @@ def test_pref_jsonl_errors_name_file_and_line(tmp_path):
         ldalign.load_pref_jsonl(str(p))
     recs = ldalign.load_pref_jsonl(os.path.join(HERE, "data", "sort_pairs.jsonl"))
     assert len(recs) == 2000 and all(r["chosen"] != r["rejected"] for r in recs)
+    # over-length pairs: an error naming file:line, or (skip) listed like the SFT records
+    long = " ".join(str(i) for i in range(40))
+    p.write_text(good + "\n" + json.dumps({"prompt": "q", "chosen": "a", "rejected": long}) + "\n")
+    cfg = dict(max_prompt_len=32, max_len=64, overlength="error", pref_data=str(p))
+    with pytest.raises(ValueError, match=f"{p}:2: prompt \\+ response have .* > max_len=64"):
+        ldalign.tokenize_pref(ldalign.load_pref_jsonl(str(p)), _toy_tok(), cfg, [])
+    skipped = []
+    kept = ldalign.tokenize_pref(ldalign.load_pref_jsonl(str(p)), _toy_tok(), dict(cfg, overlength="skip"), skipped)
+    assert len(kept) == 1 and skipped[0]["where"] == f"{p}:2"
 
 
 def test_no_pickle_checkpoints_and_no_remote_code_by_default():

@@ -566,7 +566,7 @@ def sample_stage(model, tok, data, path, cfg, seed, ctx, greedy=False, what="y'"
             chunk = idx[b:b + bs]
             local += generate.sample_responses(
                 model, [data[i]["px"] for i in chunk], batch_size=bs, max_new_tokens=cfg["max_new_tokens"],
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,  # main() sets a pad token if missing
                 temperature=0.0 if greedy else cfg["temperature"], top_p=cfg["top_p"], top_k=cfg["top_k"],
                 seed=seed * 100003 + rank * 1009 + b, device=device)
             n_batches, k = math.ceil(len(idx) / bs), b // bs + 1
@@ -676,13 +676,12 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, "log.txt")
 
-    def log(msg, end="\n"):
+    def log(msg):
         """Rank-0 guard: one process prints and writes the log."""
         if rank == 0:
-            print(msg, end=end, flush=True)
-            if end == "\n" and msg:
-                with open(log_path, "a") as f:
-                    f.write(msg + "\n")
+            print(msg, flush=True)
+            with open(log_path, "a") as f:
+                f.write(msg + "\n")
 
     ctx = dict(rank=rank, world=world, device=device, log=log)
     torch.manual_seed(cfg["seed"])

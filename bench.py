@@ -3,11 +3,13 @@
     python bench.py                                     # CUDA: ~1.1B Llama, bf16; CPU: a tiny one (< 1 min)
     torchrun --nproc_per_node=1 bench.py                # the same, policy wrapped with FSDP2 (ldalign.fsdp_wrap)
     python bench.py --grad_ckpt true --micro_batch 8    # any default below can be overridden as --key value
+    python bench.py --compile true --samplers compile,hf   # compiled blocks for the DPO update; two samplers
 
 Measures, on a Llama built from a config with random weights (nothing is downloaded):
-  1. the sampler (Algorithm 1, lines 2 and 7): generate.generate vs transformers' model.generate, same model,
+  1. the sampler (Algorithm 1, lines 2 and 7): generate.generate with a DynamicCache, with a StaticCache, and
+     with a StaticCache + torch.compile'd decode step (CUDA graphs), vs transformers' model.generate; same model,
      same random prompts, greedy, forced to the full length, in the same run; new tokens/s, decode steps/s,
-     peak memory, and how many greedy tokens of the two agree (bf16 ties may legitimately diverge late);
+     peak memory, and how many greedy tokens agree with HF's (bf16 near-ties may legitimately diverge late);
   2. the reference log-probs (dpo.reference_logps, forward only) and the DPO policy update (dpo.dpo_train:
      one forward of 2B sequences, backward, clipping, RMSprop), tokens/s and MFU = 6 N tokens/s / peak;
   3. a projection of the paper's wall time (7B, 50k pairs, 3 iterations, 8 GPUs) from those per-token costs.
@@ -42,11 +44,13 @@ DEFAULTS = dict(
                            # autocast, what ldalign.py does on one process); under FSDP: its bf16 mixed precision
     warmup_new=0,          # new tokens of the untimed warmup call of each sampler (0 = new_tokens: the
                            # allocator then already holds the blocks of the full-length KV cache)
+    samplers="dynamic,static,compile,hf",  # which samplers to time: generate.py's three modes and HF (required)
     agree_rows=8, agree_tokens=16,  # the "first K rows x first K tokens identical" check
     hbm_bw=0.0,            # bytes/s for the decode roofline; 0 = 4.8e12 on an H200, else 3.35e12 (H100 SXM)
     # DPO update
     fsdp="auto",           # "auto" = FSDP2 when launched by torchrun, "true", "false"
     grad_ckpt=False,       # activation checkpointing (HF gradient_checkpointing_enable)
+    compile=False,         # torch.compile each transformer block of the policy for the DPO update (ldalign --compile)
     dpo_prompt=0, dpo_response=0,  # tokens of the prompt and of each response (chosen and rejected)
     dpo_batch=0, micro_batch=0,    # pairs per optimizer step (global) and per forward
     dpo_warmup=0, dpo_steps=0,     # untimed and timed optimizer steps
@@ -120,7 +124,7 @@ def main(argv=None):
                        num_key_value_heads=cfg["kv_heads"], max_position_embeddings=4096, bos_token_id=1,
                        eos_token_id=None, pad_token_id=0, tie_word_embeddings=False)
 
-    def build(dtype):
+    def build(dtype, compile_blocks=False):
         """Same seed, same random weights; initialised directly on the device (fast even for 1B)."""
         torch.manual_seed(cfg["seed"])
         with torch.device(device):
@@ -128,6 +132,8 @@ def main(argv=None):
         if cfg["grad_ckpt"]:
             # as ldalign.load_policy: before wrapping, active in training mode only (newer HF renamed it)
             (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
+        if compile_blocks:
+            ldalign.compile_blocks(m)  # as ldalign.load_policy with --compile true
         m = m.to(dtype)
         return ldalign.fsdp_wrap(m, device) if use_fsdp else m
 
@@ -163,9 +169,18 @@ def main(argv=None):
         amp = contextlib.nullcontext() if dtype_name == "bf16 weights" else ldalign.autocast(device, gm)
         gm.eval()
         weights_gb = torch.cuda.memory_allocated() / 2**30 if cuda else None
-        ours = lambda n: generate.generate(gm, ids, mask, n, eos_token_id=None, pad_token_id=0, temperature=0.0)
-        theirs = lambda n: gm.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                                       min_new_tokens=n, pad_token_id=0)[:, ids.shape[1]:]
+        # The samplers: generate.py in its three modes, and transformers' own generate (the baseline).
+        ours = lambda **kw: (lambda n: generate.generate(gm, ids, mask, n, eos_token_id=None, pad_token_id=0,
+                                                        temperature=0.0, **kw))
+        samplers = {"dynamic": ("generate.py, DynamicCache", ours()),
+                    "static": ("generate.py, StaticCache", ours(static=True)),
+                    "compile": ("generate.py, StaticCache + torch.compile", ours(static=True, compile=True)),
+                    "hf": ("HF generate", lambda n: gm.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                                                max_new_tokens=n, min_new_tokens=n,
+                                                                pad_token_id=0)[:, ids.shape[1]:])}
+        chosen = [k.strip() for k in cfg["samplers"].split(",")]
+        if "hf" not in chosen or any(k not in samplers for k in chosen):
+            raise SystemExit(f"--samplers: comma-separated from {', '.join(samplers)}; 'hf' (the baseline) is required")
 
         def timed(fn, n):
             if dist.is_initialized():
@@ -177,30 +192,47 @@ def main(argv=None):
             sync()
             return out, time.perf_counter() - t0, peak_gb()
 
+        results, outputs = {}, {}
         # gathered_weights: under FSDP the weights are all-gathered once here, not at every decode step
         # (checked on 2 CPU processes: 2 all-gathers for 20 tokens instead of 41); a no-op for a plain model.
         with ldalign.gathered_weights(gm), amp:
-            ours(cfg["warmup_new"] or N), theirs(cfg["warmup_new"] or N)  # untimed: CUDA context, cuBLAS, allocator
-            _, prefill_s, _ = timed(ours, 1)  # prefill + one argmax: subtracted to get decode steps/s
-            a, ours_s, ours_mem = timed(ours, N)
-            b, hf_s, hf_mem = timed(theirs, N)
-        assert a.shape == b.shape == (B, N), (a.shape, b.shape)
-        eq = a == b  # (B, N)
-        first_diff = torch.where(eq.all(1), N, (~eq).float().argmax(1))  # (B,) common prefix length
+            for key in chosen:
+                name, fn = samplers[key]
+                try:  # one sampler failing (say, torch.compile on an unusual setup) still reports the others
+                    t0 = time.perf_counter()
+                    fn(cfg["warmup_new"] or N)  # untimed: CUDA context, cuBLAS, allocator, compilation
+                    warm_s = time.perf_counter() - t0
+                    _, prefill_s, _ = timed(fn, 1)  # prefill + one argmax: subtracted to get decode steps/s
+                    out, s, mem = timed(fn, N)
+                except Exception as e:  # noqa: BLE001 (reported in the table and the JSON)
+                    results[key] = dict(name=name, error=f"{type(e).__name__}: {e}"[:500])
+                    log(f"  {name}: FAILED {results[key]['error']}")
+                    if key == "hf":
+                        raise
+                    continue
+                assert out.shape == (B, N), out.shape
+                outputs[key] = out
+                results[key] = dict(name=name, seconds=s, warmup_s=warm_s, prefill_s=prefill_s,
+                                    new_tokens_per_s=B * N / s, decode_steps_per_s=(N - 1) / max(s - prefill_s, 1e-9),
+                                    peak_mem_gb=mem)
+                if cuda:
+                    torch.cuda.empty_cache()
         kr, kt = min(cfg["agree_rows"], B), min(cfg["agree_tokens"], N)
+        for key, out in outputs.items():  # greedy agreement with HF generate (bf16 near-ties may diverge late)
+            eq = out == outputs["hf"]  # (B, N)
+            first_diff = torch.where(eq.all(1), N, (~eq).float().argmax(1))  # (B,) common prefix length
+            results[key].update(speedup_vs_hf=results["hf"]["seconds"] / results[key]["seconds"],
+                                token_match_frac=eq.float().mean().item(),
+                                common_prefix_frac=(first_diff.float() / N).mean().item(),
+                                first_k_identical=bool(eq[:kr, :kt].all()))
         kv_bytes = B * (sum(lens) / B + N / 2) * cfg["layers"] * 2 * cfg["kv_heads"] * (cfg["hidden"] // cfg["heads"]) * 2
         # decode is memory bound: every step reads the bf16 weights (less the embedding table) and the KV cache
         roofline = hbm_bw / (2 * (n_params - cfg["vocab"] * cfg["hidden"]) + kv_bytes)
-
-        def rec(s, mem):
-            return dict(seconds=s, new_tokens_per_s=B * N / s, decode_steps_per_s=(N - 1) / max(s - prefill_s, 1e-9),
-                        peak_mem_gb=mem)
+        ok = [k for k in outputs if k != "hf"]
+        best = max(ok, key=lambda k: results[k]["new_tokens_per_s"]) if ok else None
         R["sampler"] = dict(batch=B, prompt_len=T, new_tokens=N, left_pad=cfg["left_pad"], precision=dtype_name,
-                            prefill_s=prefill_s, weights_gb=weights_gb, generate_py=rec(ours_s, ours_mem),
-                            hf_generate=rec(hf_s, hf_mem), speedup_vs_hf=hf_s / ours_s,
-                            token_match_frac=eq.float().mean().item(),
-                            common_prefix_frac=(first_diff.float() / N).mean().item(),
-                            first_k_identical=bool(eq[:kr, :kt].all()), first_k=[kr, kt],
+                            weights_gb=weights_gb, samplers=results, best=best, first_k=[kr, kt],
+                            speedup_vs_hf=results[best]["speedup_vs_hf"] if best else None,
                             roofline_decode_steps_per_s=roofline if cuda else None, hbm_bw=hbm_bw if cuda else None)
         if not use_fsdp:
             del gm
@@ -210,8 +242,12 @@ def main(argv=None):
     # 2. Reference log-probs (forward only) and the DPO update (forward + backward + optimizer step).
     # ------------------------------------------------------------------------------------------------
     if not cfg["skip_dpo"]:
-        if policy is None:
-            policy = build(torch.float32)  # fp32 master weights; bf16 compute via ldalign.autocast on CUDA
+        if policy is None or cfg["compile"]:
+            # fp32 master weights; bf16 compute via ldalign.autocast on CUDA. With --compile a fresh model with
+            # compiled blocks (the sampler phase ran on an uncompiled one).
+            policy = None
+            reset_mem(free=True)
+            policy = build(torch.float32, compile_blocks=cfg["compile"])
         P, Rl, bs, mb = cfg["dpo_prompt"], cfg["dpo_response"], cfg["dpo_batch"], cfg["micro_batch"]
         warm, steps = max(1, cfg["dpo_warmup"]), cfg["dpo_steps"]
         g = torch.Generator().manual_seed(cfg["seed"] + 7)  # identical pairs on every rank (dpo_train splits them)
@@ -256,8 +292,10 @@ def main(argv=None):
     seq = PAPER["prompt_tokens"] + PAPER["response_tokens"]
     rows = []  # (stage, work per iteration, rate per GPU at 7B, seconds per iteration)
     if "sampler" in R:
-        for name, key in (("sample y' (generate.py)", "generate_py"), ("sample y' (HF generate)", "hf_generate")):
-            rate = R["sampler"][key]["new_tokens_per_s"] * scale
+        for name, key in (("sample y' (generate.py)", R["sampler"]["best"]), ("sample y' (HF generate)", "hf")):
+            if key is None:
+                continue
+            rate = R["sampler"]["samplers"][key]["new_tokens_per_s"] * scale
             rows.append((name, f"{PAPER['pairs']} x {PAPER['new_tokens']} new tok", rate,
                          PAPER["pairs"] * PAPER["new_tokens"] / rate / PAPER["gpus"]))
     if "dpo" in R:
@@ -283,17 +321,19 @@ def main(argv=None):
     if "sampler" in R:
         s = R["sampler"]
         log(f"\nsampler: batch {s['batch']}, prompt {s['prompt_len']}{' (left-padded, ragged)' if s['left_pad'] else ''}, "
-            f"{s['new_tokens']} new tokens, greedy, {s['precision']}; prefill {s['prefill_s'] * 1e3:.1f} ms; "
-            f"weights {f(s['weights_gb'], '.2f')} GiB")
-        log(f"  {'per GPU':14s} {'new tok/s':>11s} {'decode steps/s':>15s} {'seconds':>9s} {'peak GiB':>9s}")
-        for name, key in (("generate.py", "generate_py"), ("HF generate", "hf_generate")):
-            r = s[key]
-            log(f"  {name:14s} {r['new_tokens_per_s']:11.1f} {r['decode_steps_per_s']:15.1f} {r['seconds']:9.2f} "
-                f"{f(r['peak_mem_gb'], '.2f'):>9s}")
-        log(f"  generate.py / HF speed: {s['speedup_vs_hf']:.2f}x | decode roofline "
-            f"{f(s['roofline_decode_steps_per_s'], '.0f')} steps/s (HBM {f(s['hbm_bw'], '.3g')} B/s)")
-        log(f"  greedy agreement: {s['token_match_frac']:.3f} of tokens, common prefix {s['common_prefix_frac']:.3f} "
-            f"of length, first {s['first_k'][0]} rows x {s['first_k'][1]} tokens identical: {s['first_k_identical']}")
+            f"{s['new_tokens']} new tokens, greedy, {s['precision']}; weights {f(s['weights_gb'], '.2f')} GiB")
+        log(f"  {'per GPU':42s} {'new tok/s':>10s} {'decode steps/s':>14s} {'seconds':>8s} {'warmup s':>8s} "
+            f"{'peak GiB':>8s} {'vs HF':>6s} {'= HF tokens':>11s}")
+        for key, r in s["samplers"].items():
+            if "error" in r:
+                log(f"  {r['name']:42s} FAILED: {r['error'][:200]}")
+                continue
+            log(f"  {r['name']:42s} {r['new_tokens_per_s']:10.1f} {r['decode_steps_per_s']:14.1f} {r['seconds']:8.2f} "
+                f"{r['warmup_s']:8.1f} {f(r['peak_mem_gb'], '.2f'):>8s} {r['speedup_vs_hf']:5.2f}x "
+                f"{r['token_match_frac']:11.3f}")
+        log(f"  decode roofline {f(s['roofline_decode_steps_per_s'], '.0f')} steps/s (HBM {f(s['hbm_bw'], '.3g')} B/s); "
+            f"'= HF tokens': share of greedy tokens equal to HF's (first {s['first_k'][0]} rows x {s['first_k'][1]} "
+            f"tokens identical: {', '.join(k for k, r in s['samplers'].items() if r.get('first_k_identical')) or 'none'})")
     if "dpo" in R:
         d, r = R["dpo"], R["reference"]
         log(f"\nDPO: {d['batch']} pairs/step (micro-batch {d['micro_batch']}), prompt {d['prompt']} + response "

@@ -140,13 +140,13 @@ def reference_logps(model, pairs, micro_batch_size, device):
     out_c, out_r = [], []
     for i in range(0, len(pairs), micro_batch_size):
         c, r = pair_logps(model, pairs[i:i + micro_batch_size], device)
-        out_c.append(c.float().cpu())
-        out_r.append(r.float().cpu())
+        out_c.append(c.float())  # kept on the device: one copy to the CPU at the end, not a sync per batch
+        out_r.append(r.float())
     model.train(was_training)
     reshard_all(model)
     if not pairs:
         return torch.zeros(0), torch.zeros(0)
-    return torch.cat(out_c), torch.cat(out_r)
+    return torch.cat(out_c).cpu(), torch.cat(out_r).cpu()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -245,19 +245,21 @@ def _train_loop(model, n_items, loss_fn, *, lr, epochs, batch_size, micro_batch_
             group["lr"] = lr_at(step, total, warmup, lr)
         local_idx, local_valid = idx[rank::world], valid[rank::world]  # this rank's share of the batch
         n_real = sum(valid)  # real items in the GLOBAL batch
-        stats = torch.zeros(1 + len(stats_names))
+        stats = 0.0
         micro = list(range(0, len(local_idx), micro_batch_size))
         for k, m in enumerate(micro):
             if is_fsdp(model):  # reduce-scatter gradients only on the last micro-batch of the step
                 model.set_requires_gradient_sync(k == len(micro) - 1)
             loss_sum, st = loss_fn(local_idx[m:m + micro_batch_size], local_valid[m:m + micro_batch_size])
             (loss_sum * world / n_real).backward()  # FSDP divides by world again: global-batch mean
-            stats += torch.cat([loss_sum.detach().float().cpu().reshape(1), st.float().cpu()])
+            # Statistics stay on the device: a .cpu() here would make the CPU wait for this backward before
+            # it could queue the next forward (the GPU idles meanwhile), and NCCL reduces only GPU tensors.
+            stats = stats + torch.cat([loss_sum.detach().float().reshape(1), st.float().to(loss_sum.device)])
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # DTensor under FSDP2
         opt.step()
         opt.zero_grad(set_to_none=True)
-        stats = _all_reduce_sum(stats) / n_real  # named all-reduce: batch means over all ranks
+        stats = (_all_reduce_sum(stats) / n_real).cpu()  # named all-reduce: batch means over all ranks
         rec = {"step": step + 1, "steps": total, "loss": stats[0].item(), "lr": opt.param_groups[0]["lr"],
                "grad_norm": float(gnorm)}
         rec.update({k: v.item() for k, v in zip(stats_names, stats[1:])})

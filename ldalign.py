@@ -23,6 +23,7 @@ stages whose result is already there (kill it and start it again: it goes on fro
     out/M/iter{t}/eval.json         greedy answers on held-out prompts: exact match, mean reward
     out/M/metrics.jsonl, results.md one line per iteration;  out/comparison.md when several methods ran
 """
+import contextlib
 import json
 import math
 import os
@@ -61,6 +62,9 @@ DEFAULTS = dict(
     sft_steps=600, sft_lr=3e-3, sft_batch_size=32,
     # sampling y' ~ p_theta(.|x) (Algorithm 1, lines 2 and 7)
     temperature=1.0, top_p=1.0, top_k=0, gen_batch_size=128,
+    gen_static=False,         # generate.py with a StaticCache (fixed shapes) instead of a DynamicCache; same tokens
+    gen_compile=False,        # torch.compile the decode step (needs gen_static; CUDA graphs on GPU): ~40 s of
+                              # compiling per new batch shape, worth it when sampling thousands of prompts
     reuse_line2_samples=True,  # iteration 1 samples from theta_0, like lines 1-3: reuse those samples
     # guide T = (phi, psi) (Section 4.1): "tiny" = tiny GPT-2s from config, else a GPT-2 path/id ("gpt2")
     guide="tiny", latent_dim=32,
@@ -81,6 +85,7 @@ DEFAULTS = dict(
     lr=1e-5, optimizer="adamw", warmup_ratio=0.1, max_grad_norm=1.0,
     epochs=2, batch_size=32, micro_batch_size=32,
     grad_ckpt=False,          # activation checkpointing of the policy (saves memory on 7B)
+    compile=False,            # torch.compile each transformer block of the policy (compile_blocks): faster steps
     log_every=10,
     # evaluation (Section 5.1.3) and the analyses of Section 5.2
     reward_model="",          # any HF sequence-classification reward model (the paper: reward-model-deberta-v3-large-v2)
@@ -100,6 +105,7 @@ PRESETS = {
         out="runs/paper", policy="alignment-handbook/zephyr-7b-sft-full", guide="gpt2",
         data="data/ultrachat_50k.jsonl", eval_data="", max_examples=50000, overlength="skip",
         max_len=1024, max_prompt_len=512, max_new_tokens=256, temperature=1.0, gen_batch_size=64,
+        gen_static=True, gen_compile=True,
         latent_dim=64, guide_epochs=1, guide_lr=5e-5, guide_batch_size=32,
         T=3, beta=0.1, lr=5e-7, optimizer="rmsprop", epochs=2, batch_size=64, micro_batch_size=2,
         grad_ckpt=True, log_every=10, pref_data="data/ultrafeedback_binarized.jsonl", measure_S=False,
@@ -156,6 +162,8 @@ def parse_args(argv):
             raise SystemExit(f"--method takes {', '.join(METHODS)} (or several, comma-separated), got {m!r}")
     if cfg["judge"] not in ("toy", "reward") or (cfg["judge"] == "reward" and not cfg["reward_model"]):
         raise SystemExit("--judge is 'toy' or 'reward' (which needs --reward_model)")
+    if cfg["gen_compile"] and not cfg["gen_static"]:
+        raise SystemExit("--gen_compile true needs --gen_static true (a compiled decode step needs fixed shapes)")
     if cfg["max_prompt_len"] + cfg["max_new_tokens"] > cfg["max_len"]:
         raise SystemExit("need max_prompt_len + max_new_tokens <= max_len (a sampled y' must fit in training)")
     return cfg
@@ -200,6 +208,24 @@ def fsdp_wrap(model, device):
             fully_shard(m, mesh=mesh, mp_policy=block_mp)
     fully_shard(model, mesh=mesh, mp_policy=root_mp)
     return model
+
+
+def compile_blocks(model):
+    """torch.compile every transformer block in place, for the policy update (`--compile true`).
+
+    Per block, not the whole model: the blocks are identical, so one compiled graph serves them all, and
+    FSDP2's per-block hooks (all-gather before, reshard after) stay outside the graphs. Compiling fuses the
+    elementwise work around the matmuls (RMSNorm, rotary, SwiGLU, residuals) that eager mode runs as
+    separate memory-bound kernels. In place (`module.compile()`), so parameter names and checkpoints are
+    unchanged. Call before fsdp_wrap (as torchtitan does).
+    """
+    names = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    for m in blocks:
+        m.compile()
+    return len(blocks)
 
 
 class gathered_weights:
@@ -560,7 +586,11 @@ def sample_stage(model, tok, data, path, cfg, seed, ctx, greedy=False, what="y'"
     t0 = time.time()
     local = []
     model.eval()
-    with gathered_weights(model), autocast(device, model):
+    # --compile compiles the blocks for training; decoding into a DynamicCache changes their input shapes at
+    # every token (a recompilation each time), so unless the decode step itself is compiled (--gen_compile,
+    # fixed shapes) the sampler runs the blocks eagerly.
+    eager = torch.compiler.set_stance("force_eager") if cfg["compile"] and not cfg["gen_compile"] else contextlib.nullcontext()
+    with gathered_weights(model), autocast(device, model), eager:
         bs = cfg["gen_batch_size"]
         for b in range(0, len(idx), bs):
             chunk = idx[b:b + bs]
@@ -568,7 +598,8 @@ def sample_stage(model, tok, data, path, cfg, seed, ctx, greedy=False, what="y'"
                 model, [data[i]["px"] for i in chunk], batch_size=bs, max_new_tokens=cfg["max_new_tokens"],
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,  # main() sets a pad token if missing
                 temperature=0.0 if greedy else cfg["temperature"], top_p=cfg["top_p"], top_k=cfg["top_k"],
-                seed=seed * 100003 + rank * 1009 + b, device=device)
+                seed=seed * 100003 + rank * 1009 + b, device=device, static=cfg["gen_static"],
+                compile=cfg["gen_compile"])
             n_batches, k = math.ceil(len(idx) / bs), b // bs + 1
             if k == n_batches or k % max(1, n_batches // 4) == 0:  # progress at about 25/50/75/100%
                 done = min(min(b + bs, len(idx)) * world, len(data))
@@ -766,6 +797,8 @@ def main(argv=None):
         m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg["trust_remote_code"])
         if cfg["grad_ckpt"]:
             m.gradient_checkpointing_enable()  # recompute activations in backward; HF turns the cache off in training only
+        if cfg["compile"]:
+            compile_blocks(m)
         if world > 1:
             m = fsdp_wrap(m, device)
         return m.to(device=device, dtype=torch.float32)

@@ -28,6 +28,7 @@ from guide import (GuideModel, build_guide, collate_guide, eval_guide, latent_di
 
 import analysis
 import dpo
+import generate as generate_module
 import ldalign
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -276,25 +277,42 @@ SAME_LEN, MIXED_LEN = [7, 7, 7], [3, 9, 6, 1]
 # ----------------------------------------------------------------------------------------------------
 # 1. KV cache == no cache (greedy), with and without left padding
 # ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("static", [False, True], ids=["DynamicCache", "StaticCache"])
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("lengths", [SAME_LEN, MIXED_LEN])
-def test_cache_matches_naive(name, lengths):
+def test_cache_matches_naive(name, lengths, static):
     model = MODELS[name]()
     ids, mask = pad_sequences(gen_prompts(lengths), GEN_PAD, side="left")
-    fast = generate(model, ids, mask, 12, eos_token_id=None, pad_token_id=GEN_PAD, temperature=0)
+    fast = generate(model, ids, mask, 12, eos_token_id=None, pad_token_id=GEN_PAD, temperature=0, static=static)
     slow = generate_naive(model, ids, mask, 12, eos_token_id=None, pad_token_id=GEN_PAD, temperature=0)
     assert fast.shape == (len(lengths), 12)
     assert torch.equal(fast, slow)
 
 
-def test_cache_matches_naive_sampling():
+@pytest.mark.parametrize("static", [False, True], ids=["DynamicCache", "StaticCache"])
+def test_cache_matches_naive_sampling(static):
     # Same generator seed -> same draws: the cache changes nothing about the distribution sampled from.
     model = gen_llama(init=0.02)
     ids, mask = pad_sequences(gen_prompts(MIXED_LEN), GEN_PAD, side="left")
     kw = dict(eos_token_id=5, pad_token_id=GEN_PAD, temperature=0.9, top_p=0.95, top_k=40)
-    fast = generate(model, ids, mask, 10, generator=torch.Generator().manual_seed(3), **kw)
+    fast = generate(model, ids, mask, 10, generator=torch.Generator().manual_seed(3), static=static, **kw)
     slow = generate_naive(model, ids, mask, 10, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(fast, slow)
+
+
+def test_compiled_static_decode_matches_naive():
+    # torch.compile of the decode step (fullgraph: no graph break inside the model; on CUDA the same code
+    # path records a CUDA graph). On the CPU it is slow to compile (~20 s) but checks the traced step.
+    model = gen_llama()
+    ids, mask = pad_sequences(gen_prompts(MIXED_LEN), GEN_PAD, side="left")
+    eos = 7  # emitted by some rows: trimming and padding after EOS are compared too
+    slow = generate_naive(model, ids, mask, 12, eos_token_id=eos, pad_token_id=GEN_PAD, temperature=0)
+    for _ in range(2):  # the second call reuses the compiled step
+        fast = generate(model, ids, mask, 12, eos_token_id=eos, pad_token_id=GEN_PAD, temperature=0,
+                        static=True, compile=True)
+        assert torch.equal(fast, slow)
+    with pytest.raises(ValueError, match="static"):
+        generate(model, ids, mask, 4, eos_token_id=None, pad_token_id=GEN_PAD, temperature=0, compile=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -302,13 +320,14 @@ def test_cache_matches_naive_sampling():
 # ----------------------------------------------------------------------------------------------------
 # GPT-2 matters here: its positions are absolute, so wrong position_ids under left padding change its
 # output, while RoPE (Llama) only sees relative positions and would not notice a per-row shift.
+@pytest.mark.parametrize("static", [False, True], ids=["DynamicCache", "StaticCache"])
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("lengths", [SAME_LEN, MIXED_LEN])
-def test_greedy_matches_hf_generate(name, lengths):
+def test_greedy_matches_hf_generate(name, lengths, static):
     model = MODELS[name]()
     ids, mask = pad_sequences(gen_prompts(lengths), GEN_PAD, side="left")
     eos, n_new = {"llama": 7, "gpt2": 52}[name], 12  # emitted by some rows: padding after EOS is compared too
-    ours = generate(model, ids, mask, n_new, eos_token_id=eos, pad_token_id=GEN_PAD, temperature=0)
+    ours = generate(model, ids, mask, n_new, eos_token_id=eos, pad_token_id=GEN_PAD, temperature=0, static=static)
     hf = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n_new,
                         eos_token_id=eos, pad_token_id=GEN_PAD)[:, ids.shape[1]:]  # new tokens only
     # Both pad after EOS and stop when every row has it; compare on the common length.
@@ -385,13 +404,17 @@ class ScriptedLM(torch.nn.Module):
         return SimpleNamespace(logits=logits)
 
 
-def test_eos_padding_and_early_stop():
+@pytest.mark.parametrize("sync_every, calls", [(1, 3), (4, 4), (16, 10)])
+def test_eos_padding_and_early_stop(monkeypatch, sync_every, calls):
     lens, stop = [2, 4, 3], [0, 2, 1]  # row 0 emits EOS first, row 1 after two tokens, row 2 after one
     model = ScriptedLM(lens, stop)
     ids, mask = pad_sequences([[5] * n for n in lens], GEN_PAD, side="left")
+    monkeypatch.setattr(generate_module, "SYNC_EVERY", sync_every)
     out = generate(model, ids, mask, 10, eos_token_id=2, pad_token_id=GEN_PAD, temperature=0)
-    assert out.tolist() == [[2, GEN_PAD, GEN_PAD], [10, 11, 2], [10, 2, GEN_PAD]]
-    assert model.calls == 3  # prefill + 2 decode steps: stopped as soon as all rows had EOS
+    assert out.tolist() == [[2, GEN_PAD, GEN_PAD], [10, 11, 2], [10, 2, GEN_PAD]]  # whatever SYNC_EVERY is
+    # Checked every step: prefill + 2 decode steps, stopped as soon as all rows had EOS. Checked every 4th
+    # step: one wasted decode step. Every 16th: all 10 steps run (the extra columns are cut off).
+    assert model.calls == calls
     model.calls = 0
     assert generate(model, ids, mask, 2, eos_token_id=2, pad_token_id=GEN_PAD, temperature=0).shape == (3, 2)
     assert model.calls == 2  # max_new_tokens reached: no forward for a token never sampled
@@ -417,6 +440,7 @@ def _dist_worker(rank, world, init_file, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = ScriptedLM([2], [0 if rank == 0 else 3])  # rank 0 is done at once, rank 1 after 4 tokens
+        generate_module.SYNC_EVERY = 1  # (a fresh process) check at every step, so early stopping shows
         ids, mask = pad_sequences([[5, 5]], GEN_PAD, side="left")
         out = generate(model, ids, mask, 10, eos_token_id=2, pad_token_id=GEN_PAD, temperature=0)
         results[rank] = (out.tolist(), model.calls)
@@ -428,7 +452,7 @@ def test_distributed_same_number_of_steps():
     with tempfile.TemporaryDirectory() as d:
         results = mp.Manager().dict()
         mp.spawn(_dist_worker, args=(2, os.path.join(d, "pg"), results), nprocs=2)
-        assert results[0] == ([[2, GEN_PAD, GEN_PAD, GEN_PAD]], 4)  # kept stepping (emitting pad) for rank 1
+        assert results[0] == ([[2]], 4)  # kept stepping (emitting pad, cut off on return) for rank 1
         assert results[1] == ([[10, 11, 12, 2]], 4)
 
 
@@ -1070,40 +1094,44 @@ def _bench_run(tmp_path, launcher, extra=()):
     out = tmp_path / "b.json"
     env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run(launcher + [os.path.join(HERE, "bench.py"), "--size", "tiny", "--out", str(out), *extra],
-                       cwd=HERE, env=env, timeout=180, capture_output=True, text=True)
+                       cwd=HERE, env=env, timeout=400, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert not os.path.exists(str(out) + ".tmp")  # written atomically
     return json.loads(out.read_text()), p.stdout
 
 
-def _bench_check(r, stdout):
+def _bench_check(r, stdout, samplers="dynamic,static,compile,hf"):
     s, d, ref, proj = r["sampler"], r["dpo"], r["reference"], r["projection"]
     assert r["model"]["params"] > 1e6
-    for key in ("generate_py", "hf_generate"):
-        assert s[key]["new_tokens_per_s"] > 0 and s[key]["decode_steps_per_s"] > 0 and s[key]["seconds"] > 0
-    assert s["speedup_vs_hf"] > 0 and 0 <= s["token_match_frac"] <= 1
-    if r["env"]["device"] == "cpu":  # fp32: the greedy tokens of both samplers must agree exactly
-        assert s["token_match_frac"] == 1.0 and s["first_k_identical"]
+    assert set(s["samplers"]) == set(samplers.split(",")) and s["best"] in s["samplers"] and s["best"] != "hf"
+    for key, x in s["samplers"].items():
+        assert "error" not in x, x
+        assert x["new_tokens_per_s"] > 0 and x["decode_steps_per_s"] > 0 and x["seconds"] > 0
+        assert x["speedup_vs_hf"] > 0 and 0 <= x["token_match_frac"] <= 1
+        if r["env"]["device"] == "cpu":  # fp32: the greedy tokens of every sampler must agree exactly
+            assert x["token_match_frac"] == 1.0 and x["first_k_identical"]
     assert d["tokens_per_s"] > 0 and d["step_s"] > 0 and ref["tokens_per_s"] > 0
     assert d["tokens_per_step"] == d["batch"] * 2 * (d["prompt"] + d["response"])  # chosen + rejected, no padding
     assert abs(d["first_loss"] - math.log(2)) < 1e-2  # step 0: policy == reference, every pair's loss is log 2
     assert len(proj["stages"]) == 4 and proj["hours_total"] > 0
     assert math.isclose(proj["hours_total"], 3 * proj["hours_per_iteration"])
-    for word in ("sampler:", "generate.py", "HF generate", "policy update", "projection to the paper"):
+    for word in ("sampler:", "generate.py, DynamicCache", "HF generate", "policy update", "projection to the paper"):
         assert word in stdout
 
 
 def test_bench_tiny_cpu(tmp_path):
-    r, stdout = _bench_run(tmp_path, [sys.executable], ["--left_pad", "true"])
+    # every sampler (the compiled decode step included) and the policy update with compiled blocks
+    r, stdout = _bench_run(tmp_path, [sys.executable], ["--left_pad", "true", "--compile", "true"])
     _bench_check(r, stdout)
-    assert r["env"]["world"] == 1 and r["sampler"]["left_pad"] is True
+    assert r["env"]["world"] == 1 and r["sampler"]["left_pad"] is True and r["config"]["compile"] is True
 
 
 def test_bench_tiny_fsdp_two_processes(tmp_path):
-    """torchrun, 2 CPU processes: FSDP2 policy, generation inside gathered_weights; no hang, same JSON."""
+    """torchrun, 2 CPU processes: FSDP2 policy, generation inside gathered_weights (the compiled decode step
+    too: under FSDP it is compiled in pieces around the hooks); no hang, same JSON."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    r, stdout = _bench_run(tmp_path, launcher, ["--grad_ckpt", "true"])
-    _bench_check(r, stdout)
+    r, stdout = _bench_run(tmp_path, launcher, ["--grad_ckpt", "true", "--samplers", "dynamic,compile,hf"])
+    _bench_check(r, stdout, "dynamic,compile,hf")
     assert r["env"]["world"] == 2 and r["env"]["fsdp"] is True
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "fsdp_worker":

@@ -170,8 +170,19 @@ def main(argv=None):
         gm.eval()
         weights_gb = torch.cuda.memory_allocated() / 2**30 if cuda else None
         # The samplers: generate.py in its three modes, and transformers' own generate (the baseline).
-        ours = lambda **kw: (lambda n: generate.generate(gm, ids, mask, n, eos_token_id=None, pad_token_id=0,
-                                                        temperature=0.0, **kw))
+        # As sample_responses does: one StaticCache per sampler, reused by all its calls (warmup and timed),
+        # dropped when that sampler is done (so it does not count in the next one's peak memory).
+        L = -(-T // generate.PAD_MULTIPLE) * generate.PAD_MULTIPLE + max(N, cfg["warmup_new"])
+        caches = {}
+
+        def ours(static=False, compile=False):
+            def run(n):
+                if static and compile not in caches:
+                    caches[compile] = generate.new_static_cache(gm, L)
+                cache = caches.get(compile) if static else None
+                return generate.generate(gm, ids, mask, n, eos_token_id=None, pad_token_id=0, temperature=0.0,
+                                         static=static, compile=compile, cache=cache)
+            return run
         samplers = {"dynamic": ("generate.py, DynamicCache", ours()),
                     "static": ("generate.py, StaticCache", ours(static=True)),
                     "compile": ("generate.py, StaticCache + torch.compile", ours(static=True, compile=True)),
@@ -210,6 +221,8 @@ def main(argv=None):
                     if key == "hf":
                         raise
                     continue
+                finally:
+                    caches.clear()  # this sampler's StaticCache, if any
                 assert out.shape == (B, N), out.shape
                 outputs[key] = out
                 results[key] = dict(name=name, seconds=s, warmup_s=warm_s, prefill_s=prefill_s,

@@ -16,16 +16,17 @@ import torch.distributed as dist
 from transformers import DynamicCache
 
 
-def pad_sequences(seqs, pad_id, side="left"):
+def pad_sequences(seqs, pad_id, side="left", width=0):
     """Pad a list of token-id lists into one tensor.
 
     Generation wants LEFT padding (every prompt ends at the last column, so the next token of every row
     is predicted from column -1); training wants RIGHT padding (positions 0..n-1 stay where they are).
-    Returns input_ids (B, T) long and attention_mask (B, T) long, 1 on real tokens and 0 on padding.
+    Returns input_ids (B, T) long and attention_mask (B, T) long, 1 on real tokens and 0 on padding;
+    T is the longest sequence, or `width` if that is larger.
     """
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    T = max(len(s) for s in seqs)
+    T = max([width] + [len(s) for s in seqs])
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (B, T)
     for i, s in enumerate(seqs):
@@ -140,9 +141,15 @@ def _compiled_step(device, fullgraph):
 PAD_MULTIPLE = 64  # static cache: prompt widths are left-padded up to a multiple of this (few distinct shapes)
 
 
+def new_static_cache(model, length):
+    """A transformers StaticCache for `length` positions; its (B, H, length, D) buffers are made at the prefill."""
+    from transformers import StaticCache
+    return StaticCache(config=model.config, max_cache_len=length)
+
+
 @torch.no_grad()
 def generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-             temperature=1.0, top_p=1.0, top_k=0, generator=None, static=False, compile=False):
+             temperature=1.0, top_p=1.0, top_k=0, generator=None, static=False, compile=False, cache=None):
     """Sample up to max_new_tokens tokens after LEFT-padded prompts (Algorithm 1, lines 2 and 7).
 
     input_ids, attention_mask: (B, T), left padded (pad_sequences(..., side="left")).
@@ -155,6 +162,8 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
       static=True   StaticCache: allocated once at its final length T + max_new_tokens and written in
                     place; every decode step has the same shapes and buffers, which is what
                     compile=True (torch.compile; CUDA graphs on GPU) needs. Same tokens as static=False.
+                    `cache`: a StaticCache of this batch size and at least T + max_new_tokens positions
+                    (T rounded up to PAD_MULTIPLE) to reuse; it is reset here (see sample_responses for why).
     """
     if compile and not static:
         raise ValueError("compile=True needs static=True: a compiled decode step needs fixed shapes")
@@ -170,11 +179,15 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
     # the same prompt unpadded (HF generate does the same). Pad columns get 0; they are masked anyway.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     if static:
-        from transformers import StaticCache
-        cache = StaticCache(config=model.config, max_cache_len=T + max_new_tokens)  # buffers made at prefill
+        if cache is None:
+            cache = new_static_cache(model, T + max_new_tokens)
+        L = cache.layers[0].max_cache_len  # T + max_new_tokens, or more for a reused cache
+        if L < T + max_new_tokens:
+            raise ValueError(f"the StaticCache holds {L} positions; this call needs {T} + {max_new_tokens}")
+        cache.reset()  # zero length; the same buffers
         # The mask is allocated at full length once: column T + s (the token of step s) is 1 from the start,
         # which is harmless because causal masking hides every column after the current position.
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=-1)  # (B, T+N)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, L - T)], dim=-1)  # (B, L)
     else:
         cache = DynamicCache()  # filled by the model in place: one (B, H, t, D) key and value per layer
     if compile:
@@ -250,22 +263,38 @@ def generate_naive(model, input_ids, attention_mask, max_new_tokens, eos_token_i
 
 
 def sample_responses(model, prompts, *, batch_size, max_new_tokens, eos_token_id, pad_token_id,
-                     temperature, top_p, top_k, seed, device, static=False, compile=False):
+                     temperature, top_p, top_k, seed, device, static=False, compile=False, progress=None):
     """One response per prompt (lists of token ids in, lists of token ids out), batch_size prompts at a time.
 
-    One generator, seeded once per call: the same seed gives the same samples (the batches draw from it in
-    order). Each response keeps its EOS token at the end if one was produced; what follows (pad) is dropped.
-    static / compile: see generate().
+    The batch starting at prompt b draws from a generator seeded with seed + b: the same seed gives the same
+    samples, and a batch's samples do not depend on the batches before it. Each response keeps its EOS token
+    at the end if one was produced; what follows (pad) is dropped. progress(done, total) after each batch.
+
+    static / compile: see generate(). With static=True every batch is left-padded to one width (the longest
+    prompt, rounded up to PAD_MULTIPLE) and a short last batch is filled up with copies of its first prompt
+    (their answers are dropped), so all batches share ONE StaticCache: the compiled decode step then keeps
+    its buffers (a new cache per batch would mean a recompilation or a re-recorded CUDA graph per batch).
+    Greedy answers are the same in both modes; sampled ones too, except in a filled-up last batch (the
+    fill-up rows draw from the same generator).
     """
-    generator = torch.Generator(device).manual_seed(seed)
+    B = min(batch_size, len(prompts))
+    width = -(-max([len(p) for p in prompts] + [1]) // PAD_MULTIPLE) * PAD_MULTIPLE if static else 0
+    cache = new_static_cache(model, width + max_new_tokens) if static and prompts else None
     responses = []
-    for b in range(0, len(prompts), batch_size):
-        ids, mask = pad_sequences(prompts[b:b + batch_size], pad_token_id, side="left")  # (B, T)
+    for b in range(0, len(prompts), B):
+        batch = prompts[b:b + B]
+        n_real = len(batch)
+        if static:
+            batch = batch + [batch[0]] * (B - n_real)  # fill-up rows: same shapes for every batch
+        ids, mask = pad_sequences(batch, pad_token_id, side="left", width=width)  # (B, T)
+        generator = torch.Generator(device).manual_seed(seed + b)
         new = generate(model, ids.to(device), mask.to(device), max_new_tokens, eos_token_id, pad_token_id,
                        temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
-                       static=static, compile=compile)  # (B, n)
-        for row in new.tolist():
+                       static=static, compile=compile, cache=cache)  # (B, n)
+        for row in new[:n_real].tolist():
             if eos_token_id is not None and eos_token_id in row:
                 row = row[:row.index(eos_token_id) + 1]  # keep the EOS, drop the padding after it
             responses.append(row)
+        if progress:
+            progress(b + n_real, len(prompts))
     return responses

@@ -584,26 +584,25 @@ def sample_stage(model, tok, data, path, cfg, seed, ctx, greedy=False, what="y'"
     rank, world, device = ctx["rank"], ctx["world"], ctx["device"]
     idx, n_real = shard_indices(len(data), rank, world)
     t0 = time.time()
-    local = []
     model.eval()
     # --compile compiles the blocks for training; decoding into a DynamicCache changes their input shapes at
     # every token (a recompilation each time), so unless the decode step itself is compiled (--gen_compile,
     # fixed shapes) the sampler runs the blocks eagerly.
     eager = torch.compiler.set_stance("force_eager") if cfg["compile"] and not cfg["gen_compile"] else contextlib.nullcontext()
+    bs = cfg["gen_batch_size"]
+    n_batches = math.ceil(len(idx) / bs)
+
+    def progress(done_local, _):  # at about 25/50/75/100%
+        k = math.ceil(done_local / bs)
+        if k == n_batches or k % max(1, n_batches // 4) == 0:
+            ctx["log"](f"  sampling {what}: {min(done_local * world, len(data))}/{len(data)} prompts, {time.time() - t0:.0f}s")
     with gathered_weights(model), autocast(device, model), eager:
-        bs = cfg["gen_batch_size"]
-        for b in range(0, len(idx), bs):
-            chunk = idx[b:b + bs]
-            local += generate.sample_responses(
-                model, [data[i]["px"] for i in chunk], batch_size=bs, max_new_tokens=cfg["max_new_tokens"],
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,  # main() sets a pad token if missing
-                temperature=0.0 if greedy else cfg["temperature"], top_p=cfg["top_p"], top_k=cfg["top_k"],
-                seed=seed * 100003 + rank * 1009 + b, device=device, static=cfg["gen_static"],
-                compile=cfg["gen_compile"])
-            n_batches, k = math.ceil(len(idx) / bs), b // bs + 1
-            if k == n_batches or k % max(1, n_batches // 4) == 0:  # progress at about 25/50/75/100%
-                done = min(min(b + bs, len(idx)) * world, len(data))
-                ctx["log"](f"  sampling {what}: {done}/{len(data)} prompts, {time.time() - t0:.0f}s")
+        local = generate.sample_responses(
+            model, [data[i]["px"] for i in idx], batch_size=bs, max_new_tokens=cfg["max_new_tokens"],
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,  # main() sets a pad token if missing
+            temperature=0.0 if greedy else cfg["temperature"], top_p=cfg["top_p"], top_k=cfg["top_k"],
+            seed=seed * 100003 + rank * 1009, device=device, static=cfg["gen_static"], compile=cfg["gen_compile"],
+            progress=progress)
     ids = gather_lists(local[:n_real], idx[:n_real], len(data))
     if path and rank == 0:
         write_jsonl(path, [{"where": d["where"], "x": d["x"], "y": d["y"],

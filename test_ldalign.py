@@ -382,6 +382,28 @@ def test_seeding():
     assert a == b
     assert a != c
     assert len(a) == len(ps) and all(isinstance(t, int) for r in a for t in r)
+    # a batch's samples depend on its own seed (seed + its first index), not on the batches before it
+    assert sample_responses(model, ps[2:], seed=2, **kw) == a[2:]
+
+
+def test_sample_responses_static_shares_one_cache():
+    # static=True: one width, the short last batch filled up, ONE StaticCache reset for every batch; the
+    # answers are those of the DynamicCache path: all of them when greedy; when sampling with the same seeds,
+    # those of the full batches (the fill-up rows of the last batch also draw from its generator).
+    model = gen_llama(init=0.05)
+    ps = gen_prompts([3, 9, 5, 1, 7, 4, 8])  # batches of 3: the last one has a single prompt
+    for temperature in (0.0, 1.0):
+        kw = dict(batch_size=3, max_new_tokens=10, eos_token_id=7, pad_token_id=GEN_PAD, temperature=temperature,
+                  top_p=1.0, top_k=0, seed=4, device="cpu")
+        made = []
+        real = generate_module.new_static_cache
+        with pytest.MonkeyPatch.context() as mp_:
+            mp_.setattr(generate_module, "new_static_cache", lambda *a: made.append(1) or real(*a))
+            static = sample_responses(model, ps, static=True, **kw)
+        assert len(made) == 1
+        dynamic = sample_responses(model, ps, **kw)
+        assert static == dynamic if temperature == 0 else static[:6] == dynamic[:6]
+        assert len(static) == len(ps)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -63,8 +63,8 @@ DEFAULTS = dict(
     # sampling y' ~ p_theta(.|x) (Algorithm 1, lines 2 and 7)
     temperature=1.0, top_p=1.0, top_k=0, gen_batch_size=128,
     gen_static=False,         # generate.py with a StaticCache (fixed shapes) instead of a DynamicCache; same tokens
-    gen_compile=False,        # torch.compile the decode step (needs gen_static; CUDA graphs on GPU): ~40 s of
-                              # compiling per new batch shape, worth it when sampling thousands of prompts
+    gen_compile=False,        # torch.compile the decode step (needs gen_static; CUDA graphs on GPU): compiles once
+                              # per sampling stage (tens of seconds), worth it when sampling thousands of prompts
     reuse_line2_samples=True,  # iteration 1 samples from theta_0, like lines 1-3: reuse those samples
     # guide T = (phi, psi) (Section 4.1): "tiny" = tiny GPT-2s from config, else a GPT-2 path/id ("gpt2")
     guide="tiny", latent_dim=32,
@@ -225,7 +225,6 @@ def compile_blocks(model):
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     for m in blocks:
         m.compile()
-    return len(blocks)
 
 
 class gathered_weights:

@@ -181,7 +181,7 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
     if static:
         if cache is None:
             cache = new_static_cache(model, T + max_new_tokens)
-        L = cache.layers[0].max_cache_len  # T + max_new_tokens, or more for a reused cache
+        L = max(layer.max_cache_len for layer in cache.layers)  # T + max_new_tokens, or more for a reused cache
         if L < T + max_new_tokens:
             raise ValueError(f"the StaticCache holds {L} positions; this call needs {T} + {max_new_tokens}")
         cache.reset()  # zero length; the same buffers

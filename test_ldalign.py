@@ -404,6 +404,10 @@ def test_sample_responses_static_shares_one_cache():
         dynamic = sample_responses(model, ps, **kw)
         assert static == dynamic if temperature == 0 else static[:6] == dynamic[:6]
         assert len(static) == len(ps)
+    ids, mask = pad_sequences(ps[:2], GEN_PAD, side="left")
+    with pytest.raises(ValueError, match="holds 70 positions"):  # the prompt is padded to 64, + 10 new tokens
+        generate(model, ids, mask, 10, eos_token_id=None, pad_token_id=GEN_PAD, static=True,
+                 cache=generate_module.new_static_cache(model, 70))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -463,60 +463,64 @@ def test_eos_first_token_real_model():
 # ----------------------------------------------------------------------------------------------------
 # Distributed: ranks whose rows finish at different steps still take the same number of steps
 # ----------------------------------------------------------------------------------------------------
-def _dist_worker(rank, world, init_file, results):
+def _gloo_process(rank, worker, world, init_file, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = ScriptedLM([2], [0 if rank == 0 else 3])  # rank 0 is done at once, rank 1 after 4 tokens
-        generate_module.SYNC_EVERY = 1  # (a fresh process) check at every step, so early stopping shows
-        ids, mask = pad_sequences([[5, 5]], GEN_PAD, side="left")
-        out = generate(model, ids, mask, 10, eos_token_id=2, pad_token_id=GEN_PAD, temperature=0)
-        results[rank] = (out.tolist(), model.calls)
+        worker(rank, results)
     finally:
         dist.destroy_process_group()
+
+
+def _run_gloo(worker, world=2):
+    """worker(rank, results) in `world` processes joined by a gloo process group; returns what they put in results."""
+    with tempfile.TemporaryDirectory() as d:
+        results = mp.Manager().dict()
+        mp.spawn(_gloo_process, args=(worker, world, os.path.join(d, "pg"), results), nprocs=world)
+        return dict(results)
+
+
+def _steps_worker(rank, results):
+    model = ScriptedLM([2], [0 if rank == 0 else 3])  # rank 0 is done at once, rank 1 after 4 tokens
+    generate_module.SYNC_EVERY = 1  # (a fresh process) check at every step, so early stopping shows
+    ids, mask = pad_sequences([[5, 5]], GEN_PAD, side="left")
+    out = generate(model, ids, mask, 10, eos_token_id=2, pad_token_id=GEN_PAD, temperature=0)
+    results[rank] = (out.tolist(), model.calls)
 
 
 def test_distributed_same_number_of_steps():
-    with tempfile.TemporaryDirectory() as d:
-        results = mp.Manager().dict()
-        mp.spawn(_dist_worker, args=(2, os.path.join(d, "pg"), results), nprocs=2)
-        assert results[0] == ([[2]], 4)  # kept stepping (emitting pad, cut off on return) for rank 1
-        assert results[1] == ([[10, 11, 12, 2]], 4)
+    results = _run_gloo(_steps_worker)
+    assert results[0] == ([[2]], 4)  # kept stepping (emitting pad, cut off on return) for rank 1
+    assert results[1] == ([[10, 11, 12, 2]], 4)
 
 
-def _gather_count_worker(rank, world, init_file, results):
+def _gather_count_worker(rank, results):
     """FSDP2 over gloo: count the weight all-gathers of one generate() call with and without gathered_weights."""
     from torch.profiler import profile
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        plain = gen_llama()
-        ids, mask = pad_sequences(gen_prompts([3, 9] if rank == 0 else [5, 1], seed=rank), GEN_PAD, side="left")
-        want = generate(plain, ids, mask, 12, eos_token_id=None, pad_token_id=GEN_PAD, temperature=0)
-        model = ldalign.fsdp_wrap(gen_llama(), torch.device("cpu")).eval()
-        n_fsdp = len(ldalign.gathered_weights(model).mods)
-        for static in (False, True):
-            for gathered in (True, False):
-                with profile() as prof, (ldalign.gathered_weights(model) if gathered else contextlib.nullcontext()):
-                    got = generate(model, ids, mask, 12, eos_token_id=None, pad_token_id=GEN_PAD, temperature=0,
-                                   static=static)
-                dpo.reshard_all(model)
-                n_gathers = sum(e.name == "fsdp::all_gather_copy_in" for e in prof.events())  # one per module gather
-                results[rank, static, gathered] = (n_gathers, n_fsdp, torch.equal(got, want))
-    finally:
-        dist.destroy_process_group()
+    torch.set_num_threads(1)
+    plain = gen_llama()
+    ids, mask = pad_sequences(gen_prompts([3, 9] if rank == 0 else [5, 1], seed=rank), GEN_PAD, side="left")
+    want = generate(plain, ids, mask, 12, eos_token_id=None, pad_token_id=GEN_PAD, temperature=0)
+    model = ldalign.fsdp_wrap(gen_llama(), torch.device("cpu")).eval()
+    n_fsdp = len(ldalign.gathered_weights(model).mods)
+    for static in (False, True):
+        for gathered in (True, False):
+            with profile() as prof, (ldalign.gathered_weights(model) if gathered else contextlib.nullcontext()):
+                got = generate(model, ids, mask, 12, eos_token_id=None, pad_token_id=GEN_PAD, temperature=0,
+                               static=static)
+            dpo.reshard_all(model)
+            n_gathers = sum(e.name == "fsdp::all_gather_copy_in" for e in prof.events())  # one per module gather
+            results[rank, static, gathered] = (n_gathers, n_fsdp, torch.equal(got, want))
 
 
 def test_fsdp_generation_gathers_weights_once():
     # Issue: "generation under FSDP must not all-gather weights every token". 12 tokens = 12 forwards.
-    with tempfile.TemporaryDirectory() as d:
-        results = mp.Manager().dict()
-        mp.spawn(_gather_count_worker, args=(2, os.path.join(d, "pg"), results), nprocs=2)
-        for rank in (0, 1):
-            for static in (False, True):
-                n_once, n_fsdp, same = results[rank, static, True]
-                assert same and n_once == n_fsdp == 3  # one all-gather per FSDP module (2 blocks + root), in total
-                n_every, _, same = results[rank, static, False]
-                assert same and n_every >= 12  # the check is not vacuous: without it, at least one per token
+    results = _run_gloo(_gather_count_worker)
+    for rank in (0, 1):
+        for static in (False, True):
+            n_once, n_fsdp, same = results[rank, static, True]
+            assert same and n_once == n_fsdp == 3  # one all-gather per FSDP module (2 blocks + root), in total
+            n_every, _, same = results[rank, static, False]
+            assert same and n_every >= 12  # the check is not vacuous: without it, at least one per token
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -367,10 +367,47 @@ def main(argv=None):
     log("  (guide training, distances and evaluation not included; sequences at the 512+256 cap)")
     if rank == 0:
         ldalign.write_atomic(cfg["out"], json.dumps(R, indent=2))
-        log(f"\nwrote {cfg['out']}")
+        md = os.path.splitext(cfg["out"])[0] + ".md"
+        ldalign.write_atomic(md, markdown(R))
+        log(f"\nwrote {cfg['out']} and {md} (the tables in Markdown, for the README)")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def markdown(R):
+    """The measured tables as Markdown: what goes into the README, with the GPU and the software versions."""
+    f = lambda v, fmt: "n/a" if v is None else format(v, fmt)
+    e, m = R["env"], R["model"]
+    out = [f"Measured on {e['device']} ({e['world']} process(es), FSDP2 {e['fsdp']}), torch {e['torch']}, "
+           f"transformers {e['transformers']}; Llama-shaped model with {m['params']:,} parameters, random weights.", ""]
+    if "sampler" in R:
+        s = R["sampler"]
+        out += [f"Sampler: batch {s['batch']}, prompt {s['prompt_len']}, {s['new_tokens']} new tokens, greedy, "
+                f"{s['precision']}; decode roofline {f(s['roofline_decode_steps_per_s'], '.0f')} steps/s.", "",
+                "| sampler | new tokens/s | decode steps/s | vs HF generate | peak GiB | tokens = HF's |",
+                "|---|---|---|---|---|---|"]
+        for r in s["samplers"].values():
+            out.append(f"| {r['name']} | FAILED: {r['error'][:120]} | | | | |" if "error" in r else
+                       f"| {r['name']} | {r['new_tokens_per_s']:.0f} | {r['decode_steps_per_s']:.1f} | "
+                       f"{r['speedup_vs_hf']:.2f}x | {f(r['peak_mem_gb'], '.1f')} | {r['token_match_frac']:.3f} |")
+        out.append("")
+    if "dpo" in R:
+        d, r = R["dpo"], R["reference"]
+        out += [f"DPO: {d['batch']} pairs per step (micro-batch {d['micro_batch']}), prompt {d['prompt']} + response "
+                f"{d['response']} tokens, {d['optimizer']}, activation checkpointing {d['grad_ckpt']}, compiled blocks "
+                f"{R['config']['compile']}.", "",
+                "| stage | tokens/s per GPU | MFU | peak GiB |", "|---|---|---|---|",
+                f"| reference log-probs (forward) | {r['tokens_per_s']:.0f} | {f(r['mfu'], '.1%')} | {f(r['peak_mem_gb'], '.1f')} |",
+                f"| DPO policy update | {d['tokens_per_s']:.0f} | {f(d['mfu'], '.1%')} | {f(d['peak_mem_gb'], '.1f')} |", ""]
+    p = R["projection"]
+    out += ["Projected paper setting (7.24B, 50k pairs, 3 iterations x 2 epochs, 8 GPUs, perfect scaling assumed):", "",
+            "| stage | work per iteration | tokens/s per GPU (7B) | hours per iteration |", "|---|---|---|---|"]
+    out += [f"| {name} | {st['work']} | {st['tokens_per_s_per_gpu']:.0f} | {st['hours_per_iteration']:.2f} |"
+            for name, st in p["stages"].items()]
+    out += [f"| **total** (generate.py sampler) | | | **{p['hours_per_iteration']:.2f}** "
+            f"(x3 = {p['hours_total']:.1f} h) |", ""]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -1164,6 +1164,8 @@ def _bench_run(tmp_path, launcher, extra=()):
                        cwd=HERE, env=env, timeout=400, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert not os.path.exists(str(out) + ".tmp")  # written atomically
+    md = (tmp_path / "b.md").read_text()  # the same numbers as Markdown tables, for the README
+    assert "| generate.py, DynamicCache |" in md and "| DPO policy update |" in md and "**total**" in md
     return json.loads(out.read_text()), p.stdout
 
 

@@ -205,7 +205,7 @@ def main(argv=None):
 
         results, outputs = {}, {}
         # gathered_weights: under FSDP the weights are all-gathered once here, not at every decode step
-        # (checked on 2 CPU processes: 2 all-gathers for 20 tokens instead of 41); a no-op for a plain model.
+        # (test_fsdp_generation_gathers_weights_once counts them); a no-op for a plain model.
         with ldalign.gathered_weights(gm), amp:
             for key in chosen:
                 name, fn = samplers[key]

@@ -172,7 +172,7 @@ def main(argv=None):
         # The samplers: generate.py in its three modes, and transformers' own generate (the baseline).
         # As sample_responses does: one StaticCache per sampler, reused by all its calls (warmup and timed),
         # dropped when that sampler is done (so it does not count in the next one's peak memory).
-        L = -(-T // generate.PAD_MULTIPLE) * generate.PAD_MULTIPLE + max(N, cfg["warmup_new"])
+        L = generate.static_width(T) + max(N, cfg["warmup_new"])
         caches = {}
 
         def ours(static=False, compile=False):

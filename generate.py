@@ -141,6 +141,11 @@ def _compiled_step(device, fullgraph):
 PAD_MULTIPLE = 64  # static cache: prompt widths are left-padded up to a multiple of this (few distinct shapes)
 
 
+def static_width(n):
+    """The prompt width a static-cache decode uses for prompts of up to n tokens: n rounded up to PAD_MULTIPLE."""
+    return -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
 def new_static_cache(model, length):
     """A transformers StaticCache for `length` positions; its (B, H, length, D) buffers are made at the prefill."""
     from transformers import StaticCache
@@ -171,7 +176,7 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
     if static:
         # Extra left padding up to a multiple of PAD_MULTIPLE: masked, so the output is unchanged, and the
         # compiled step sees a handful of cache lengths instead of one per batch.
-        extra = -input_ids.shape[1] % PAD_MULTIPLE
+        extra = static_width(input_ids.shape[1]) - input_ids.shape[1]
         input_ids = torch.nn.functional.pad(input_ids, (extra, 0), value=pad_token_id)
         attention_mask = torch.nn.functional.pad(attention_mask, (extra, 0), value=0)
     B, T = input_ids.shape
@@ -278,7 +283,7 @@ def sample_responses(model, prompts, *, batch_size, max_new_tokens, eos_token_id
     fill-up rows draw from the same generator).
     """
     B = min(batch_size, len(prompts))
-    width = -(-max([len(p) for p in prompts] + [1]) // PAD_MULTIPLE) * PAD_MULTIPLE if static else 0
+    width = static_width(max([len(p) for p in prompts] + [1])) if static else 0
     cache = new_static_cache(model, width + max_new_tokens) if static and prompts else None
     responses = []
     for b in range(0, len(prompts), B):

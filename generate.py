@@ -231,11 +231,9 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
         return input_ids.new_zeros(B, 0)
     out = torch.stack(new_tokens, dim=1)  # (B, n)
     if eos_token_id is not None:
-        # Cut the columns after the step where the last row finished (what stopping at once would give).
-        ended = (out == eos_token_id).any(1)  # (B,)
-        first_eos = (out == eos_token_id).float().argmax(1)  # (B,) column of each row's EOS (0 if none)
-        n = out.shape[1] if not bool(ended.all()) else int(first_eos.max()) + 1
-        out = out[:, :n]
+        is_eos = out == eos_token_id  # (B, n)
+        if bool(is_eos.any(1).all()):  # every row finished: cut the columns after the last row's EOS
+            out = out[:, :int(is_eos.float().argmax(1).max()) + 1]  # (what stopping at once would give)
     return out
 
 

@@ -185,6 +185,15 @@ def init_distributed():
     return 0, 1, torch.device("cuda" if cuda else "cpu")
 
 
+def transformer_blocks(model):
+    """The decoder blocks of an HF model (LlamaDecoderLayer, MistralDecoderLayer, GPT2Block, ...), found by
+    HF's own `_no_split_modules`: the unit that fsdp_wrap shards and compile_blocks compiles."""
+    names = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
 def fsdp_wrap(model, device):
     """FSDP2: shard every transformer block, then the root (embeddings, final norm, head, extra layers).
 
@@ -200,12 +209,8 @@ def fsdp_wrap(model, device):
     block_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     root_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                    output_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    block_names = set()
-    for m in model.modules():
-        block_names.update(getattr(m, "_no_split_modules", None) or [])
-    for m in model.modules():
-        if type(m).__name__ in block_names:
-            fully_shard(m, mesh=mesh, mp_policy=block_mp)
+    for m in transformer_blocks(model):
+        fully_shard(m, mesh=mesh, mp_policy=block_mp)
     fully_shard(model, mesh=mesh, mp_policy=root_mp)
     return model
 
@@ -219,11 +224,7 @@ def compile_blocks(model):
     separate memory-bound kernels. In place (`module.compile()`), so parameter names and checkpoints are
     unchanged. Call before fsdp_wrap (as torchtitan does).
     """
-    names = set()
-    for m in model.modules():
-        names.update(getattr(m, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    for m in blocks:
+    for m in transformer_blocks(model):
         m.compile()
 
 

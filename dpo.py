@@ -213,6 +213,20 @@ def reshard_all(model):
                 m.reshard()
 
 
+def autocast(device, model):
+    """bf16 autocast on GPU, unless FSDP2's mixed precision already computes in bf16; fp32 on CPU.
+
+    Wrap forwards only, never an optimizer step (PyTorch's AMP recipe): inside one `with torch.autocast`
+    block the bf16 copy of each fp32 weight is made once and CACHED until the block exits, so a block
+    around several optimizer steps would run every forward on the weights of before the first step
+    (test_bf16_autocast_training_sees_updated_weights). _train_loop wraps each micro-batch's forward.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not is_fsdp(model):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
 def _all_reduce_sum(t):
     """Named all-reduce: sums a small tensor of statistics over ranks (no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():
@@ -220,7 +234,7 @@ def _all_reduce_sum(t):
     return t
 
 
-def _train_loop(model, n_items, loss_fn, *, lr, epochs, batch_size, micro_batch_size, optimizer, warmup_ratio,
+def _train_loop(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micro_batch_size, optimizer, warmup_ratio,
                 max_grad_norm, seed, log_every, log_fn, stats_names, max_steps=0):
     """Shared by dpo_train and sft_train. loss_fn(idx, valid) -> (sum of per-item losses over the real
     items of this micro-batch, stats tensor summed the same way). Returns the list of logged dicts.
@@ -250,7 +264,8 @@ def _train_loop(model, n_items, loss_fn, *, lr, epochs, batch_size, micro_batch_
         for k, m in enumerate(micro):
             if is_fsdp(model):  # reduce-scatter gradients only on the last micro-batch of the step
                 model.set_requires_gradient_sync(k == len(micro) - 1)
-            loss_sum, st = loss_fn(local_idx[m:m + micro_batch_size], local_valid[m:m + micro_batch_size])
+            with autocast(device, model):  # the forward and the loss; backward and step run outside
+                loss_sum, st = loss_fn(local_idx[m:m + micro_batch_size], local_valid[m:m + micro_batch_size])
             (loss_sum * world / n_real).backward()  # FSDP divides by world again: global-batch mean
             # Statistics stay on the device: a .cpu() here would make the CPU wait for this backward before
             # it could queue the next forward (the GPU idles meanwhile), and NCCL reduces only GPU tensors.
@@ -259,6 +274,9 @@ def _train_loop(model, n_items, loss_fn, *, lr, epochs, batch_size, micro_batch_
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # DTensor under FSDP2
         opt.step()
         opt.zero_grad(set_to_none=True)
+        # If a caller wraps this whole loop in its own `with torch.autocast`, the nested blocks above do not
+        # empty autocast's cache, which still holds bf16 copies of the weights of before this step: drop them.
+        torch.clear_autocast_cache()
         stats = (_all_reduce_sum(stats) / n_real).cpu()  # named all-reduce: batch means over all ranks
         rec = {"step": step + 1, "steps": total, "loss": stats[0].item(), "lr": opt.param_groups[0]["lr"],
                "grad_norm": float(gnorm)}
@@ -292,7 +310,7 @@ def dpo_train(model, pairs, ref_chosen, ref_rejected, weights, *, beta, lr, epoc
         stats = torch.stack([(rc * v).sum(), (rr * v).sum(), ((rc > rr).float() * v).sum(), ((rc - rr) * v).sum()])
         return losses.sum(), stats
 
-    return _train_loop(model, len(pairs), loss_fn, lr=lr, epochs=epochs, batch_size=batch_size,
+    return _train_loop(model, len(pairs), loss_fn, device=device, lr=lr, epochs=epochs, batch_size=batch_size,
                        micro_batch_size=micro_batch_size, optimizer=optimizer, warmup_ratio=warmup_ratio,
                        max_grad_norm=max_grad_norm, seed=seed, log_every=log_every, log_fn=log_fn,
                        stats_names=["reward_chosen", "reward_rejected", "reward_acc", "reward_margin"])
@@ -313,7 +331,7 @@ def sft_train(model, examples, *, lr, epochs, batch_size, micro_batch_size, devi
         nll = -(logp / n_tok) * v  # (b,) per-token NLL of each real example
         return nll.sum(), torch.zeros(0)
 
-    return _train_loop(model, len(examples), loss_fn, lr=lr, epochs=epochs, batch_size=batch_size,
+    return _train_loop(model, len(examples), loss_fn, device=device, lr=lr, epochs=epochs, batch_size=batch_size,
                        micro_batch_size=micro_batch_size, optimizer=optimizer, warmup_ratio=warmup_ratio,
                        max_grad_norm=max_grad_norm, seed=seed, log_every=log_every, log_fn=log_fn, stats_names=[],
                        max_steps=max_steps)

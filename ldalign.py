@@ -250,13 +250,6 @@ class gathered_weights:
             m.set_reshard_after_forward(True)
 
 
-def autocast(device, model):
-    """bf16 autocast on GPU when FSDP's mixed precision does not already do it; fp32 on CPU."""
-    if device.type == "cuda" and not dpo.is_fsdp(model):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
-
-
 def gather_floats(local_values, local_idx, n, device):
     """Named all-reduce: every rank scored its indices; sum into one (n,) tensor known to all ranks."""
     full = torch.zeros(n, dtype=torch.float64, device=device)
@@ -596,7 +589,7 @@ def sample_stage(model, tok, data, path, cfg, seed, ctx, greedy=False, what="y'"
         k = math.ceil(done_local / bs)
         if k == n_batches or k % max(1, n_batches // 4) == 0:
             ctx["log"](f"  sampling {what}: {min(done_local * world, len(data))}/{len(data)} prompts, {time.time() - t0:.0f}s")
-    with gathered_weights(model), autocast(device, model), eager:
+    with gathered_weights(model), dpo.autocast(device, model), eager:
         local = generate.sample_responses(
             model, [data[i]["px"] for i in idx], batch_size=bs, max_new_tokens=cfg["max_new_tokens"],
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,  # main() sets a pad token if missing
@@ -645,7 +638,7 @@ def distances_stage(guide, triples, cfg, ctx, pad_id):
     """Algorithm 1, line 8 for a list of (x, y, y') in guide tokens: every rank encodes its share, all get all."""
     rank, world, device = ctx["rank"], ctx["world"], ctx["device"]
     idx, n_real = shard_indices(len(triples), rank, world)
-    with gathered_weights(guide), autocast(device, guide):
+    with gathered_weights(guide), dpo.autocast(device, guide):
         s_local = guide_lib.latent_distances(guide, [triples[i] for i in idx], batch_size=cfg["guide_batch_size"],
                                              pad_id=pad_id, device=device)
     return gather_floats(s_local[:n_real], idx[:n_real], len(triples), device)
@@ -779,11 +772,10 @@ def main(argv=None):
         model = model.to(device)
         if world > 1:
             model = fsdp_wrap(model, device)
-        with autocast(device, model):
-            dpo.sft_train(model, sft_pairs, lr=cfg["sft_lr"], epochs=epochs, batch_size=cfg["sft_batch_size"],
-                          micro_batch_size=cfg["sft_batch_size"], device=device, optimizer="adamw",
-                          seed=cfg["seed"], log_every=50, max_steps=cfg["sft_steps"],
-                          log_fn=lambda r: log(f"  sft step {r['step']}/{r['steps']} nll/token {r['loss']:.3f}"))
+        dpo.sft_train(model, sft_pairs, lr=cfg["sft_lr"], epochs=epochs, batch_size=cfg["sft_batch_size"],
+                      micro_batch_size=cfg["sft_batch_size"], device=device, optimizer="adamw",
+                      seed=cfg["seed"], log_every=50, max_steps=cfg["sft_steps"],
+                      log_fn=lambda r: log(f"  sft step {r['step']}/{r['steps']} nll/token {r['loss']:.3f}"))
         die_at("sft")
         save_hf(model, tok, sft_dir, rank)
         del model
@@ -930,8 +922,7 @@ def main(argv=None):
                           seed=cfg["seed"] + 1000 * t, log_every=cfg["log_every"], log_fn=train_log)
             if method == "sft":  # Continual SFT (Section 5.1.4): the same budget spent on log p(y|x)
                 log(f"[sft] continual SFT: {cfg['epochs']} epoch(s) over {len(data)} pairs of D")
-                with autocast(device, model):
-                    hist = dpo.sft_train(model, [(d["px"], d["py"]) for d in data], **budget)
+                hist = dpo.sft_train(model, [(d["px"], d["py"]) for d in data], **budget)
             else:
                 if method == "dpo":
                     # DPO on annotated pairs (Section 5.1.4): the reference stays theta_0 in every iteration, so
@@ -954,8 +945,7 @@ def main(argv=None):
                     ref_c, ref_r = reference_stage(model, pairs, cfg, ctx)
                 log(f"[line 10] {'weighted ' if method == 'ldalign' else ''}DPO ({method}): {cfg['epochs']} epoch(s) "
                     f"over {len(pairs)} pairs")
-                with autocast(device, model):
-                    hist = dpo.dpo_train(model, pairs, ref_c, ref_r, w, beta=cfg["beta"], **budget)
+                hist = dpo.dpo_train(model, pairs, ref_c, ref_r, w, beta=cfg["beta"], **budget)  # bf16: dpo.autocast
             if rank == 0:
                 write_jsonl(os.path.join(it, "train_metrics.jsonl"), hist)
             save_hf(model, tok, os.path.join(it, "policy"), rank)
@@ -994,7 +984,7 @@ def main(argv=None):
 def reference_stage(model, pairs, cfg, ctx):
     """log p_ref(y|x), log p_ref(y'|x) of every pair under the current policy: each rank its share, gathered."""
     idx, n_real = shard_indices(len(pairs), ctx["rank"], ctx["world"])
-    with autocast(ctx["device"], model):
+    with dpo.autocast(ctx["device"], model):
         rc, rr = dpo.reference_logps(model, [pairs[i] for i in idx], cfg["micro_batch_size"], ctx["device"])
     return (gather_floats(rc[:n_real], idx[:n_real], len(pairs), ctx["device"]),
             gather_floats(rr[:n_real], idx[:n_real], len(pairs), ctx["device"]))

@@ -159,6 +159,32 @@ def test_dpo_train_moves_policy_towards_chosen():
     assert hist[-1]["loss"] < 0.5 * math.log(2) and hist[-1]["reward_acc"] == 1.0
 
 
+def test_bf16_autocast_training_sees_updated_weights(monkeypatch):
+    """The GPU path of one process (fp32 weights, bf16 autocast), run on the CPU. Autocast caches the bf16 copy
+    of each weight until its `with` block exits: a block around the optimizer steps (as ldalign.py once had)
+    ran every forward on the weights of before the first step, so training barely moved. dpo.autocast now
+    wraps each forward only, and _train_loop drops the cache after each step: training under a caller's
+    outer block equals training without one, and the loss falls."""
+    monkeypatch.setattr(dpo, "autocast", lambda device, model: torch.autocast("cpu", dtype=torch.bfloat16))
+    pairs = [([1, 5 + i % 3], [7, 8, 2], [9, 9, 2]) for i in range(8)]
+
+    def train(outer):
+        model = tiny_llama()
+        rc, rr = dpo.reference_logps(model, pairs, 8, torch.device("cpu"))
+        # (not `enabled=outer`: even a disabled autocast block keeps the cache alive until it exits)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if outer else contextlib.nullcontext():
+            hist = dpo.dpo_train(model, pairs, rc, rr, torch.ones(8), beta=0.5, lr=1e-2, epochs=3, batch_size=4,
+                                 micro_batch_size=2, device=torch.device("cpu"), optimizer="adamw")
+        return [h["loss"] for h in hist], model.state_dict()
+
+    losses, weights = train(outer=False)
+    losses_outer, weights_outer = train(outer=True)
+    assert losses_outer == losses
+    for k in weights:
+        torch.testing.assert_close(weights_outer[k], weights[k], rtol=0, atol=0)
+    assert losses[-1] < 0.5 * losses[0]
+
+
 def test_nan_loss_stops_with_clear_message():
     model = tiny_llama()
     pairs = [([1, 5], [7, 2], [9, 2])] * 4
@@ -1154,6 +1180,7 @@ def test_no_pickle_checkpoints_and_no_remote_code_by_default():
         assert "trust_remote_code=True" not in src
     assert ldalign.DEFAULTS["trust_remote_code"] is False
 
+
 # ====================================================================================================
 # bench.py: the GPU benchmark script, smoke-tested on the CPU with a tiny model
 # ====================================================================================================
@@ -1202,6 +1229,58 @@ def test_bench_tiny_fsdp_two_processes(tmp_path):
     r, stdout = _bench_run(tmp_path, launcher, ["--grad_ckpt", "true", "--samplers", "dynamic,compile,hf"])
     _bench_check(r, stdout, "dynamic,compile,hf")
     assert r["env"]["world"] == 2 and r["env"]["fsdp"] is True
+
+
+# ====================================================================================================
+# GPU only (skipped without CUDA): paths the CPU cannot take. A session with a GPU runs them with
+# `python -m pytest -q test_ldalign.py -k cuda` (.ci/gpu does, before the benchmark).
+# ====================================================================================================
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda_only
+@pytest.mark.parametrize("name", list(MODELS))
+def test_cuda_graph_decode_equals_dynamic_cache_and_hf_generate(name):
+    """compile=True on CUDA is mode="reduce-overhead": every decode step replays one recorded CUDA graph, whose
+    output buffer the next replay overwrites. Greedy, fp32: the same tokens as the eager DynamicCache path over
+    several batches sharing one StaticCache (the last one filled up), and as HF generate on one batch."""
+    dev = torch.device("cuda")
+    model = MODELS[name]().to(dev)
+    ps = gen_prompts([3, 9, 5, 1, 7, 4, 8])
+    eos = {"llama": 7, "gpt2": 52}[name]
+    kw = dict(batch_size=3, max_new_tokens=20, eos_token_id=eos, pad_token_id=GEN_PAD, temperature=0.0,
+              top_p=1.0, top_k=0, seed=0, device=dev)
+    for _ in range(2):  # the second round replays the recorded graphs
+        assert sample_responses(model, ps, static=True, compile=True, **kw) == sample_responses(model, ps, **kw)
+    ids, mask = (t.to(dev) for t in pad_sequences(ps[:3], GEN_PAD, side="left"))
+    ours = generate(model, ids, mask, 20, eos_token_id=None, pad_token_id=GEN_PAD, temperature=0, static=True,
+                    compile=True)
+    hf = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20, min_new_tokens=20,
+                        pad_token_id=GEN_PAD)[:, ids.shape[1]:]
+    assert torch.equal(ours, hf)
+
+
+@cuda_only
+def test_cuda_one_gpu_bf16_training_sees_updated_weights():
+    """The real one-GPU path (fp32 weights, dpo.autocast = bf16 autocast): a caller's autocast block around
+    training changes nothing, and the loss falls (test_bf16_autocast_training_sees_updated_weights on CPU)."""
+    dev = torch.device("cuda")
+    pairs = [([1, 5 + i % 3], [7, 8, 2], [9, 9, 2]) for i in range(8)]
+
+    def train(outer):
+        model = tiny_llama().to(dev)
+        with dpo.autocast(dev, model):  # as ldalign.reference_stage
+            rc, rr = dpo.reference_logps(model, pairs, 8, dev)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if outer else contextlib.nullcontext():
+            hist = dpo.dpo_train(model, pairs, rc, rr, torch.ones(8), beta=0.5, lr=1e-2, epochs=3, batch_size=4,
+                                 micro_batch_size=2, device=dev, optimizer="adamw")
+        return [h["loss"] for h in hist]
+
+    losses = train(outer=False)
+    # approx: the backward, too, runs under the outer block (its bf16 casts may round differently); stale
+    # weights were off by far more (0.47 instead of 0.27 at step 2 on the CPU)
+    assert train(outer=True) == pytest.approx(losses, abs=2e-2)
+    assert abs(losses[0] - math.log(2)) < 1e-2 and losses[-1] < 0.5 * losses[0]
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "fsdp_worker":
     _fsdp_worker(sys.argv[2])

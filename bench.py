@@ -294,7 +294,10 @@ def main(argv=None):
                         warmup_steps=warm, timed_steps=steps, step_s=step_s, tokens_per_s=tok_s,
                         mfu=6 * n_params * tok_s / peak_flops if peak_flops else None, peak_mem_gb=peak_gb(),
                         first_loss=hist[0]["loss"], last_loss=hist[-1]["loss"], grad_ckpt=cfg["grad_ckpt"],
-                        optimizer=cfg["optimizer"])
+                        optimizer=cfg["optimizer"],
+                        # share of the 6N FLOPs per token that is not run: dpo.sequence_logps skips the lm_head
+                        # on the prompt positions (all but the last) of every sequence
+                        head_skipped_frac=cfg["vocab"] * cfg["hidden"] * (P - 1) / (n_params * (P + Rl)))
 
     # ------------------------------------------------------------------------------------------------
     # 3. Projection to the paper's setting. Per-token cost scales with the parameter count; 8 GPUs scale
@@ -395,7 +398,9 @@ def markdown(R):
         d, r = R["dpo"], R["reference"]
         out += [f"DPO: {d['batch']} pairs per step (micro-batch {d['micro_batch']}), prompt {d['prompt']} + response "
                 f"{d['response']} tokens, {d['optimizer']}, activation checkpointing {d['grad_ckpt']}, compiled blocks "
-                f"{R['config']['compile']}.", "",
+                f"{R['config']['compile']}. MFU = 6 x parameters x tokens/s / peak bf16 FLOP/s; that count "
+                f"includes the lm_head on prompt positions, which `dpo.sequence_logps` skips ({d['head_skipped_frac']:.1%} "
+                f"of it here), and leaves out attention's own FLOPs.", "",
                 "| stage | tokens/s per GPU | MFU | peak GiB |", "|---|---|---|---|",
                 f"| reference log-probs (forward) | {r['tokens_per_s']:.0f} | {f(r['mfu'], '.1%')} | {f(r['peak_mem_gb'], '.1f')} |",
                 f"| DPO policy update | {d['tokens_per_s']:.0f} | {f(d['mfu'], '.1%')} | {f(d['peak_mem_gb'], '.1f')} |", ""]

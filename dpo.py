@@ -13,6 +13,7 @@ response is the golden y from the SFT set D and the rejected one is the policy's
 (Section 4.2.2: "we regard y as the winner sample and y' as the loser sample"). Response ids already end
 with EOS, so the model also learns where to stop.
 """
+import inspect
 import math
 import time
 
@@ -80,24 +81,36 @@ def latent_weights(s):
 # ----------------------------------------------------------------------------------------------------
 # Eq. 1: log p_theta(y|x) = sum_j log p_theta(y_j | x, y_<j), response tokens only.
 # ----------------------------------------------------------------------------------------------------
-def sequence_logps(model, input_ids, attention_mask, labels):
+def sequence_logps(model, input_ids, attention_mask, labels, start=1):
     """Sum of log-probs of the labelled tokens of each sequence.
 
     input_ids, attention_mask: (B, T), right-padded prompt+response.
     labels: (B, T), equal to input_ids on response tokens and IGNORE (-100) on prompt and padding.
+    start: no row has a labelled token before column `start` (the batch's shortest prompt; >= 1, since
+        token 0 has no logits predicting it). Logits are then made only for positions start-1 .. T-1 (HF's
+        `logits_to_keep`), so the lm_head and the fp32 log-softmax over the vocabulary skip the prompt
+        columns that every row shares. Same result as start=1 (every position), less work and memory.
     returns (B,) float32.
 
     The shift: the logits at position j are the model's distribution for token j+1 (causal LM), so
-    token j is scored by logits[j-1]. Dropping the last logit and the first label lines them up.
+    token j is scored by logits[j-1]. Dropping the last logit and the first `start` labels lines them up.
     Getting this off by one scores every token with its own logits, the classic bug in DPO code:
     test_ldalign.py pins it against -cross_entropy.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
-    logits = logits[:, :-1, :].float()  # (B, T-1, V) position j predicts token j+1; fp32 for log_softmax
-    targets = labels[:, 1:]  # (B, T-1) token j+1, the one predicted by logits[:, j]
-    mask = targets != IGNORE  # (B, T-1) response tokens only
-    logp = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    T = input_ids.shape[1]
+    keep = {"logits_to_keep": T - start + 1} if start > 1 and _takes_logits_to_keep(model) else {}
+    start = start if keep else 1  # a model without logits_to_keep returns every position
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **keep).logits  # (B, T-start+1, V)
+    logits = logits[:, :-1, :].float()  # (B, T-start, V) positions start-1 .. T-2; position j predicts token j+1
+    targets = labels[:, start:]  # (B, T-start) tokens start .. T-1, token j+1 lined up with logits of position j
+    mask = targets != IGNORE  # (B, T-start) response tokens only
+    logp = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-start)
     return (logp * mask).sum(-1)  # (B,) Eq. 1 in log space: a sum, not a mean (as in DPO)
+
+
+def _takes_logits_to_keep(model):
+    """Recent HF causal LMs (Llama, Mistral, GPT-2, ...) can skip the lm_head on leading positions."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def collate(prompts, responses, pad_id):
@@ -123,7 +136,8 @@ def pair_logps(model, pairs, device):
     responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
     pad_id = 0  # any id: padded positions are masked in attention and in labels
     input_ids, attention_mask, labels = (t.to(device) for t in collate(prompts, responses, pad_id))
-    logps = sequence_logps(model, input_ids, attention_mask, labels)  # (2B,)
+    start = max(1, min(len(p) for p in prompts))  # no response token before this column (sequence_logps)
+    logps = sequence_logps(model, input_ids, attention_mask, labels, start)  # (2B,)
     return logps[:B], logps[B:]
 
 
@@ -325,7 +339,7 @@ def sft_train(model, examples, *, lr, epochs, batch_size, micro_batch_size, devi
     def loss_fn(idx, valid):
         xs, ys = [examples[i][0] for i in idx], [examples[i][1] for i in idx]
         input_ids, attention_mask, labels = (t.to(device) for t in collate(xs, ys, 0))
-        logp = sequence_logps(model, input_ids, attention_mask, labels)  # (b,) summed over tokens
+        logp = sequence_logps(model, input_ids, attention_mask, labels, max(1, min(map(len, xs))))  # (b,) summed
         n_tok = (labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)  # (b,)
         v = torch.tensor(valid, dtype=torch.float32, device=device)
         nll = -(logp / n_tok) * v  # (b,) per-token NLL of each real example

@@ -122,6 +122,28 @@ def test_sequence_logps_equals_minus_cross_entropy_on_response_only():
     assert not torch.allclose(wrong, got)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_sequence_logps_skips_shared_prompt_columns(name):
+    """start = the shortest prompt: the lm_head runs on positions start-1 .. T-1 only (logits_to_keep) and the
+    numbers are those of the full computation; one column too far drops a response token and changes them.
+    pair_logps passes the shortest prompt of its micro-batch."""
+    model = {"llama": tiny_llama, "gpt2": lambda: gen_gpt2()}[name]()
+    prompts, responses = [[1, 5, 6, 7], [1, 9, 4]], [[10, 11, 2], [12, 13, 14, 15, 2]]
+    ids, mask, labels = dpo.collate(prompts, responses, pad_id=0)  # (2, 8): T = 8, shortest prompt 3
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[1]))
+    full = dpo.sequence_logps(model, ids, mask, labels)
+    skip = dpo.sequence_logps(model, ids, mask, labels, start=3)
+    assert seen == [8, 6]  # positions 2 .. 7
+    torch.testing.assert_close(skip, full, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(dpo.sequence_logps(model, ids, mask, labels, start=4), full)
+    seen.clear()
+    torch.testing.assert_close(torch.cat(dpo.pair_logps(model, [(prompts[0], responses[0], responses[1])],
+                                                        torch.device("cpu"))), dpo.sequence_logps(
+        model, *dpo.collate([prompts[0]] * 2, responses, pad_id=0)), rtol=1e-6, atol=1e-6)
+    assert seen[0] == 9 - 4 + 1  # pair_logps: T = 9, prompt 4 -> positions 3 .. 8
+
+
 def test_collate_masks_prompt_and_padding():
     ids, mask, labels = dpo.collate([[1, 5], [1, 6, 7]], [[8, 2], [9, 2]], pad_id=0)
     assert ids.tolist() == [[1, 5, 8, 2, 0], [1, 6, 7, 9, 2]]

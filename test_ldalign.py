@@ -1291,8 +1291,8 @@ def test_cuda_one_gpu_bf16_training_sees_updated_weights():
 
     def train(outer):
         model = tiny_llama().to(dev)
-        with dpo.autocast(dev, model):  # as ldalign.reference_stage
-            rc, rr = dpo.reference_logps(model, pairs, 8, dev)
+        with dpo.autocast(dev, model):  # as ldalign.reference_stage; micro-batch 2 as in training (same shapes)
+            rc, rr = dpo.reference_logps(model, pairs, 2, dev)
         with torch.autocast("cuda", dtype=torch.bfloat16) if outer else contextlib.nullcontext():
             hist = dpo.dpo_train(model, pairs, rc, rr, torch.ones(8), beta=0.5, lr=1e-2, epochs=3, batch_size=4,
                                  micro_batch_size=2, device=dev, optimizer="adamw")
@@ -1302,7 +1302,7 @@ def test_cuda_one_gpu_bf16_training_sees_updated_weights():
     # approx: the backward, too, runs under the outer block (its bf16 casts may round differently); stale
     # weights were off by far more (0.47 instead of 0.27 at step 2 on the CPU)
     assert train(outer=True) == pytest.approx(losses, abs=2e-2)
-    assert abs(losses[0] - math.log(2)) < 1e-2 and losses[-1] < 0.5 * losses[0]
+    assert abs(losses[0] - math.log(2)) < 2e-2 and losses[-1] < 0.5 * losses[0]  # step 0: policy == reference
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "fsdp_worker":
     _fsdp_worker(sys.argv[2])

@@ -13,7 +13,6 @@ response is the golden y from the SFT set D and the rejected one is the policy's
 (Section 4.2.2: "we regard y as the winner sample and y' as the loser sample"). Response ids already end
 with EOS, so the model also learns where to stop.
 """
-import inspect
 import math
 import time
 
@@ -21,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from generate import pad_sequences
+from generate import forward_names, pad_sequences
 
 IGNORE = -100  # label value of prompt and padding tokens: not part of log p(y|x)
 
@@ -98,7 +97,8 @@ def sequence_logps(model, input_ids, attention_mask, labels, start=1):
     test_ldalign.py pins it against -cross_entropy.
     """
     T = input_ids.shape[1]
-    keep = {"logits_to_keep": T - start + 1} if start > 1 and _takes_logits_to_keep(model) else {}
+    _, takes_logits_to_keep = forward_names(model)  # generate.py's lookup of the model's forward arguments
+    keep = {"logits_to_keep": T - start + 1} if start > 1 and takes_logits_to_keep else {}
     start = start if keep else 1  # a model without logits_to_keep returns every position
     logits = model(input_ids=input_ids, attention_mask=attention_mask, **keep).logits  # (B, T-start+1, V)
     logits = logits[:, :-1, :].float()  # (B, T-start, V) positions start-1 .. T-2; position j predicts token j+1
@@ -106,11 +106,6 @@ def sequence_logps(model, input_ids, attention_mask, labels, start=1):
     mask = targets != IGNORE  # (B, T-start) response tokens only
     logp = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-start)
     return (logp * mask).sum(-1)  # (B,) Eq. 1 in log space: a sum, not a mean (as in DPO)
-
-
-def _takes_logits_to_keep(model):
-    """Recent HF causal LMs (Llama, Mistral, GPT-2, ...) can skip the lm_head on leading positions."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def collate(prompts, responses, pad_id):

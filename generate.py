@@ -97,12 +97,13 @@ def _all_finished(finished):
     return bool(done.item())
 
 
-def _forward_names(model):
+def forward_names(model):
     """The keyword names this model's forward takes, looked up once per generate() call (not per token).
 
     transformers 5.2x renamed `past_key_values` to `cache` (the old name still works, with a warning).
     `logits_to_keep` (recent HF: Llama, GPT-2, Mistral, ...) makes the model skip the lm_head on every
-    position but the last: (B, T, V) logits of a long prompt and a large vocabulary are big.
+    position but the last: (B, T, V) logits of a long prompt and a large vocabulary are big (dpo.sequence_logps
+    uses it too, to skip the prompt positions).
     """
     params = inspect.signature(model.forward).parameters
     return ("cache" if "cache" in params else "past_key_values"), ("logits_to_keep" in params)
@@ -172,7 +173,7 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
     """
     if compile and not static:
         raise ValueError("compile=True needs static=True: a compiled decode step needs fixed shapes")
-    cache_name, keep_last = _forward_names(model)
+    cache_name, keep_last = forward_names(model)
     if static:
         # Extra left padding up to a multiple of PAD_MULTIPLE: masked, so the output is unchanged, and the
         # compiled step sees a handful of cache lengths instead of one per batch.

@@ -188,23 +188,26 @@ def test_bf16_autocast_training_sees_updated_weights(monkeypatch):
     wraps each forward only, and _train_loop drops the cache after each step: training under a caller's
     outer block equals training without one, and the loss falls."""
     monkeypatch.setattr(dpo, "autocast", lambda device, model: torch.autocast("cpu", dtype=torch.bfloat16))
-    pairs = [([1, 5 + i % 3], [7, 8, 2], [9, 9, 2]) for i in range(8)]
-
-    def train(outer):
-        model = tiny_llama()
-        rc, rr = dpo.reference_logps(model, pairs, 8, torch.device("cpu"))
-        # (not `enabled=outer`: even a disabled autocast block keeps the cache alive until it exits)
-        with torch.autocast("cpu", dtype=torch.bfloat16) if outer else contextlib.nullcontext():
-            hist = dpo.dpo_train(model, pairs, rc, rr, torch.ones(8), beta=0.5, lr=1e-2, epochs=3, batch_size=4,
-                                 micro_batch_size=2, device=torch.device("cpu"), optimizer="adamw")
-        return [h["loss"] for h in hist], model.state_dict()
-
-    losses, weights = train(outer=False)
-    losses_outer, weights_outer = train(outer=True)
+    losses, weights = _train_under_outer_autocast(torch.device("cpu"), outer=False)
+    losses_outer, weights_outer = _train_under_outer_autocast(torch.device("cpu"), outer=True)
     assert losses_outer == losses
     for k in weights:
         torch.testing.assert_close(weights_outer[k], weights[k], rtol=0, atol=0)
     assert losses[-1] < 0.5 * losses[0]
+
+
+def _train_under_outer_autocast(device, outer):
+    """DPO on 8 toy pairs with dpo.autocast, inside a caller's own bf16 autocast block if `outer`.
+    Returns the logged losses and the final weights."""
+    pairs = [([1, 5 + i % 3], [7, 8, 2], [9, 9, 2]) for i in range(8)]
+    model = tiny_llama().to(device)
+    with dpo.autocast(device, model):  # as ldalign.reference_stage; micro-batch 2 as in training (same shapes)
+        rc, rr = dpo.reference_logps(model, pairs, 2, device)
+    # (not `enabled=outer`: even a disabled autocast block keeps the cache alive until it exits)
+    with torch.autocast(device.type, dtype=torch.bfloat16) if outer else contextlib.nullcontext():
+        hist = dpo.dpo_train(model, pairs, rc, rr, torch.ones(8), beta=0.5, lr=1e-2, epochs=3, batch_size=4,
+                             micro_batch_size=2, device=device, optimizer="adamw")
+    return [h["loss"] for h in hist], model.state_dict()
 
 
 def test_nan_loss_stops_with_clear_message():
@@ -1286,23 +1289,13 @@ def test_cuda_graph_decode_equals_dynamic_cache_and_hf_generate(name):
 def test_cuda_one_gpu_bf16_training_sees_updated_weights():
     """The real one-GPU path (fp32 weights, dpo.autocast = bf16 autocast): a caller's autocast block around
     training changes nothing, and the loss falls (test_bf16_autocast_training_sees_updated_weights on CPU)."""
-    dev = torch.device("cuda")
-    pairs = [([1, 5 + i % 3], [7, 8, 2], [9, 9, 2]) for i in range(8)]
-
-    def train(outer):
-        model = tiny_llama().to(dev)
-        with dpo.autocast(dev, model):  # as ldalign.reference_stage; micro-batch 2 as in training (same shapes)
-            rc, rr = dpo.reference_logps(model, pairs, 2, dev)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if outer else contextlib.nullcontext():
-            hist = dpo.dpo_train(model, pairs, rc, rr, torch.ones(8), beta=0.5, lr=1e-2, epochs=3, batch_size=4,
-                                 micro_batch_size=2, device=dev, optimizer="adamw")
-        return [h["loss"] for h in hist]
-
-    losses = train(outer=False)
+    losses, _ = _train_under_outer_autocast(torch.device("cuda"), outer=False)
+    losses_outer, _ = _train_under_outer_autocast(torch.device("cuda"), outer=True)
     # approx: the backward, too, runs under the outer block (its bf16 casts may round differently); stale
     # weights were off by far more (0.47 instead of 0.27 at step 2 on the CPU)
-    assert train(outer=True) == pytest.approx(losses, abs=2e-2)
+    assert losses_outer == pytest.approx(losses, abs=2e-2)
     assert abs(losses[0] - math.log(2)) < 2e-2 and losses[-1] < 0.5 * losses[0]  # step 0: policy == reference
+
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "fsdp_worker":
     _fsdp_worker(sys.argv[2])

@@ -43,6 +43,9 @@ def ldalign_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
     Gradient (Eq. 5, corrected): d losses_i / d theta = -beta * w_i * sigma(-z_i) * (grad log p(y) - grad log p(y')),
     because d/dz log sigma(z) = sigma(-z). The paper prints sigma(z); see README, errata.
     """
+    shapes = [tuple(t.shape) for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, weights)]
+    if len(set(shapes)) != 1 or len(shapes[0]) != 1:  # a (B, 1) weight would silently broadcast to a (B, B) loss
+        raise ValueError(f"ldalign_loss expects five (B,) tensors, got shapes {shapes}")
     # The weights are constants of the update: phi is frozen while theta moves (README, errata), so no
     # gradient may flow into them even if a caller passes a tensor that requires grad.
     weights = weights.detach()
@@ -290,15 +293,31 @@ def _train_loop(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micr
         rec = {"step": step + 1, "steps": total, "loss": stats[0].item(), "lr": opt.param_groups[0]["lr"],
                "grad_norm": float(gnorm)}
         rec.update({k: v.item() for k, v in zip(stats_names, stats[1:])})
-        if not math.isfinite(rec["loss"]):
-            raise FloatingPointError(f"loss is {rec['loss']} at step {step + 1}/{total}; stopping before the weights "
-                                     "are saved (the last finished checkpoint on disk is intact). Lower --lr or --beta.")
+        if not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])):  # a finite loss can still
+            # come with an inf gradient, which has just been applied: stop now, not one step later
+            raise FloatingPointError(f"loss is {rec['loss']} at step {step + 1}/{total} (gradient norm {rec['grad_norm']}); "
+                                     "stopping before the weights are saved (the last finished checkpoint on disk is "
+                                     "intact). Lower --lr or --beta.")
         history.append(rec)
         if log_fn and (step % log_every == 0 or step + 1 == total):
             el = time.time() - t0
             rec = dict(rec, elapsed_s=round(el, 1), eta_s=round(el / (step + 1) * (total - step - 1), 1))
             log_fn(rec)
     return history
+
+
+def disable_dropout(model):
+    """Dropout off for the DPO update (as TRL's DPOTrainer, disable_dropout=True, which SPIN's trainer derives from).
+
+    The cached log p_ref comes from an eval-mode forward (reference_logps); with dropout on in training, log p_theta
+    is a noisy, biased estimate of the same quantity, so even at step 0 (policy == reference) z != 0 and the loss is
+    not w log 2. Zephyr / Mistral / Llama have no dropout (attention_dropout = 0); GPT-2-style policies do (0.1).
+    """
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):  # Llama-style attention: a float, not a module
+            m.attention_dropout = 0.0
 
 
 def dpo_train(model, pairs, ref_chosen, ref_rejected, weights, *, beta, lr, epochs, batch_size, micro_batch_size,
@@ -310,6 +329,7 @@ def dpo_train(model, pairs, ref_chosen, ref_rejected, weights, *, beta, lr, epoc
     The model is updated in place; returns the logged metric dicts.
     """
     weights = torch.as_tensor(weights, dtype=torch.float32)
+    disable_dropout(model)
 
     def loss_fn(idx, valid):
         pc, pr = pair_logps(model, [pairs[i] for i in idx], device)  # (b,), (b,)

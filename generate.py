@@ -51,19 +51,33 @@ def apply_top_k(logits, k):
     return logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th value are kept
 
 
+def sample_categorical(probs, generator):
+    """One draw per row: (B, V) probs -> (B,) token ids, without a GPU->CPU sync.
+
+    argmax_v p_v / E_v with E_v ~ Exp(1) picks v with probability p_v (the "exponential race"). It is what
+    torch.multinomial itself computes for one draw, so the same generator gives the same tokens; but multinomial
+    first validates its input on the host (.item() calls), which on a GPU stalls the CPU at every decode step
+    and defeats the CUDA-graph replay. What is lost is only that check: NaN logits would give a garbage token
+    instead of an error (a policy that far gone already stops training at its NaN loss, dpo._train_loop).
+    """
+    e = torch.empty_like(probs).exponential_(1, generator=generator)  # (B, V), E_v ~ Exp(1)
+    return (probs / e).argmax(dim=-1)
+
+
 def sample_top_p(probs, p, generator):
     """Nucleus sampling, as llama's reference `sample_top_p`: (B, V) probs -> (B,) token ids.
 
-    Keep the smallest prefix of the sorted distribution whose mass reaches p; the most likely token is
-    always kept (its "mass before" is 0), so p -> 0 is greedy.
+    Keep the tokens of the sorted distribution whose preceding mass is <= p, i.e. the smallest prefix whose mass
+    exceeds p (one token more than HF's TopPLogitsWarper when a prefix's mass equals p exactly); the most likely
+    token is always kept (its "mass before" is 0), so p -> 0 is greedy.
     """
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (B, V)
     probs_sum = torch.cumsum(probs_sort, dim=-1)  # (B, V)
     mask = probs_sum - probs_sort > p  # a token is dropped when the tokens before it already hold > p
     probs_sort = probs_sort.masked_fill(mask, 0.0)
     probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)  # renormalise the nucleus
-    pick = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (B, 1) index into the sort
-    return torch.gather(probs_idx, -1, pick).squeeze(-1)  # (B,) back to vocabulary ids
+    pick = sample_categorical(probs_sort, generator)  # (B,) index into the sort
+    return torch.gather(probs_idx, -1, pick[:, None]).squeeze(-1)  # (B,) back to vocabulary ids
 
 
 def sample_next(logits, temperature, top_p, top_k, generator):
@@ -74,7 +88,7 @@ def sample_next(logits, temperature, top_p, top_k, generator):
     probs = torch.softmax(logits, dim=-1)  # (B, V)
     if top_p < 1.0:
         return sample_top_p(probs, top_p, generator)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return sample_categorical(probs, generator)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,7 +181,8 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
       static=False  DynamicCache: grows by one column per step (a torch.cat per layer per step). Simple.
       static=True   StaticCache: allocated once at its final length T + max_new_tokens and written in
                     place; every decode step has the same shapes and buffers, which is what
-                    compile=True (torch.compile; CUDA graphs on GPU) needs. Same tokens as static=False.
+                    compile=True (torch.compile; CUDA graphs on GPU) needs. Same tokens as static=False in fp32
+                    (in bf16 the masked extra columns change the attention sums' rounding: near-ties may flip).
                     `cache`: a StaticCache of this batch size and at least T + max_new_tokens positions
                     (T rounded up to PAD_MULTIPLE) to reuse; it is reset here (see sample_responses for why).
     """

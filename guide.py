@@ -198,17 +198,24 @@ def train_guide(guide, examples, *, epochs, batch_size, lr, pad_id, seed, device
 
 # ==================================================================== diagnostics and s_phi
 @torch.no_grad()
-def eval_guide(guide, examples, *, batch_size, pad_id, device):
+def eval_guide(guide, examples, *, batch_size, pad_id, device, partner=None):
     """Per-token NLL of the reconstruction with the TRUE latent vs. with a SHUFFLED latent (h rolled by 1 over the
     whole example list, so a last batch of size 1 still gets someone else's h). If the decoder ignores h (posterior
-    collapse: it just models p(y|x)), the two are equal; a useful guide has nll_shuffled_h clearly > nll_true_h."""
+    collapse: it just models p(y|x)), the two are equal; a useful guide has nll_shuffled_h clearly > nll_true_h.
+
+    A shuffled h usually comes from another prompt, so that gap also counts what h knows about x. partner[i] = the
+    index of an example with the same prompt and another response (y' for y, y for y'), or None: then
+    nll_same_prompt_h reconstructs example i from its partner's h, and its gap over nll_true_h is what h knows
+    about the response itself, the part that s_phi = ||phi(x, y) - phi(x, y')|| measures."""
     was_training = guide.training
     guide.eval()
     batches = [collate_guide(examples[b:b + batch_size], pad_id) for b in range(0, len(examples), batch_size)]
     with _autocast(device):
         H = torch.cat([guide.encode(**_to(bt, device)).float() for bt in batches])  # (N, d)
         Hs = H.roll(1, dims=0)  # (N, d): example i gets example i-1's latent
-        tot = {"true": 0.0, "shuf": 0.0}
+        has = torch.tensor([p is not None for p in partner]) if partner else torch.zeros(len(examples), dtype=torch.bool)
+        Hp = H[torch.tensor([i if p is None else p for i, p in enumerate(partner)])] if partner else H  # (N, d)
+        tot = {"true": 0.0, "shuf": 0.0, "pair_true": 0.0, "pair_swap": 0.0, "pair_tok": 0.0}
         ntok, off = 0.0, 0
         for bt in batches:
             bt = _to(bt, device)
@@ -218,11 +225,21 @@ def eval_guide(guide, examples, *, batch_size, pad_id, device):
             tot["true"] += s_true.sum().item()
             tot["shuf"] += s_shuf.sum().item()
             ntok += cnt.sum().item()
+            m = has[off:off + B].to(s_true.device)  # (B,) rows that have a same-prompt partner
+            if m.any():
+                s_swap, _ = guide.recon_nll(**bt, h=Hp[off:off + B])
+                tot["pair_true"] += s_true[m].sum().item()
+                tot["pair_swap"] += s_swap[m].sum().item()
+                tot["pair_tok"] += cnt[m].sum().item()
             off += B
     guide.train(was_training)
-    ntok = max(ntok, 1.0)
-    return {"nll_true_h": tot["true"] / ntok, "nll_shuffled_h": tot["shuf"] / ntok, "n": len(examples),
-            "n_tokens": int(ntok)}
+    ntok, ptok = max(ntok, 1.0), max(tot["pair_tok"], 1.0)
+    out = {"nll_true_h": tot["true"] / ntok, "nll_shuffled_h": tot["shuf"] / ntok, "n": len(examples),
+           "n_tokens": int(ntok)}
+    if partner:  # over the rows with a partner only, both with their own h and with the partner's
+        out.update(nll_true_h_paired=tot["pair_true"] / ptok, nll_same_prompt_h=tot["pair_swap"] / ptok,
+                   n_paired=int(has.sum()))
+    return out
 
 
 @torch.no_grad()

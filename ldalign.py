@@ -96,6 +96,15 @@ DEFAULTS = dict(
 
 METHODS = ("ldalign", "spin", "dpo", "sft")
 
+# A rerun with the same --out resumes: finished stages are read back, not recomputed. These are the settings the
+# stored stages depend on; a rerun that changes one of them stops (check_settings) instead of mixing two runs.
+# The others (T, method, batch sizes for memory, compile flags, evaluation, logging) may change between calls.
+SHARED_KEYS = ("data", "max_examples", "overlength", "seed", "policy", "max_len", "max_prompt_len", "max_new_tokens",
+               "sft_steps", "sft_lr", "sft_batch_size", "temperature", "top_p", "top_k",
+               "guide", "latent_dim", "guide_epochs", "guide_lr", "guide_batch_size")  # theta_0, iter0/, guide/
+METHOD_KEYS = ("reuse_line2_samples", "pref_data", "beta", "lr", "optimizer", "warmup_ratio", "max_grad_norm",
+               "epochs", "batch_size")  # <method>/iter*/: each method its own (a later call may run dpo at its lr)
+
 PRESETS = {
     "tiny": {},
     # The paper's setting (Section 5.1): zephyr-7b-sft-full (Mistral-7B SFT on UltraChat 200k), a GPT-2
@@ -164,9 +173,27 @@ def parse_args(argv):
         raise SystemExit("--judge is 'toy' or 'reward' (which needs --reward_model)")
     if cfg["gen_compile"] and not cfg["gen_static"]:
         raise SystemExit("--gen_compile true needs --gen_static true (a compiled decode step needs fixed shapes)")
+    if cfg["temperature"] < 0 or not 0 < cfg["top_p"] <= 1 or cfg["top_k"] < 0:  # -1 would sample the argmin
+        raise SystemExit("sampling needs --temperature >= 0 (0 = greedy), 0 < --top_p <= 1, --top_k >= 0 (0 = off)")
     if cfg["max_prompt_len"] + cfg["max_new_tokens"] > cfg["max_len"]:
         raise SystemExit("need max_prompt_len + max_new_tokens <= max_len (a sampled y' must fit in training)")
     return cfg
+
+
+def check_settings(path, cfg, methods, rank):
+    """settings.json: {"shared": SHARED_KEYS, <method>: METHOD_KEYS, ...} as the stored stages were computed.
+    A section is written the first time it is needed; a rerun (resume) whose settings differ from a stored
+    section stops here, before any compute and without touching what is stored."""
+    want = {"shared": {k: cfg[k] for k in SHARED_KEYS}, **{m: {k: cfg[k] for k in METHOD_KEYS} for m in methods}}
+    had = json.load(open(path)) if os.path.exists(path) else {}
+    diff = [f"{sec}: --{k} {had[sec].get(k)!r} -> {v!r}" for sec, kv in want.items() if sec in had
+            for k, v in kv.items() if had[sec].get(k) != v]
+    if diff:
+        raise SystemExit(f"{path}: this run folder's finished stages were computed with other settings "
+                         f"({'; '.join(diff)}); a rerun would reuse them with the new ones. Pass the old values, "
+                         f"or a new --out (or delete {path} to reuse them anyway).")
+    if rank == 0 and any(sec not in had for sec in want):
+        write_atomic(path, json.dumps(dict(had, **want), indent=2))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,6 +240,28 @@ def fsdp_wrap(model, device):
         fully_shard(m, mesh=mesh, mp_policy=block_mp)
     fully_shard(model, mesh=mesh, mp_policy=root_mp)
     return model
+
+
+def load_policy(path, cfg, device, world):
+    """A policy checkpoint, ready to sample and train: fp32 master weights on `device` (FSDP2-sharded when
+    world > 1, whose mixed precision then computes in bf16), activation checkpointing / compiled blocks per cfg.
+
+    theta_0 from outside (--policy) loads in the dtype it is stored in ("auto": zephyr's bf16 weights are 14 GB
+    per process in CPU memory, not 28; the cast to fp32 below is exact). The checkpoints this run writes
+    (theta_t, the toy theta_0) hold fp32 master weights and load as fp32 whatever their config.json says
+    (zephyr's says bfloat16): a bf16 round trip on resume would erase most of an iteration's update, since at
+    lr 5e-7 a weight moves far less than bf16's spacing (2^-8 of its size).
+    """
+    from transformers import AutoModelForCausalLM
+    dtype = "auto" if path == cfg["policy"] else torch.float32
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg["trust_remote_code"])
+    if cfg["grad_ckpt"]:
+        m.gradient_checkpointing_enable()  # recompute activations in backward; HF turns the cache off in training only
+    if cfg["compile"]:
+        compile_blocks(m)
+    if world > 1:
+        m = fsdp_wrap(m, device)
+    return m.to(device=device, dtype=torch.float32)
 
 
 def compile_blocks(model):
@@ -335,11 +384,15 @@ def jsonl_records(path, what):
     raises ValueError naming file:line. Shared by the SFT and the preference data loaders."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: {what} file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes: a bad UTF-8 sequence is then reported with its line like any other error
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) carry no record
-            where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
@@ -417,7 +470,7 @@ def tokenize_pref(records, tok, cfg, skipped):
     """Policy tokens of (x, chosen, rejected), with the same length checks as tokenize_data."""
     kept = []
     for r in records:
-        px, pc, pr = prompt_ids(tok, r["x"]), response_ids(tok, r["chosen"]), response_ids(tok, r["rejected"])
+        px, pc, pr = prompt_ids(tok, r["x"]), response_ids(tok, r["x"], r["chosen"]), response_ids(tok, r["x"], r["rejected"])
         if not too_long(r["where"], length_problems(px, [pc, pr], cfg), cfg, skipped):
             kept.append((px, pc, pr))
     if not kept:
@@ -452,17 +505,34 @@ def prompt_ids(tokenizer, x):
     SPIN's public code generates with one prompt format and trains with another; a policy then learns
     from sequences it never produces. Here both paths call this function, so x's tokens are identical.
     """
-    text = tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(prompt_text(tokenizer, x), add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids  # exactly one BOS, whether or not the template writes it
     return ids
 
 
-def response_ids(tokenizer, y):
-    """Golden response tokens, ending with EOS so the policy learns to stop."""
-    return tokenizer(y, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def prompt_text(tokenizer, x):
+    """x in the policy's chat template, ending where the assistant's answer begins."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False)
+
+
+def response_ids(tokenizer, x, y):
+    """Golden response tokens as they follow x's prompt in one text, ending with EOS so the policy learns to stop.
+
+    y is tokenized together with its templated prompt and cut at the prompt's length: that is how the SFT data
+    was tokenized (whole conversations) and how the policy's samples y' come out. Tokenized alone, a SentencePiece
+    tokenizer (Llama, Mistral / zephyr) starts y with a word-start piece ("_Hello") that the policy never emits
+    after "<|assistant|>\n" ("Hello"): every golden y would differ from every sampled y' in its first token, a
+    difference DPO learns at once and that says nothing about quality. (TRL's DPOTrainer splits the same way.)
+    Where the prompt's last token would merge with y's first characters, there is no clean cut, and y is
+    tokenized alone: the policy only ever continues the prompt's own tokens.
+    """
+    text = prompt_text(tokenizer, x)
+    p = tokenizer(text, add_special_tokens=False)["input_ids"]
+    both = tokenizer(text + y, add_special_tokens=False)["input_ids"]
+    ids = both[len(p):] if both[:len(p)] == p else tokenizer(y, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id]
 
 
 def tokenize_data(records, tok, gtok, cfg, log):
@@ -473,7 +543,7 @@ def tokenize_data(records, tok, gtok, cfg, log):
     """
     kept, skipped = [], []
     for r in records:
-        px, py = prompt_ids(tok, r["x"]), response_ids(tok, r["y"])
+        px, py = prompt_ids(tok, r["x"]), response_ids(tok, r["x"], r["y"])
         gx, gy = guide_ids(gtok, r["x"], r["y"])
         problems = length_problems(px, [py], cfg)
         if len(gx) + max(len(gy), cfg["max_new_tokens"] + 1) > cfg["guide_max_len"]:
@@ -483,12 +553,14 @@ def tokenize_data(records, tok, gtok, cfg, log):
     if skipped:
         log(f"skipped {len(skipped)} over-length records (listed in skipped.jsonl); kept {len(kept)}")
     if not kept:
-        raise ValueError(f"{cfg['data']}: every record is over-length")
+        src = records[0]["where"].rsplit(":", 1)[0] if records else cfg["data"]  # --data or --eval_data
+        raise ValueError(f"{src}: every record is over-length")
     return kept, skipped
 
 
 def guide_ids(gtok, x, y):
-    """The guide reads plain text, x then y (no chat template: GPT-2 has none); y ends with EOS."""
+    """The guide reads plain text, x then y (no chat template: GPT-2 has none); y ends with EOS (guide_triples
+    removes it again from a sample y' that the length cap cut off before its EOS)."""
     gx = gtok(x + "\n", add_special_tokens=False)["input_ids"]
     gy = gtok(y, add_special_tokens=False)["input_ids"] + [gtok.eos_token_id]
     return gx, gy
@@ -569,11 +641,13 @@ def save_guide_ckpt(guide, guide_src, latent_dim, guide_dir, diag, rank):
 def sample_stage(model, tok, data, path, cfg, seed, ctx, greedy=False, what="y'"):
     """Algorithm 1, lines 2 / 7: one response per prompt from the current policy; every rank samples its
     share, all ranks end with all samples; rank 0 writes them. Skipped when `path` already exists."""
-    if path and os.path.exists(path):
+    if path and os.path.exists(path):  # written atomically: if it is there, it is complete
         recs = read_jsonl(path)
-        if len(recs) == len(data):
-            ctx["log"](f"[skip] {path} exists")
-            return [r["y_prime_ids"] for r in recs]
+        if [r["x"] for r in recs] != [d["x"] for d in data]:
+            raise SystemExit(f"{path} holds samples for other prompts than the {len(data)} of {cfg['data']} (was the "
+                             "file changed?); delete it, or use a new --out")
+        ctx["log"](f"[skip] {path} exists")
+        return [r["y_prime_ids"] for r in recs]
     rank, world, device = ctx["rank"], ctx["world"], ctx["device"]
     idx, n_real = shard_indices(len(data), rank, world)
     t0 = time.time()
@@ -674,7 +748,7 @@ def agreement_stage(model, tok, gtok, guide, data, cfg, ctx, path, rm):
 
 def die_at(stage):
     """Test hook for the resume tests: LDALIGN_DIE_AT=<stage> kills the process there, as a crash or a
-    pre-empted job would (no cleanup, no atexit). Stages: sft, samples0, guide, <method>.iter<t>.train."""
+    pre-empted job would (no cleanup, no atexit). Stages: sft, samples0, guide, <method>.iter<t>.train / .eval."""
     if os.environ.get("LDALIGN_DIE_AT") == stage:
         print(f"LDALIGN_DIE_AT={stage}: killing the run here", flush=True)
         os._exit(137)
@@ -688,6 +762,8 @@ def guide_triples(data, tok, gtok, y_prime_ids, guide_max_len):
     out = []
     for d, yp in zip(data, y_prime_ids):
         gyp = guide_ids(gtok, d["x"], tok.decode(yp, skip_special_tokens=True))[1]
+        if not yp or yp[-1] != tok.eos_token_id:
+            gyp = gyp[:-1]  # cut off at max_new_tokens: no EOS, so the guide sees an unfinished answer as one
         out.append((d["gx"], d["gy"], gyp[:guide_max_len - len(d["gx"])]))
     return out
 
@@ -710,7 +786,7 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     log(f"LD-Align | preset={cfg['preset']} method={cfg['method']} T={cfg['T']} | {world} process(es) on {device}")
     if rank == 0:
-        write_atomic(os.path.join(out, "config.json"), json.dumps(cfg, indent=2))
+        write_atomic(os.path.join(out, "config.json"), json.dumps(cfg, indent=2))  # all of this call's settings
 
     # ------------------------------------------------------------------------------------------------
     # Require: D = {(x_i, y_i)}, guide T = (phi, psi), LLM theta_0. Everything is read and checked here,
@@ -725,15 +801,15 @@ def main(argv=None):
     eval_records = load_sft_jsonl(cfg["eval_data"], cfg["max_eval"]) if cfg["eval_data"] else []
     tok_dir = os.path.join(out, "tokenizer")
     if tiny:
-        if not os.path.isdir(tok_dir):
-            if rank == 0:
-                texts = [t for r in records for t in (r["x"], r["y"])]
-                tok = train_toy_tokenizer(texts)
-                tok.save_pretrained(tok_dir + ".tmp")
-                shutil.rmtree(tok_dir, ignore_errors=True)
-                os.replace(tok_dir + ".tmp", tok_dir)
-            if dist.is_initialized():
-                dist.barrier()
+        if rank == 0 and not os.path.isdir(tok_dir):
+            texts = [t for r in records for t in (r["x"], r["y"])]
+            tok = train_toy_tokenizer(texts)
+            tok.save_pretrained(tok_dir + ".tmp")
+            shutil.rmtree(tok_dir, ignore_errors=True)
+            os.replace(tok_dir + ".tmp", tok_dir)
+        if dist.is_initialized():
+            dist.barrier()  # on every rank, whatever it saw: a rank that found the folder already written by a
+            # fast rank 0 and skipped the barrier would leave rank 0 waiting in it forever
         tok = AutoTokenizer.from_pretrained(tok_dir)
     else:
         tok = AutoTokenizer.from_pretrained(cfg["policy"], trust_remote_code=cfg["trust_remote_code"])
@@ -748,7 +824,8 @@ def main(argv=None):
         guide_src = cfg["guide"]
         cfg["guide_max_len"] = GPT2Config.from_pretrained(cfg["guide"]).n_positions
     data, skipped = tokenize_data(records, tok, gtok, cfg, log)
-    eval_data, _ = tokenize_data(eval_records, tok, gtok, cfg, log) if eval_records else ([], [])
+    eval_data, eval_skipped = tokenize_data(eval_records, tok, gtok, cfg, log) if eval_records else ([], [])
+    skipped += eval_skipped  # one skipped.jsonl for every file; each entry names its file:line
     sft_pairs = [(d["px"], d["py"]) for d in data]  # all records: the SFT set of theta_0 (tiny preset)
     if cfg["max_examples"]:
         data = data[:cfg["max_examples"]]  # D of Algorithm 1: a subset, as in the paper (50k of 200k)
@@ -758,6 +835,8 @@ def main(argv=None):
         if "dpo" in methods else None
     if skipped and rank == 0:
         write_jsonl(os.path.join(out, "skipped.jsonl"), skipped)  # every over-length record, file:line and why
+    # The data is good; does this folder's stored work fit these settings? (a rerun resumes from it)
+    check_settings(os.path.join(out, "settings.json"), cfg, methods, rank)
     rm = None
     if cfg["reward_model"]:  # loaded now: a wrong path fails before hours of compute
         rm = analysis.load_reward_model(cfg["reward_model"], device=torch.device("cpu"),
@@ -781,19 +860,6 @@ def main(argv=None):
         del model
     theta0_path = sft_dir if tiny else cfg["policy"]
 
-    def load_policy(path):
-        # On GPU, load in bf16 (a 7B model is 14 GB per process in CPU memory, not 28), shard, then hold
-        # fp32 master weights on the GPU: FSDP's mixed precision computes in bf16.
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg["trust_remote_code"])
-        if cfg["grad_ckpt"]:
-            m.gradient_checkpointing_enable()  # recompute activations in backward; HF turns the cache off in training only
-        if cfg["compile"]:
-            compile_blocks(m)
-        if world > 1:
-            m = fsdp_wrap(m, device)
-        return m.to(device=device, dtype=torch.float32)
-
     # theta_0's own evaluation, its samples (lines 1-3), the guide (line 4) and the Section 5.2 ranking
     # analysis: shared by every method. theta_0 is loaded only if one of them is still to do.
     os.makedirs(os.path.join(out, "iter0"), exist_ok=True)
@@ -802,7 +868,7 @@ def main(argv=None):
     agreement_path = os.path.join(guide_dir, "agreement.json")
     todo = [not os.path.exists(os.path.join(out, "iter0", "eval.json")) and eval_data, not os.path.exists(samples0),
             not os.path.isdir(guide_dir), cfg["agreement_n"] > 0 and not os.path.exists(agreement_path)]
-    model = load_policy(theta0_path) if any(todo) else None
+    model = load_policy(theta0_path, cfg, device, world) if any(todo) else None
     if model is not None:
         log(f"theta_0: {theta0_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
     ev0 = evaluate(model, tok, eval_data, os.path.join(out, "iter0", "eval.json"), cfg, ctx, rm)
@@ -834,13 +900,18 @@ def main(argv=None):
                               batch_size=cfg["guide_batch_size"], lr=cfg["guide_lr"], pad_id=gtok.eos_token_id,
                               seed=cfg["seed"], device=device, log_every=cfg["log_every"] * 5,
                               log_fn=lambda m: log("  " + m))
-        # Does the decoder use h? Reconstruct examples with the true and with a shuffled latent.
-        n_diag = min(len(examples), 1024)
-        diag_idx = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:n_diag].tolist()
-        diag = guide_lib.eval_guide(guide, [examples[i] for i in diag_idx], batch_size=cfg["guide_batch_size"],
-                                    pad_id=gtok.eos_token_id, device=device)
+        # Does the decoder use h? Reconstruct (training) examples with the true latent, another example's, and
+        # (for pairs with y' != y) the same prompt's other response's: that last gap is what s_phi can see.
+        pairs_diff = [i for i, (_, gy, gyp) in enumerate(triples) if gy != gyp]
+        pick = torch.randperm(len(pairs_diff), generator=torch.Generator().manual_seed(0))[:512].tolist()
+        pick = [pairs_diff[k] for k in pick] or list(range(min(512, len(triples))))  # (every y' == y: no pairs)
+        n = len(pick)
+        diag = guide_lib.eval_guide(guide, [examples[i] for i in pick] + [examples[len(triples) + i] for i in pick],
+                                    batch_size=cfg["guide_batch_size"], pad_id=gtok.eos_token_id, device=device,
+                                    partner=[k + n for k in range(n)] + list(range(n)) if pairs_diff else None)
         log(f"  guide reconstruction NLL/token: true h {diag['nll_true_h']:.3f} vs shuffled h "
-            f"{diag['nll_shuffled_h']:.3f} (shuffled must be worse, or the decoder ignores h)")
+            f"{diag['nll_shuffled_h']:.3f} (shuffled must be worse, or the decoder ignores h) vs the same prompt's "
+            f"other response's h {diag.get('nll_same_prompt_h', float('nan')):.3f} (the part of h that s_phi measures)")
         die_at("guide")
         save_guide_ckpt(guide, guide_src, cfg["latent_dim"], guide_dir, diag, rank)
     guide.eval()
@@ -864,11 +935,35 @@ def main(argv=None):
             t_start += 1
         if t_start == 1 and rank == 0:
             write_jsonl(results_path, [{"iter": 0, "S": None, "loss": None, **ev0}])
+
+        def record_iteration(model, t, S, hist):
+            """theta_t's held-out evaluation and its row in metrics.jsonl (after theta_t is saved)."""
+            it = os.path.join(mdir, f"iter{t}")
+            ev = evaluate(model, tok, eval_data, os.path.join(it, "eval.json"), cfg, ctx, rm)
+            q = max(1, len(hist) // 4)
+            loss = sum(h["loss"] for h in hist[-q:]) / q
+            log(f"[{method} iter {t}] held-out greedy exact match {ev['exact_match']} | mean reward {ev['reward']} | "
+                f"S {_fmt(S, '.4f')} | loss (last quarter) {loss:.4f}")
+            if rank == 0:
+                prev = read_jsonl(results_path) if os.path.exists(results_path) else []
+                write_jsonl(results_path, [r for r in prev if r["iter"] != t] + [{"iter": t, "S": S, "loss": loss, **ev}])
+
         model = None
+        last = t_start - 1  # the newest finished iteration; a run killed after saving theta_last but before its
+        # evaluation and metrics row would otherwise never get them (a finished policy means "skip")
+        recorded = {r["iter"] for r in read_jsonl(results_path)} if os.path.exists(results_path) else set()
+        if last >= 1 and last not in recorded:
+            it = os.path.join(mdir, f"iter{last}")
+            log(f"[resume] iteration {last} of {method} saved its policy but not its evaluation: evaluating it now")
+            model = load_policy(os.path.join(it, "policy"), cfg, device, world)
+            dist_path = os.path.join(it, "distances.jsonl")
+            S = float(torch.tensor([r["s"] for r in read_jsonl(dist_path)]).mean()) if os.path.exists(dist_path) else None
+            record_iteration(model, last, S, read_jsonl(os.path.join(it, "train_metrics.jsonl")))
         if t_start <= cfg["T"]:
             policy_path = theta0_path if t_start == 1 else os.path.join(mdir, f"iter{t_start - 1}", "policy")
             log(f"##### method {method}: iterations {t_start}..{cfg['T']}, starting from {policy_path}")
-            model = load_policy(policy_path)
+            if model is None:  # (already loaded above when theta_{t_start-1} had to be evaluated first)
+                model = load_policy(policy_path, cfg, device, world)
 
         # --------------------------------------------------------------------------------------------
         # Algorithm 1, line 5: for t = 1..T
@@ -929,10 +1024,13 @@ def main(argv=None):
                     # its log-probs are computed at t = 1 (when the policy is theta_0) and kept in a file.
                     pairs, w = pref_pairs, torch.ones(len(pref_pairs))
                     ref_path = os.path.join(mdir, "ref_logps_theta0.json")
-                    if t == 1 or not os.path.exists(ref_path):
+                    if t == 1:
                         ref_c, ref_r = reference_stage(model, pairs, cfg, ctx)
                         if rank == 0:
                             write_atomic(ref_path, json.dumps({"chosen": ref_c.tolist(), "rejected": ref_r.tolist()}))
+                    elif not os.path.exists(ref_path):  # the policy is theta_{t-1} now: it cannot stand in for theta_0
+                        raise FileNotFoundError(f"{ref_path} is missing: DPO's reference is theta_0, and only iteration 1 "
+                                                f"can compute it; delete {mdir} to rerun the DPO baseline from the start")
                     else:
                         ref = json.load(open(ref_path))
                         ref_c, ref_r = torch.tensor(ref["chosen"]), torch.tensor(ref["rejected"])
@@ -949,15 +1047,8 @@ def main(argv=None):
             if rank == 0:
                 write_jsonl(os.path.join(it, "train_metrics.jsonl"), hist)
             save_hf(model, tok, os.path.join(it, "policy"), rank)
-
-            ev = evaluate(model, tok, eval_data, os.path.join(it, "eval.json"), cfg, ctx, rm)
-            q = max(1, len(hist) // 4)
-            loss = sum(h["loss"] for h in hist[-q:]) / q
-            log(f"[{method} iter {t}] held-out greedy exact match {ev['exact_match']} | mean reward {ev['reward']} | "
-                f"S {_fmt(S, '.4f')} | loss (last quarter) {loss:.4f}")
-            if rank == 0:
-                prev = read_jsonl(results_path) if os.path.exists(results_path) else []
-                write_jsonl(results_path, [r for r in prev if r["iter"] != t] + [{"iter": t, "S": S, "loss": loss, **ev}])
+            die_at(f"{method}.iter{t}.eval")  # a kill between saving theta_t and evaluating it
+            record_iteration(model, t, S, hist)
         del model
 
         # A table a person reads, and the distances' distribution per iteration (Section 5.2 (1)).

@@ -181,6 +181,67 @@ def test_dpo_train_moves_policy_towards_chosen():
     assert hist[-1]["loss"] < 0.5 * math.log(2) and hist[-1]["reward_acc"] == 1.0
 
 
+def test_load_policy_keeps_this_runs_fp32_checkpoints_exact(tmp_path):
+    """theta_t is saved with fp32 master weights; loading it back through bf16 (what the GPU path once did, to
+    halve CPU memory) would erase updates smaller than bf16's spacing. Its config may say bfloat16 (zephyr's
+    does): the weights must still come back bit for bit. An outside theta_0 loads in its stored dtype."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.norm.weight.add_(1e-4)  # an update far below bf16's spacing at 1.0 (2^-7)
+    model.save_pretrained(tmp_path / "theta1")
+    cfg_path = tmp_path / "theta1" / "config.json"
+    c = json.loads(cfg_path.read_text())
+    c["dtype"] = "bfloat16"
+    cfg_path.write_text(json.dumps(c))
+    run_cfg = dict(policy="/models/zephyr-7b-sft-full", grad_ckpt=False, compile=False, trust_remote_code=False)
+    loaded = ldalign.load_policy(str(tmp_path / "theta1"), run_cfg, torch.device("cpu"), 1)
+    for (n, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert b.dtype == torch.float32 and torch.equal(a, b), n
+    # the same folder given as --policy (an outside theta_0) follows its config: bf16, then cast to fp32
+    outside = ldalign.load_policy(str(tmp_path / "theta1"), dict(run_cfg, policy=str(tmp_path / "theta1")),
+                                  torch.device("cpu"), 1)
+    assert not torch.equal(outside.model.norm.weight, model.model.norm.weight)  # the check above is not vacuous
+
+
+def test_dpo_train_turns_dropout_off():
+    """A policy with dropout (GPT-2's default 0.1): the cached reference is an eval-mode forward, so with dropout on
+    in training step 0 would not be log 2. dpo_train turns it off (modules and Llama-style float attributes)."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    assert model.config.resid_pdrop == 0.1
+    pairs = [([1, 5 + i % 3], [7, 8, 2], [9, 9, 2]) for i in range(8)]
+    rc, rr = dpo.reference_logps(model, pairs, 8, torch.device("cpu"))
+    model.train()
+    pc, _ = dpo.pair_logps(model, pairs, torch.device("cpu"))
+    assert not torch.allclose(pc.detach(), rc, atol=1e-4)  # dropout on: not the reference (the check is not vacuous)
+    hist = dpo.dpo_train(model, pairs, rc, rr, torch.ones(8), beta=0.5, lr=1e-2, epochs=1, batch_size=8,
+                         micro_batch_size=4, device=torch.device("cpu"), optimizer="adamw")
+    assert hist[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)
+    llama = tiny_llama()
+    for attn in (m for m in llama.modules() if hasattr(m, "attention_dropout")):
+        attn.attention_dropout = 0.1
+    dpo.disable_dropout(llama)
+    assert all(m.attention_dropout == 0.0 for m in llama.modules() if hasattr(m, "attention_dropout"))
+
+
+def test_train_loop_stops_on_a_nonfinite_gradient_with_a_finite_loss():
+    model = tiny_llama()
+
+    def loss_fn(idx, valid):  # value 0, gradient NaN (d sqrt(u)/du = inf at u = 0)
+        w = model.lm_head.weight
+        return torch.sqrt((w - w.detach()).abs().sum()), torch.zeros(0)
+    with pytest.raises(FloatingPointError, match="loss is 0.0 at step 1/.*gradient norm nan"):
+        dpo._train_loop(model, 4, loss_fn, device=torch.device("cpu"), lr=1e-3, epochs=1, batch_size=4,
+                        micro_batch_size=4, optimizer="adamw", warmup_ratio=0.1, max_grad_norm=1.0, seed=0,
+                        log_every=1, log_fn=None, stats_names=[])
+
+
+def test_ldalign_loss_rejects_mismatched_shapes():
+    b = torch.zeros(4)
+    with pytest.raises(ValueError, match="five"):
+        dpo.ldalign_loss(b, b, b, b, torch.ones(4, 1), 0.1)  # would broadcast to (4, 4)
+
+
 def test_bf16_autocast_training_sees_updated_weights(monkeypatch):
     """The GPU path of one process (fp32 weights, bf16 autocast), run on the CPU. Autocast caches the bf16 copy
     of each weight until its `with` block exits: a block around the optimizer steps (as ldalign.py once had)
@@ -276,9 +337,45 @@ def test_one_prompt_format_for_generation_and_training():
     assert px[0] == tok.bos_token_id and px.count(tok.bos_token_id) == 1
     assert tok.decode(px) == "<|bos|><|user|>sort: 3 1 2<|end|><|assistant|>"
     # the DPO batch is built from exactly these ids
-    ids, _, labels = dpo.collate([px], [ldalign.response_ids(tok, "1 2 3")], 0)
+    ids, _, labels = dpo.collate([px], [ldalign.response_ids(tok, "sort: 3 1 2", "1 2 3")], 0)
     assert ids[0, :len(px)].tolist() == px and (labels[0, :len(px)] == dpo.IGNORE).all()
     assert ids[0, -1].item() == tok.eos_token_id
+
+
+def test_golden_response_tokens_are_those_that_follow_the_prompt():
+    """A SentencePiece-style tokenizer (Metaspace, word-start piece only at the start of a text, as Llama /
+    Mistral): y alone starts with "_Hello", y after the prompt with "Hello", which is what the policy samples.
+    response_ids must give the latter, or golden y and sampled y' differ in their first token, always."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    specials = ["<unk>", "<|pad|>", "<|bos|>", "<|end|>", "<|user|>", "<|assistant|>"]
+    tk.train_from_iterator(["Hello world, hello there"] * 10, trainers.BpeTrainer(
+        vocab_size=60, special_tokens=specials, show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>",
+                                  unk_token="<unk>")
+    tok.chat_template = ldalign.TOY_TEMPLATE
+    x, y = "Hello there", "Hello world"
+    py = ldalign.response_ids(tok, x, y)
+    joint = tok(ldalign.prompt_text(tok, x) + y, add_special_tokens=False)["input_ids"]
+    assert joint[-len(py) + 1:] == py[:-1] and py[-1] == tok.eos_token_id
+    assert tok.convert_ids_to_tokens(py[0]) == "Hello"
+    alone = tok(y, add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(alone[0]) == "\u2581Hello"  # the check above is not vacuous
+    assert ldalign.prompt_ids(tok, x)[1:] == joint[:-len(py) + 1]  # prompt + response = the one joint text
+
+
+def test_guide_sees_eos_only_after_a_finished_sample():
+    """y' cut off by max_new_tokens has no EOS; the guide must not read it as a finished answer."""
+    tok = _toy_tok()
+    d = dict(x="sort: 3 1 2", y="1 2 3")
+    d["gx"], d["gy"] = ldalign.guide_ids(tok, d["x"], d["y"])
+    done = tok("1 2", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    (gx, gy, g_done), (_, _, g_cut) = ldalign.guide_triples([d, d], tok, tok, [done, done[:-1]], 1024)
+    assert g_done == done and gy[-1] == tok.eos_token_id  # golden y and a finished y' end with EOS
+    assert g_cut == done[:-1]  # the cut-off one does not
 
 
 def test_shipped_data_is_reproducible_and_disjoint(tmp_path):
@@ -417,6 +514,28 @@ def test_apply_top_k_and_sample_top_p():
     assert set(ids.tolist()) == {1, 2}
     assert set(sample_top_p(probs, 0.3, g).tolist()) == {1}
     assert torch.equal(sample_next(logits, 0, 1.0, 0, None), torch.tensor([1, 2]))
+
+
+def test_sample_categorical_is_multinomial_without_a_host_sync():
+    """The draw is torch.multinomial's own for one sample (same generator, same tokens) minus its host-side
+    input check: on a GPU that check is a sync per decode step. The profiler counts .item()-style reads."""
+    from torch.profiler import profile
+    probs = torch.softmax(torch.randn(16, 300, generator=torch.Generator().manual_seed(1)) * 3, -1)
+    for seed in range(3):
+        want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).squeeze(-1)
+        assert torch.equal(generate_module.sample_categorical(probs, torch.Generator().manual_seed(seed)), want)
+    p = torch.tensor([[0.1, 0.2, 0.7]]).repeat(100_000, 1)  # and it samples the distribution
+    freq = torch.bincount(generate_module.sample_categorical(p, torch.Generator().manual_seed(0)), minlength=3) / 1e5
+    assert torch.allclose(freq, p[0], atol=0.01)
+
+    def host_reads(fn):
+        with profile() as prof:
+            fn()
+        return sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
+    g = torch.Generator().manual_seed(0)
+    assert host_reads(lambda: torch.multinomial(probs, 1, generator=g)) > 0  # the check above is not vacuous
+    for top_p, top_k in ((1.0, 0), (0.9, 50)):
+        assert host_reads(lambda: sample_next(torch.randn(16, 300), 1.0, top_p, top_k, g)) == 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -649,6 +768,15 @@ def test_decoder_uses_latent(trained):
     assert after["nll_shuffled_h"] > after["nll_true_h"] + 0.3, after
 
 
+def test_same_prompt_latent_diagnostic(trained):
+    """h(x, y') used for y (same prompt, other answer): the response-specific part of h, what s_phi measures."""
+    guide, ex, _, _, after = trained
+    partner = [4 * (i // 4) + (i % 4 + 1) % 4 for i in range(len(ex))]  # same prompt a, next variation v
+    d = eval_guide(guide, ex, batch_size=8, pad_id=G_PAD, device="cpu", partner=partner[:-1] + [None])
+    assert d["n_paired"] == len(ex) - 1 and d["nll_true_h"] == pytest.approx(after["nll_true_h"])
+    assert d["nll_same_prompt_h"] > d["nll_true_h_paired"] + 0.3, d  # v is in h only: the partner's h lacks it
+
+
 # 3. s_phi = ||phi(x,y) - phi(x,y')||_2
 def test_latent_distances(trained):
     guide = trained[0]
@@ -833,6 +961,11 @@ def test_end_to_end_tiny_run_then_resume(tmp_path):
     log = _run(["--out", out] + TINY_RUN)
     assert "training the guide" not in log and "SFT of a tiny Llama" not in log and "=====" not in log
     assert open(os.path.join(out, "ldalign", "metrics.jsonl")).read() == before
+    # a rerun with a setting the stored stages depend on stops at once, naming it, and changes nothing
+    p = subprocess.run([sys.executable, os.path.join(HERE, "ldalign.py"), "--out", out] + TINY_RUN + ["--beta", "0.5"],
+                       cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300, capture_output=True, text=True)
+    assert p.returncode != 0 and "--beta 0.1 -> 0.5" in p.stderr and "settings.json" in p.stderr
+    assert open(os.path.join(out, "ldalign", "metrics.jsonl")).read() == before
     # a run whose iteration 2 was lost (its policy never written) resumes at iteration 2, from theta_1
     shutil.rmtree(os.path.join(out, "ldalign", "iter2"))
     log = _run(["--out", out] + TINY_RUN)
@@ -849,6 +982,44 @@ def test_end_to_end_two_processes_fsdp2(tmp_path):
     log = _run(["--out", out] + TINY_RUN, nproc=2)
     assert "2 process(es)" in log
     _check_run_folder(out)
+
+
+def test_a_resume_with_other_settings_or_data_stops(tmp_path):
+    cfg = dict(ldalign.DEFAULTS)
+    p = str(tmp_path / "settings.json")
+    ldalign.check_settings(p, cfg, ["ldalign"], 0)  # the first call writes them
+    ldalign.check_settings(p, dict(cfg, T=5, micro_batch_size=4, gen_batch_size=7), ["ldalign"], 0)  # free to change
+    with pytest.raises(SystemExit, match="ldalign: --lr 1e-05 -> 2e-07"):
+        ldalign.check_settings(p, dict(cfg, lr=2e-7), ["ldalign"], 0)
+    with pytest.raises(SystemExit, match="shared: --seed 0 -> 1"):
+        ldalign.check_settings(p, dict(cfg, seed=1), ["dpo"], 0)
+    ldalign.check_settings(p, dict(cfg, lr=2e-7), ["dpo"], 0)  # a new method may use its own lr ...
+    with pytest.raises(SystemExit, match="dpo: --lr 2e-07 -> 1e-05"):
+        ldalign.check_settings(p, cfg, ["dpo"], 0)  # ... and keeps it
+    stored = json.load(open(p))
+    assert stored["ldalign"]["lr"] == 1e-5 and stored["dpo"]["lr"] == 2e-7  # what is stored is left alone
+    # stored samples of other prompts (the data file edited in place) are not silently reused or overwritten
+    path = str(tmp_path / "samples.jsonl")
+    ldalign.write_jsonl(path, [{"x": "a", "y_prime_ids": [1]}])
+    ctx = dict(rank=0, world=1, device=torch.device("cpu"), log=print)
+    assert ldalign.sample_stage(None, None, [dict(x="a")], path, cfg, 0, ctx) == [[1]]
+    with pytest.raises(SystemExit, match="other prompts"):
+        ldalign.sample_stage(None, None, [dict(x="b")], path, cfg, 0, ctx)
+
+
+def test_parse_args_rejects_bad_settings():
+    assert ldalign.parse_args([])["top_p"] == 1.0
+    for bad in (["--temperature", "-1"], ["--top_p", "0"], ["--top_p", "1.5"], ["--top_k", "-1"], ["--method", "ppo"],
+                ["--gen_compile", "true"], ["--max_new_tokens", "64"]):
+        with pytest.raises(SystemExit):
+            ldalign.parse_args(bad)
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(GOOD.encode() + b"\n" + b'{"prompt": "sort: 1 2", "response": "\xff"}\n')
+    with pytest.raises(ValueError, match=f"{path}:2: not valid UTF-8"):
+        ldalign.load_sft_jsonl(str(path))
 
 
 def test_bad_data_fails_before_compute(tmp_path):
@@ -1139,7 +1310,8 @@ def test_agreement_with_toy_judge_and_histogram_numbers(tmp_path):
     assert len(hist["edges"]) == len(hist["counts"]) + 1
 
 
-@pytest.mark.parametrize("stage", ["sft", "guide", "ldalign.iter1.train", "ldalign.iter2.train"])
+@pytest.mark.parametrize("stage", ["sft", "guide", "ldalign.iter1.train", "ldalign.iter2.train",
+                                   "ldalign.iter2.eval"])
 def test_killed_run_resumes_to_the_same_weights(tmp_path, stage, uninterrupted):
     out = str(tmp_path / "run")
     env = dict(os.environ, OMP_NUM_THREADS="1", LDALIGN_DIE_AT=stage)
@@ -1148,9 +1320,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, stage, uninterrupted):
     assert p.returncode == 137 and f"LDALIGN_DIE_AT={stage}" in p.stdout
     assert not any(f.endswith(".tmp") for f in os.listdir(out))  # no half-written result left to trust
     _run(["--out", out] + TINY_RUN)
-    resumed = _check_run_folder(out).state_dict()
+    resumed = _check_run_folder(out).state_dict()  # every iteration's metrics row too
     for k, v in uninterrupted.items():
         assert torch.equal(v, resumed[k]), k
+    assert os.path.exists(os.path.join(out, "ldalign", "iter2", "eval.json"))
 
 
 @pytest.fixture(scope="module")
@@ -1168,6 +1341,7 @@ def test_nan_loss_stops_run_and_keeps_last_checkpoint(tmp_path):
     ckpt = os.path.join(out, "ldalign", "iter1", "policy", "model.safetensors")
     before = open(ckpt, "rb").read()
     args[args.index("--T") + 1] = "2"
+    os.remove(os.path.join(out, "settings.json"))  # allow the changed --beta on this folder
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, os.path.join(HERE, "ldalign.py")] + args + ["--beta", "nan"], cwd=HERE, env=env,
                        timeout=600, capture_output=True, text=True)

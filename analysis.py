@@ -118,19 +118,24 @@ def _flat(v):
     return np.asarray(v, dtype=np.float64).reshape(-1)
 
 
-def ranking_agreement(dist_a, dist_b, judge_a, judge_b, *, atol=1e-6) -> dict:
+def ranking_agreement(dist_a, dist_b, judge_a, judge_b, *, same=None, atol=1e-6) -> dict:
     """Section 5.2 (2): how often the latent-distance ranking and the judge's ranking of (y'_a, y'_b) agree.
 
     dist_*  (N,) latent distances s(x, y, y'_*) to the golden y: SMALLER = better (closer to y).
     judge_* (N,) judge scores: HIGHER = better.
     A pair is "decided" when both express a strict preference: |dist_a - dist_b| > atol and judge_a != judge_b
-    (exactly: two identical samples get equal judge scores). Agreement = agree / decided; chance is 0.5."""
+    same    (N,) bool, optional: the two samples are identical (same token ids), a tie for both whatever the
+            scores say (scored in different batches, or under bf16, identical texts can differ in the last bits).
+    Agreement = agree / decided; chance is 0.5."""
     da, db, ja, jb = (_flat(v) for v in (dist_a, dist_b, judge_a, judge_b))
     n = len(da)
     if not (len(db) == len(ja) == len(jb) == n):
         raise ValueError(f"lengths differ: {len(da)}, {len(db)}, {len(ja)}, {len(jb)}")
-    dist_tie = np.abs(da - db) <= atol  # (N,)
-    judge_tie = ja == jb  # (N,)
+    if not all(np.all(np.isfinite(v)) for v in (da, db, ja, jb)):  # a NaN compares unequal: it would be "decided"
+        raise ValueError("ranking_agreement needs finite distances and judge scores")
+    same = np.zeros(n, dtype=bool) if same is None else np.asarray(same, dtype=bool)
+    dist_tie = (np.abs(da - db) <= atol) | same  # (N,)
+    judge_tie = (ja == jb) | same  # (N,)
     decided = ~dist_tie & ~judge_tie  # (N,)
     agree = decided & ((da < db) == (ja > jb))  # both prefer a, or both prefer b
     n_dec, n_agree = int(decided.sum()), int(agree.sum())

@@ -3,7 +3,7 @@
     python bench.py                                     # CUDA: ~1.1B Llama, bf16; CPU: a tiny one (< 1 min)
     torchrun --nproc_per_node=1 bench.py                # the same, policy wrapped with FSDP2 (ldalign.fsdp_wrap)
     python bench.py --grad_ckpt true --micro_batch 8    # any default below can be overridden as --key value
-    python bench.py --compile true --samplers compile,hf   # compiled blocks for the DPO update; two samplers
+    python bench.py --compile true --samplers hf,compile   # compiled blocks for the DPO update; two samplers
 
 Measures, on a Llama built from a config with random weights (nothing is downloaded):
   1. the sampler (Algorithm 1, lines 2 and 7): generate.generate with a DynamicCache, with a StaticCache, and
@@ -44,9 +44,11 @@ DEFAULTS = dict(
                            # autocast, what ldalign.py does on one process); under FSDP: its bf16 mixed precision
     warmup_new=0,          # new tokens of the untimed warmup call of each sampler (0 = new_tokens: the
                            # allocator then already holds the blocks of the full-length KV cache)
-    samplers="dynamic,static,compile,hf",  # which samplers to time: generate.py's three modes and HF (required)
+    samplers="hf,dynamic,static,compile",  # which samplers to time: HF (required; first, so that its numbers
+                           # come back even if a compiled sampler breaks the CUDA context) and generate.py's modes
     agree_rows=8, agree_tokens=16,  # the "first K rows x first K tokens identical" check
-    hbm_bw=0.0,            # bytes/s for the decode roofline; 0 = 4.8e12 on an H200, else 3.35e12 (H100 SXM)
+    hbm_bw=0.0,            # bytes/s for the decode roofline; 0 = 4.8e12 on an H200, 2.0e12 on an H100 PCIe,
+                           # else 3.35e12 (H100 SXM)
     # DPO update
     fsdp="auto",           # "auto" = FSDP2 when launched by torchrun, "true", "false"
     grad_ckpt=False,       # activation checkpointing (HF gradient_checkpointing_enable)
@@ -55,7 +57,7 @@ DEFAULTS = dict(
     dpo_batch=0, micro_batch=0,    # pairs per optimizer step (global) and per forward
     dpo_warmup=0, dpo_steps=0,     # untimed and timed optimizer steps
     optimizer="rmsprop", lr=5e-7, beta=0.1,  # the paper preset of ldalign.py (SPIN's choices)
-    peak_flops=0.0,        # 0 = 989e12 on CUDA (H100/H200 bf16 dense); on CPU MFU is n/a
+    peak_flops=0.0,        # 0 = bf16 dense peak: 989e12 (H100 SXM, H200), 756e12 (H100 PCIe); on CPU MFU is n/a
     skip_gen=False, skip_dpo=False,
 )
 SIZES = {
@@ -141,8 +143,9 @@ def main(argv=None):
         meta = LlamaForCausalLM(mcfg)  # shapes only, no memory
     n_params = sum(p.numel() for p in meta.parameters())  # exact, embeddings and head included
     gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
-    peak_flops = cfg["peak_flops"] or (989e12 if cuda else None)
-    hbm_bw = cfg["hbm_bw"] or (4.8e12 if "H200" in gpu else 3.35e12)
+    # bf16 dense peak and HBM bandwidth: H100 SXM and H200 989 TFLOP/s (3.35 / 4.8 TB/s); H100 PCIe 756 (2.0)
+    peak_flops = cfg["peak_flops"] or ((756e12 if "PCIe" in gpu else 989e12) if cuda else None)
+    hbm_bw = cfg["hbm_bw"] or (4.8e12 if "H200" in gpu else 2.0e12 if "PCIe" in gpu else 3.35e12)
     R = dict(config=cfg, env=dict(torch=torch.__version__, transformers=__import__("transformers").__version__,
                                   device=gpu, world=world, fsdp=use_fsdp, threads=torch.get_num_threads()),
              model=dict(params=n_params, attn=getattr(meta.config, "_attn_implementation", None),
@@ -247,9 +250,8 @@ def main(argv=None):
                             weights_gb=weights_gb, samplers=results, best=best, first_k=[kr, kt],
                             speedup_vs_hf=results[best]["speedup_vs_hf"] if best else None,
                             roofline_decode_steps_per_s=roofline if cuda else None, hbm_bw=hbm_bw if cuda else None)
-        if not use_fsdp:
-            del gm
-        reset_mem(free=True)
+        del gm, samplers, outputs  # under FSDP `policy` still holds the model; with --compile it is rebuilt
+        reset_mem(free=True)       # below, and nothing here may keep the old one alive (and in its peak memory)
 
     # ------------------------------------------------------------------------------------------------
     # 2. Reference log-probs (forward only) and the DPO update (forward + backward + optimizer step).
@@ -293,6 +295,9 @@ def main(argv=None):
         R["dpo"] = dict(prompt=P, response=Rl, batch=bs, micro_batch=mb, tokens_per_step=bs * tok_per_pair,
                         warmup_steps=warm, timed_steps=steps, step_s=step_s, tokens_per_s=tok_s,
                         mfu=6 * n_params * tok_s / peak_flops if peak_flops else None, peak_mem_gb=peak_gb(),
+                        # the input embedding is a lookup, no FLOPs: MFU by the non-embedding count, for comparison
+                        mfu_nonembedding=6 * (n_params - cfg["vocab"] * cfg["hidden"]) * tok_s / peak_flops
+                        if peak_flops else None,
                         first_loss=hist[0]["loss"], last_loss=hist[-1]["loss"], grad_ckpt=cfg["grad_ckpt"],
                         optimizer=cfg["optimizer"],
                         # share of the 6N FLOPs per token that is not run: dpo.sequence_logps skips the lm_head
@@ -357,7 +362,8 @@ def main(argv=None):
         log(f"  {'reference log-probs':22s} {r['tokens_per_s']:11.1f} {f(r['mfu'], '.3f'):>7s} "
             f"{f(r['peak_mem_gb'], '.2f'):>9s}  (forward only: MFU = 2N tok/s / peak)")
         log(f"  {'policy update':22s} {d['tokens_per_s']:11.1f} {f(d['mfu'], '.3f'):>7s} {f(d['peak_mem_gb'], '.2f'):>9s}"
-            f"  ({d['step_s']:.3f} s/step over {d['timed_steps']} steps; loss {d['first_loss']:.4f} -> {d['last_loss']:.4f})")
+            f"  ({d['step_s']:.3f} s/step over {d['timed_steps']} steps; loss {d['first_loss']:.4f} -> {d['last_loss']:.4f}; "
+            f"MFU by non-embedding parameters {f(d['mfu_nonembedding'], '.3f')})")
     p = R["projection"]
     log(f"\nprojection to the paper: {PAPER['params'] / 1e9:.2f}B params (x{1 / scale:.2f} the measured per-token cost), "
         f"{PAPER['pairs']} pairs, {PAPER['iterations']} iterations x {PAPER['epochs']} epochs, {PAPER['gpus']} GPUs, "
@@ -400,7 +406,8 @@ def markdown(R):
                 f"{d['response']} tokens, {d['optimizer']}, activation checkpointing {d['grad_ckpt']}, compiled blocks "
                 f"{R['config']['compile']}. MFU = 6 x parameters x tokens/s / peak bf16 FLOP/s; that count "
                 f"includes the lm_head on prompt positions, which `dpo.sequence_logps` skips ({d['head_skipped_frac']:.1%} "
-                f"of it here), and leaves out attention's own FLOPs.", "",
+                f"of it here), the input embedding (a lookup: {f(d['mfu_nonembedding'], '.1%')} MFU without it), and "
+                f"leaves out attention's own FLOPs.", "",
                 "| stage | tokens/s per GPU | MFU | peak GiB |", "|---|---|---|---|",
                 f"| reference log-probs (forward) | {r['tokens_per_s']:.0f} | {f(r['mfu'], '.1%')} | {f(r['peak_mem_gb'], '.1f')} |",
                 f"| DPO policy update | {d['tokens_per_s']:.0f} | {f(d['mfu'], '.1%')} | {f(d['peak_mem_gb'], '.1f')} |", ""]

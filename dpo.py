@@ -103,7 +103,10 @@ def sequence_logps(model, input_ids, attention_mask, labels, start=1):
     _, takes_logits_to_keep = forward_names(model)  # generate.py's lookup of the model's forward arguments
     keep = {"logits_to_keep": T - start + 1} if start > 1 and takes_logits_to_keep else {}
     start = start if keep else 1  # a model without logits_to_keep returns every position
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, **keep).logits  # (B, T-start+1, V)
+    # use_cache=False: no KV cache to fill (scoring, not decoding). With one, every compiled block (--compile)
+    # guards on its own cache layer's state and recompiles once per layer, past torch.compile's limit.
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   **keep).logits  # (B, T-start+1, V)
     logits = logits[:, :-1, :].float()  # (B, T-start, V) positions start-1 .. T-2; position j predicts token j+1
     targets = labels[:, start:]  # (B, T-start) tokens start .. T-1, token j+1 lined up with logits of position j
     mask = targets != IGNORE  # (B, T-start) response tokens only

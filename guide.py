@@ -39,7 +39,7 @@ class GuideModel(nn.Module):
     # ---------------------------------------------------------------- phi
     def encode(self, input_ids, attention_mask, response_mask):
         """phi(x, y) -> h (B, d). input_ids = [x ; y] right-padded, response_mask = 1 on the y positions."""
-        hid = self.encoder.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, n_embd)
+        hid = self.encoder.transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, n_embd)
         # Mean-pool over the RESPONSE tokens only. x is identical in y and y' (same prompt), so pooling over x
         # would add a shared component that dilutes s_phi = ||phi(x,y) - phi(x,y')||; pooling over y makes the
         # distance measure the responses. h is still conditioned on x: with causal attention every response
@@ -59,7 +59,7 @@ class GuideModel(nn.Module):
         # GPT2Model adds its own position embeddings wpe(position_ids) to inputs_embeds; right padding means the
         # default position_ids = arange(T) are correct.
         emb = wte(input_ids) + self.from_latent(h).to(wte.weight.dtype).unsqueeze(1)  # (B, T, n_embd) + (B, 1, n_embd)
-        logits = self.decoder(inputs_embeds=emb, attention_mask=attention_mask).logits  # (B, T, V)
+        logits = self.decoder(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
         # Next-token shift: logits at position j predict token j+1. So logits[:, :-1] are scored against
         # input_ids[:, 1:], and a target counts iff it is a (real, non-pad) response token. The first response
         # token y_1 is therefore predicted from the LAST prompt position (x must be non-empty for it to count).

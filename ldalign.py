@@ -1,7 +1,7 @@
 """LD-Align, Algorithm 1 of arXiv 2404.06390, line for line.
 
     python ldalign.py                                   # embedded default: toy sorting task, CPU, ~5 min
-    python ldalign.py --method ldalign,spin,dpo,sft     # the paper's competing methods at equal budget
+    python ldalign.py --method ldalign,spin,dpo,sft     # the paper's competing methods, same epochs and batch
     python ldalign.py --preset paper --data ultrachat_50k.jsonl --out runs/paper    # the paper's setting
     torchrun --nproc_per_node=8 ldalign.py --preset paper ...                       # the same, FSDP2 on 8 GPUs
     python ldalign.py --out runs/x --T 5                # any default below can be overridden as --key value
@@ -24,6 +24,7 @@ stages whose result is already there (kill it and start it again: it goes on fro
     out/M/metrics.jsonl, results.md one line per iteration;  out/comparison.md when several methods ran
 """
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -71,8 +72,9 @@ DEFAULTS = dict(
     guide_epochs=3, guide_lr=1e-3, guide_batch_size=32,
     # the LD-Align update (Algorithm 1, line 10, Eq. 4)
     T=3,                      # iterations; the paper reports LD-Align 0, 1, 2
-    # The method, or several separated by commas, run one after the other from the same theta_0 and guide at
-    # an equal budget (T iterations of `epochs` epochs, same batch): the paper's table rows (Section 5.1.4).
+    # The method, or several separated by commas, run one after the other from the same theta_0 and guide, each
+    # T iterations of `epochs` epochs at the same batch (an equal budget when their pair sets are equally large;
+    # comparison.md lists each one's optimizer steps): the paper's table rows (Section 5.1.4).
     #   ldalign  weights s/S, ref theta_{t-1}          spin  weights 1, same loop (SPIN)
     #   dpo      annotated pairs from --pref_data, ref theta_0 fixed     sft  continual SFT on D
     method="ldalign",
@@ -98,10 +100,11 @@ METHODS = ("ldalign", "spin", "dpo", "sft")
 
 # A rerun with the same --out resumes: finished stages are read back, not recomputed. These are the settings the
 # stored stages depend on; a rerun that changes one of them stops (check_settings) instead of mixing two runs.
-# The others (T, method, batch sizes for memory, compile flags, evaluation, logging) may change between calls.
+# The others (T, method, micro-batch and sampling batch, compile flags, logging) may change between calls.
 SHARED_KEYS = ("data", "max_examples", "overlength", "seed", "policy", "max_len", "max_prompt_len", "max_new_tokens",
                "sft_steps", "sft_lr", "sft_batch_size", "temperature", "top_p", "top_k",
-               "guide", "latent_dim", "guide_epochs", "guide_lr", "guide_batch_size")  # theta_0, iter0/, guide/
+               "guide", "latent_dim", "guide_epochs", "guide_lr", "guide_batch_size",  # theta_0, iter0/, guide/
+               "eval_data", "max_eval", "reward_model", "judge", "agreement_n")  # every eval.json, agreement.json
 METHOD_KEYS = ("reuse_line2_samples", "pref_data", "beta", "lr", "optimizer", "warmup_ratio", "max_grad_norm",
                "epochs", "batch_size")  # <method>/iter*/: each method its own (a later call may run dpo at its lr)
 
@@ -206,7 +209,10 @@ def init_distributed():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # 60 minutes, not NCCL's default 10, before a collective gives up: the other ranks wait in a barrier
+        # while rank 0 alone writes a 7B checkpoint (29 GB of fp32), which a slow disk can stretch past 10.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=60),
+                                device_id=torch.device("cuda", local_rank) if cuda else None)
         device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, torch.device("cuda" if cuda else "cpu")
@@ -282,21 +288,27 @@ class gathered_weights:
 
     Without it FSDP2 all-gathers every block's weights at every decode step. unshard/reshard are not
     recursive, so every FSDP module is switched. A no-op for an unsharded model.
+    The root (embeddings, final norm, head) is left at FSDP2's own setting: it never reshards after forward
+    (its weights are needed again at once in backward). Setting it back to True on exit, as for the blocks,
+    would make every later training micro-batch all-gather the root a second time in backward.
     """
 
     def __init__(self, model):
         from torch.distributed.fsdp import FSDPModule
         self.mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        self.blocks = [m for m in self.mods if m is not model]  # set_reshard_after_forward: blocks only
 
     def __enter__(self):
+        for m in self.blocks:
+            m.set_reshard_after_forward(False, recurse=False)
         for m in self.mods:
-            m.set_reshard_after_forward(False)
             m.unshard()
 
     def __exit__(self, *exc):
         for m in self.mods:
             m.reshard()
-            m.set_reshard_after_forward(True)
+        for m in self.blocks:
+            m.set_reshard_after_forward(True, recurse=False)  # fsdp_wrap's setting for the blocks
 
 
 def gather_floats(local_values, local_idx, n, device):
@@ -738,7 +750,8 @@ def agreement_stage(model, tok, gtok, guide, data, cfg, ctx, path, rm):
     else:
         ja = score_rewards(rm, [d["x"] for d in sub], ta, ctx).tolist()
         jb = score_rewards(rm, [d["x"] for d in sub], tb, ctx).tolist()
-    res = dict(analysis.ranking_agreement(sa.tolist(), sb.tolist(), ja, jb), judge=cfg["judge"])
+    same = [a == b for a, b in zip(ya, yb)]  # identical samples: a tie, whatever rounding does to their scores
+    res = dict(analysis.ranking_agreement(sa.tolist(), sb.tolist(), ja, jb, same=same), judge=cfg["judge"])
     if ctx["rank"] == 0:
         write_atomic(path, json.dumps(dict(res, examples=[
             {"x": d["x"], "y": d["y"], "a": a, "b": b, "s_a": float(x), "s_b": float(y), "judge_a": p, "judge_b": q}
@@ -846,6 +859,7 @@ def main(argv=None):
     sft_dir = os.path.join(out, "sft")
     if tiny and not os.path.isdir(sft_dir):
         log(f"[theta_0] SFT of a tiny Llama on all {len(sft_pairs)} records of {cfg['data']}: {cfg['sft_steps']} steps")
+        torch.manual_seed(cfg["seed"])  # every rank builds the same initial weights (FSDP2 does not broadcast them)
         model = AutoModelForCausalLM.from_config(tiny_policy_config(tok, cfg["max_len"]))
         epochs = math.ceil(cfg["sft_steps"] * cfg["sft_batch_size"] / len(sft_pairs))
         model = model.to(device)
@@ -924,7 +938,6 @@ def main(argv=None):
             f"{agr['n_decided']} = {agr['agreement']} (pairs where both rank strictly; {agreement_path})")
     del model
 
-    summaries = {}
     for method in methods:
         mdir = os.path.join(out, method)  # each method's iterations live in their own folder
         results_path = os.path.join(mdir, "metrics.jsonl")
@@ -946,7 +959,8 @@ def main(argv=None):
                 f"S {_fmt(S, '.4f')} | loss (last quarter) {loss:.4f}")
             if rank == 0:
                 prev = read_jsonl(results_path) if os.path.exists(results_path) else []
-                write_jsonl(results_path, [r for r in prev if r["iter"] != t] + [{"iter": t, "S": S, "loss": loss, **ev}])
+                write_jsonl(results_path, [r for r in prev if r["iter"] != t] +
+                            [{"iter": t, "S": S, "loss": loss, "steps": len(hist), **ev}])  # steps: optimizer steps of t
 
         model = None
         last = t_start - 1  # the newest finished iteration; a run killed after saving theta_last but before its
@@ -1053,9 +1067,7 @@ def main(argv=None):
 
         # A table a person reads, and the distances' distribution per iteration (Section 5.2 (1)).
         if rank == 0:
-            rows = read_jsonl(results_path)
-            summaries[method] = rows
-            table = format_table(rows)
+            table = format_table(read_jsonl(results_path))
             write_atomic(os.path.join(mdir, "results.md"), table)
             log(f"{method}:\n{table}")
             hists = {f"iter {t}": [r["s"] for r in read_jsonl(os.path.join(mdir, f"iter{t}", "distances.jsonl"))]
@@ -1063,10 +1075,15 @@ def main(argv=None):
             if hists and not analysis.save_histogram_png(hists, os.path.join(mdir, "distances.png")):
                 log("(pip install matplotlib for distances.png; the numbers are in iter*/distances.json)")
 
-    if rank == 0 and len(methods) > 1:
+    # Every method run in this folder so far, this call's or earlier calls' (e.g. `--method dpo --lr 2e-7` alone).
+    summaries = {m: read_jsonl(p) for m in METHODS if os.path.exists(p := os.path.join(out, m, "metrics.jsonl"))}
+    if rank == 0 and len(summaries) > 1:
+        steps = ", ".join(f"{m} {rows[-1].get('steps', '?')}" for m, rows in summaries.items())
+        head = (f"comparison ({cfg['T']} iterations x {cfg['epochs']} epochs, batch {cfg['batch_size']}; optimizer "
+                f"steps per iteration: {steps}; each method at the settings in settings.json)")
         table = format_comparison(summaries)
-        write_atomic(os.path.join(out, "comparison.md"), table)
-        log(f"comparison at equal budget ({cfg['T']} iterations x {cfg['epochs']} epochs, batch {cfg['batch_size']}):\n{table}")
+        write_atomic(os.path.join(out, "comparison.md"), head + "\n\n" + table)
+        log(f"{head}:\n{table}")
     if dist.is_initialized():
         dist.barrier()  # rank 0 may still be writing; a rank that leaves early aborts the other's gloo threads
         dist.destroy_process_group()

@@ -38,9 +38,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def tiny_llama(vocab=64, seed=0, **kw):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw)
+    cfg = LlamaConfig(**dict(dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=0), **kw))
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -201,6 +201,24 @@ def test_load_policy_keeps_this_runs_fp32_checkpoints_exact(tmp_path):
     outside = ldalign.load_policy(str(tmp_path / "theta1"), dict(run_cfg, policy=str(tmp_path / "theta1")),
                                   torch.device("cpu"), 1)
     assert not torch.equal(outside.model.norm.weight, model.model.norm.weight)  # the check above is not vacuous
+
+
+def test_compiled_blocks_compile_once_for_scoring_and_once_for_training():
+    """--compile: each block compiled in place. The log-prob forwards must not build a KV cache: with one, every
+    block guards on its own cache layer and recompiles once per layer, and past torch.compile's limit of 8 the
+    update silently runs eager. backend="eager" keeps the test fast (the guards are the same)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_llama(num_hidden_layers=10)
+    for b in ldalign.transformer_blocks(model):
+        b.compile(backend="eager")
+    pairs = [([1, 5, 6], [7, 8, 2], [9, 9, 2]) for _ in range(4)]
+    rc, rr = dpo.reference_logps(model, pairs, 4, torch.device("cpu"))
+    dpo.dpo_train(model, pairs, rc, rr, torch.ones(4), beta=0.1, lr=1e-3, epochs=1, batch_size=4, micro_batch_size=4,
+                  device=torch.device("cpu"), optimizer="adamw")
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # eval mode, then train mode
+    torch._dynamo.reset()
 
 
 def test_dpo_train_turns_dropout_off():
@@ -680,6 +698,12 @@ def _gather_count_worker(rank, results):
             dpo.reshard_all(model)
             n_gathers = sum(e.name == "fsdp::all_gather_copy_in" for e in prof.events())  # one per module gather
             results[rank, static, gathered] = (n_gathers, n_fsdp, torch.equal(got, want))
+    # after sampling, training is back to FSDP2's own schedule: each block gathered in forward and again in
+    # backward, the root (embeddings, head) once, kept for backward (FSDP2's root default, which leaving
+    # gathered_weights must not overwrite)
+    with profile() as prof:
+        model.train()(ids, attention_mask=mask).logits.float().pow(2).mean().backward()
+    results[rank, "train"] = sum(e.name == "fsdp::all_gather_copy_in" for e in prof.events())
 
 
 def test_fsdp_generation_gathers_weights_once():
@@ -691,6 +715,7 @@ def test_fsdp_generation_gathers_weights_once():
             assert same and n_once == n_fsdp == 3  # one all-gather per FSDP module (2 blocks + root), in total
             n_every, _, same = results[rank, static, False]
             assert same and n_every >= 12  # the check is not vacuous: without it, at least one per token
+        assert results[rank, "train"] == 2 * 2 + 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1098,6 +1123,11 @@ def test_ranking_agreement_edges():
     assert r["n"] == 0 and r["agreement"] is None
     with pytest.raises(ValueError):
         analysis.ranking_agreement([0.1, 0.2], [0.1], [0.0], [0.0])
+    # identical samples are a tie for both, even if rounding gave them different scores; NaN is refused
+    r = analysis.ranking_agreement([0.1, 0.1], [0.3, 0.1 + 1e-5], [0.0, 0.5], [-1.0, 0.5 + 1e-7], same=[False, True])
+    assert r["n_decided"] == 1 and r["agree"] == 1 and r["judge_ties"] == 1 and r["distance_ties"] == 1
+    with pytest.raises(ValueError, match="finite"):
+        analysis.ranking_agreement([float("nan")], [0.1], [0.0], [1.0])
 
 
 # ==================================================================== Section 5.2 (1): distance distribution
@@ -1292,7 +1322,8 @@ def test_compare_four_methods_with_reward_model(tmp_path):
     ref = json.load(open(os.path.join(out, "dpo", "ref_logps_theta0.json")))
     assert len(ref["chosen"]) == 64  # DPO's fixed reference theta_0, cached
     table = open(os.path.join(out, "comparison.md")).read()
-    assert all(m in table for m in ("ldalign", "spin", "dpo", "sft")) and "comparison at equal budget" in log
+    assert all(m in table for m in ("ldalign", "spin", "dpo", "sft")) and "comparison (" in log
+    assert "optimizer steps per iteration: ldalign 4, spin 4, dpo 4, sft 4" in table  # 64 pairs / batch 16
     agr = json.load(open(os.path.join(out, "guide", "agreement.json")))
     assert agr["judge"] == "reward" and agr["n"] == 32 and 0 <= agr["n_decided"] <= 32
 

@@ -3,6 +3,7 @@
     python bench.py                                     # CUDA: ~1.1B Llama, bf16; CPU: a tiny one (< 1 min)
     torchrun --nproc_per_node=1 bench.py                # the same, policy wrapped with FSDP2 (ldalign.fsdp_wrap)
     python bench.py --grad_ckpt true --micro_batch 8    # any default below can be overridden as --key value
+                                                        # (on the CPU's tiny size add --dpo_batch 8)
     python bench.py --compile true --samplers hf,compile   # compiled blocks for the DPO update; two samplers
 
 Measures, on a Llama built from a config with random weights (nothing is downloaded):
@@ -11,9 +12,10 @@ Measures, on a Llama built from a config with random weights (nothing is downloa
      same random prompts, greedy, forced to the full length, in the same run; new tokens/s, decode steps/s,
      peak memory, and how many greedy tokens agree with HF's (bf16 near-ties may legitimately diverge late);
   2. the reference log-probs (dpo.reference_logps, forward only) and the DPO policy update (dpo.dpo_train:
-     one forward of 2B sequences, backward, clipping, RMSprop), tokens/s and MFU = 6 N tokens/s / peak;
+     one forward of 2B sequences, backward, clipping, RMSprop), tokens/s and MFU = 6 N tokens/s / peak
+     (2 N for the forward-only reference), also without the input embedding;
   3. a projection of the paper's wall time (7B, 50k pairs, 3 iterations, 8 GPUs) from those per-token costs.
-Prints a table and writes the numbers to --out (JSON, atomically).
+Prints a table and writes the numbers to --out (JSON, atomically) and the tables to the same name with .md.
 """
 import contextlib
 import os

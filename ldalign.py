@@ -9,19 +9,24 @@
 The script is a flat sequence of stages; each writes its result under --out and a rerun skips the
 stages whose result is already there (kill it and start it again: it goes on from the last finished stage).
 
-    out/config.json                 the settings of the run (and log.txt, everything printed)
+    out/config.json                 the settings of this call (and log.txt, everything printed)
+    out/settings.json               what the stored stages depend on: a rerun with other values stops
+    out/skipped.jsonl               (--overlength skip) every over-length record, file:line and why
     out/tokenizer/                  (tiny preset) the byte-level BPE trained on the shipped data
     out/sft/                        (tiny preset) theta_0: a tiny Llama SFT-ed on the data (HF safetensors)
     out/iter0/samples.jsonl         Algorithm 1, lines 1-3: y'_i ~ p_theta_0(.|x_i);  iter0/eval.json: theta_0
-    out/guide/                      Algorithm 1, line 4: guide T = (phi, psi) (HF safetensors + latent.safetensors),
-                                    diagnostics.json (true vs shuffled h), agreement.json (Section 5.2 (2))
-    out/M/iter{t}/samples.jsonl     line 7: y'_i ~ p_theta_{t-1}(.|x_i)       (M = the method: ldalign, spin, dpo, sft)
+    out/guide/                      Algorithm 1, line 4: guide T = (phi, psi) (HF safetensors + latent.safetensors,
+                                    guide_config.json), diagnostics.json (true / shuffled / same-prompt h),
+                                    agreement.json (Section 5.2 (2))
+    out/M/iter{t}/samples.jsonl     line 7: y'_i ~ p_theta_{t-1}(.|x_i)       (M = the method: ldalign, spin, dpo, sft;
+                                    t = 1 reuses iter0/samples.jsonl unless --reuse_line2_samples false)
     out/M/iter{t}/distances.jsonl   line 8: s_i = ||phi(x_i, y_i) - phi(x_i, y'_i)||_2, and the weight s_i/S
     out/M/iter{t}/distances.json    line 9: S = mean_i s_i, and the distribution (Section 5.2 (1))
-    out/M/iter{t}/train_metrics.jsonl  line 10: loss, rewards, grad norm per logged step
+    out/M/iter{t}/train_metrics.jsonl  line 10: loss, rewards, grad norm per optimizer step
     out/M/iter{t}/policy/           line 10: theta_t (HF safetensors: any HF tool loads it)
     out/M/iter{t}/eval.json         greedy answers on held-out prompts: exact match, mean reward
     out/M/metrics.jsonl, results.md one line per iteration;  out/comparison.md when several methods ran
+    out/dpo/ref_logps_theta0.json   (dpo) the fixed reference's log-probs, computed in iteration 1
 """
 import contextlib
 import datetime
@@ -176,6 +181,8 @@ def parse_args(argv):
         raise SystemExit("--judge is 'toy' or 'reward' (which needs --reward_model)")
     if cfg["gen_compile"] and not cfg["gen_static"]:
         raise SystemExit("--gen_compile true needs --gen_static true (a compiled decode step needs fixed shapes)")
+    if cfg["overlength"] not in ("error", "skip"):
+        raise SystemExit(f"--overlength is 'error' or 'skip', got {cfg['overlength']!r}")
     if cfg["temperature"] < 0 or not 0 < cfg["top_p"] <= 1 or cfg["top_k"] < 0:  # -1 would sample the argmin
         raise SystemExit("sampling needs --temperature >= 0 (0 = greedy), 0 < --top_p <= 1, --top_k >= 0 (0 = off)")
     if cfg["max_prompt_len"] + cfg["max_new_tokens"] > cfg["max_len"]:
@@ -604,7 +611,7 @@ def train_toy_tokenizer(texts, vocab_size=300):
 
 
 def tiny_policy_config(tok, max_len):
-    """About 0.9M parameters: learns the sorting task only partly after the short SFT (room to improve)."""
+    """About 0.83M parameters: learns the sorting task only partly after the short SFT (room to improve)."""
     from transformers import LlamaConfig
     return LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=344, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max(128, max_len),

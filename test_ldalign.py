@@ -1035,7 +1035,7 @@ def test_a_resume_with_other_settings_or_data_stops(tmp_path):
 def test_parse_args_rejects_bad_settings():
     assert ldalign.parse_args([])["top_p"] == 1.0
     for bad in (["--temperature", "-1"], ["--top_p", "0"], ["--top_p", "1.5"], ["--top_k", "-1"], ["--method", "ppo"],
-                ["--gen_compile", "true"], ["--max_new_tokens", "64"]):
+                ["--gen_compile", "true"], ["--max_new_tokens", "64"], ["--overlength", "eror"]):
         with pytest.raises(SystemExit):
             ldalign.parse_args(bad)
 

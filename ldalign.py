@@ -370,6 +370,12 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_distances(it_dir):
+    """The s_i an iteration folder stored (distances.jsonl, Algorithm 1 line 8) as an (N,) tensor, or None."""
+    path = os.path.join(it_dir, "distances.jsonl")
+    return torch.tensor([r["s"] for r in read_jsonl(path)]) if os.path.exists(path) else None
+
+
 def save_hf(model, tokenizer, out_dir, rank):
     """Save a causal LM as an HF checkpoint (config.json + model.safetensors + tokenizer), atomically.
 
@@ -977,9 +983,9 @@ def main(argv=None):
             it = os.path.join(mdir, f"iter{last}")
             log(f"[resume] iteration {last} of {method} saved its policy but not its evaluation: evaluating it now")
             model = load_policy(os.path.join(it, "policy"), cfg, device, world)
-            dist_path = os.path.join(it, "distances.jsonl")
-            S = float(torch.tensor([r["s"] for r in read_jsonl(dist_path)]).mean()) if os.path.exists(dist_path) else None
-            record_iteration(model, last, S, read_jsonl(os.path.join(it, "train_metrics.jsonl")))
+            s = read_distances(it)
+            record_iteration(model, last, None if s is None else float(s.mean()),
+                             read_jsonl(os.path.join(it, "train_metrics.jsonl")))
         if t_start <= cfg["T"]:
             policy_path = theta0_path if t_start == 1 else os.path.join(mdir, f"iter{t_start - 1}", "policy")
             log(f"##### method {method}: iterations {t_start}..{cfg['T']}, starting from {policy_path}")
@@ -1006,9 +1012,8 @@ def main(argv=None):
 
                 # Algorithm 1, line 8: s_phi(x_i, y_i, y'_i) = ||phi(x_i, y_i) - phi(x_i, y'_i)||_2
                 dist_path = os.path.join(it, "distances.jsonl")
-                if os.path.exists(dist_path):
-                    s = torch.tensor([r["s"] for r in read_jsonl(dist_path)])
-                else:
+                s = read_distances(it)
+                if s is None:
                     triples = guide_triples(data, tok, gtok, y_prime, cfg["guide_max_len"])
                     s = distances_stage(guide, triples, cfg, ctx, gtok.eos_token_id)
 
@@ -1077,8 +1082,8 @@ def main(argv=None):
             table = format_table(read_jsonl(results_path))
             write_atomic(os.path.join(mdir, "results.md"), table)
             log(f"{method}:\n{table}")
-            hists = {f"iter {t}": [r["s"] for r in read_jsonl(os.path.join(mdir, f"iter{t}", "distances.jsonl"))]
-                     for t in range(1, cfg["T"] + 1) if os.path.exists(os.path.join(mdir, f"iter{t}", "distances.jsonl"))}
+            hists = {f"iter {t}": s.tolist() for t in range(1, cfg["T"] + 1)
+                     if (s := read_distances(os.path.join(mdir, f"iter{t}"))) is not None}
             if hists and not analysis.save_histogram_png(hists, os.path.join(mdir, "distances.png")):
                 log("(pip install matplotlib for distances.png; the numbers are in iter*/distances.json)")
 

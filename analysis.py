@@ -10,16 +10,24 @@ Section 5.2    Two checks that the guide's latent space means something:
       (GPT-4 in the paper) ranks them too; count how often the two rankings agree. -> ranking_agreement
       On the toy sorting task the judge is exact correctness / word edit distance to y.  -> toy_judge
 
-Nothing here trains anything: the distances come from guide.latent_distances, the samples from generate.py.
+And what a run writes for a person to read: evaluate / record_iteration (eval.json, metrics.jsonl), the
+distances' summary (distances.json), results.md per method, comparison.md, distances.png.
+
+Nothing here trains anything: the distances come from guide.py, the samples from generate.py.
 matplotlib is optional: without it save_histogram_png does nothing and says so (returns False).
 """
 import contextlib
 import os
-import tempfile
 
 import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import dataset
+import fsdp
+import generate
+import guide as guide_lib
+from rundir import atomic_path, read_json, read_jsonl, write_atomic, write_json, write_jsonl
 
 
 # ==================================================================== Section 5.1.3: r = RM(x, y)
@@ -182,15 +190,159 @@ def save_histogram_png(hists, path, *, bins=30, title="latent distances s = ||ph
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # Temp file in the same folder, then os.replace: a reader never sees a half-written PNG.
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".hist-", suffix=".png")
-    os.close(fd)
-    try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as tmp:  # a reader never sees a half-written PNG
         fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
     return True
+
+
+# ==================================================================== what a run records (Section 5.1.3, 5.2)
+def score_rewards(rm, prompts, responses, device):
+    """r = RM(x, y) with the reward model rm = (model, tokenizer), kept on the CPU between uses so it takes no GPU
+    memory during training. Every rank scores everything: it is small and cheap."""
+    model, rtok = rm
+    model.to(device)
+    r = reward_scores(model, rtok, prompts, responses, device=device)
+    model.to("cpu")
+    return r
+
+
+def evaluate(model, data, cfg, device, rm, log):
+    """Greedy answers on the held-out prompts: exact match (meaningful on checkable tasks such as the toy) and,
+    with --reward_model, the mean reward r = RM(x, y) of Section 5.1.3. The dict written as eval.json."""
+    held_out, tok = data.held_out, data.tok
+    ids = generate.sample_dataset(model, [d["px"] for d in held_out], tok, cfg, 0, device, greedy=True, log=log,
+                                  what="greedy eval answers")
+    answers = [tok.decode(y, skip_special_tokens=True).strip() for y in ids]
+    hits = [a == d["y"].strip() for a, d in zip(answers, held_out)]
+    rewards = score_rewards(rm, [d["x"] for d in held_out], answers, device).tolist() if rm else None
+    return {"exact_match": sum(hits) / len(hits), "reward": None if rewards is None else sum(rewards) / len(rewards),
+            "n": len(hits), "examples": [
+                {"x": d["x"], "golden": d["y"], "answer": a, "correct": h, "reward": None if rewards is None else rewards[i]}
+                for i, (d, a, h) in enumerate(list(zip(held_out, answers, hits))[:20])]}
+
+
+def agreement(policy, guide, data, cfg, device, rm, log):
+    """Section 5.2 (2): for each prompt sample two responses y'_a, y'_b; the one farther from y in the latent
+    space is ranked lower; a judge ranks them too; how often do the two rankings agree? The paper's judge is
+    GPT-4; here "toy" = closeness to the golden answer (toy_judge), or "reward" = the reward model."""
+    sub, tok = data.D[:cfg["agreement_n"]], data.tok
+    ya, yb = (generate.sample_dataset(policy, [d["px"] for d in sub], tok, cfg, cfg["seed"] + k, device, log=log,
+                                      what=f"y'_{ab}") for k, ab in ((7, "a"), (8, "b")))
+    sa, sb = (guide_lib.distances(guide, dataset.guide_triples(sub, tok, data.gtok, y, cfg["guide_max_len"]),
+                                  cfg["guide_batch_size"], data.gtok.eos_token_id, device) for y in (ya, yb))
+    ta = [tok.decode(y, skip_special_tokens=True).strip() for y in ya]
+    tb = [tok.decode(y, skip_special_tokens=True).strip() for y in yb]
+    if cfg["judge"] == "toy":
+        ja, jb = [toy_judge(a, d["y"]) for a, d in zip(ta, sub)], [toy_judge(b, d["y"]) for b, d in zip(tb, sub)]
+    else:
+        ja, jb = (score_rewards(rm, [d["x"] for d in sub], t, device).tolist() for t in (ta, tb))
+    same = [a == b for a, b in zip(ya, yb)]  # identical samples: a tie, whatever rounding does to their scores
+    res = dict(ranking_agreement(sa.tolist(), sb.tolist(), ja, jb, same=same), judge=cfg["judge"])
+    return dict(res, examples=[{"x": d["x"], "y": d["y"], "a": a, "b": b, "s_a": float(x), "s_b": float(y),
+                                "judge_a": p, "judge_b": q}
+                               for d, a, b, x, y, p, q in list(zip(sub, ta, tb, sa, sb, ja, jb))[:20]])
+
+
+def theta0_reports(run, theta_0, guide, data, cfg, device, rm):
+    """theta_0's held-out evaluation (iter0/eval.json, row 0 of every method's table) and Section 5.2 (2)'s
+    ranking agreement on theta_0's samples (guide/agreement.json). theta_0() loads the policy if still needed."""
+    if data.held_out:
+        ev = run.cached("iter0/eval.json", lambda: evaluate(theta_0(), data, cfg, device, rm, run.log))
+        run.log(f"[iter 0] theta_0 held-out greedy exact match {ev['exact_match']} | mean reward {ev['reward']}")
+    if cfg["agreement_n"] > 0:
+        agr = run.cached("guide/agreement.json", lambda: agreement(theta_0(), guide, data, cfg, device, rm, run.log))
+        run.log(f"[Section 5.2] ranking agreement, latent distance vs {agr['judge']} judge: {agr['agree']}/"
+                f"{agr['n_decided']} = {agr['agreement']} (pairs where both rank strictly; guide/agreement.json)")
+
+
+def record_distances(run, method, t, s, w, data, y_prime):
+    """distances.json of iteration t: S (Algorithm 1, line 9), the weights' range, the distribution (Section 5.2 (1))."""
+    S = float(s.mean())
+    run.log(f"[lines 8-9] distances: S = mean s = {S:.4f}, min {float(s.min()):.4f}, max {float(s.max()):.4f}")
+    if fsdp.rank() == 0:
+        write_json(run.path(method, f"iter{t}", "distances.json"), {
+            "S": S, "n": len(s), "n_identical_to_golden": sum(d["py"] == yp for d, yp in zip(data, y_prime)),
+            "min": float(s.min()), "max": float(s.max()),
+            "weights": {"mean": float(w.mean()), "min": float(w.min()), "max": float(w.max())},
+            "histogram": distance_histogram(s.tolist())})
+
+
+def record_iteration(run, method, t, policy, data, cfg, device, rm):
+    """theta_t's held-out evaluation (eval.json) and its row in <method>/metrics.jsonl: exact match, reward,
+    S (from distances.json, when measured), loss (mean of the last quarter of train_metrics.jsonl), steps.
+    policy() returns theta_t (loaded only if its evaluation is not stored yet)."""
+    it = os.path.join(method, f"iter{t}") if t else "iter0"  # theta_0 is shared by every method
+    ev = run.cached(f"{it}/eval.json", lambda: evaluate(policy(), data, cfg, device, rm, run.log)) if data.held_out \
+        else {"exact_match": None, "reward": None}
+    dist = run.path(it, "distances.json")
+    S = read_json(dist)["S"] if t and os.path.exists(dist) else None
+    hist = read_jsonl(run.path(it, "train_metrics.jsonl")) if t else []
+    q = max(1, len(hist) // 4)
+    loss = sum(h["loss"] for h in hist[-q:]) / q if hist else None
+    run.log(f"[{method} iter {t}] held-out greedy exact match {ev['exact_match']} | mean reward {ev['reward']} | "
+            f"S {_fmt(S, '.4f')} | loss (last quarter) {_fmt(loss, '.4f')}")
+    path = run.path(method, "metrics.jsonl")
+    if fsdp.rank() == 0:
+        rows = [r for r in (read_jsonl(path) if os.path.exists(path) else []) if r["iter"] != t]
+        row = {"iter": t, "S": S, "loss": loss, "steps": len(hist), "exact_match": ev["exact_match"], "reward": ev["reward"]}
+        write_jsonl(path, sorted(rows + [row], key=lambda r: r["iter"]))
+
+
+def recorded(run, method, t):
+    """Has theta_t of `method` its row in metrics.jsonl? (A run killed after saving theta_t has not.)"""
+    path = run.path(method, "metrics.jsonl")
+    return os.path.exists(path) and any(r["iter"] == t for r in read_jsonl(path))
+
+
+def write_reports(run, methods, cfg):
+    """results.md and distances.png per method; comparison.md over every method run in this folder so far (this
+    call's or earlier calls', e.g. `--method dpo --lr 2e-7` alone). Rank 0 writes."""
+    if fsdp.rank() != 0:
+        return
+    for m in methods:
+        table = format_table(read_jsonl(run.path(m, "metrics.jsonl")))
+        write_atomic(run.path(m, "results.md"), table)
+        run.log(f"{m}:\n{table}")
+        hists = {f"iter {t}": read_jsonl(p) for t in range(1, cfg["T"] + 1)
+                 if os.path.exists(p := run.path(m, f"iter{t}", "distances.jsonl"))}
+        hists = {k: [r["s"] for r in rows] for k, rows in hists.items()}
+        if hists and not save_histogram_png(hists, run.path(m, "distances.png")):
+            run.log("(pip install matplotlib for distances.png; the numbers are in iter*/distances.json)")
+    summaries = {m: read_jsonl(p) for m in ("ldalign", "spin", "dpo", "sft")
+                 if os.path.exists(p := run.path(m, "metrics.jsonl"))}
+    if len(summaries) > 1:
+        steps = ", ".join(f"{m} {rows[-1].get('steps', '?')}" for m, rows in summaries.items())
+        head = (f"comparison ({cfg['T']} iterations x {cfg['epochs']} epochs, batch {cfg['batch_size']}; optimizer "
+                f"steps per iteration: {steps}; each method at the settings in settings.json)")
+        table = format_comparison(summaries)
+        write_atomic(run.path("comparison.md"), head + "\n\n" + table)
+        run.log(f"{head}:\n{table}")
+
+
+def _fmt(v, f):
+    """A number in format f, or "-" for a value not measured."""
+    return "-" if v is None else format(v, f)
+
+
+def format_table(rows):
+    lines = ["| iteration | held-out exact match | mean reward | S (mean distance) | loss |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['iter']} | {_fmt(r['exact_match'], '.3f')} | {_fmt(r.get('reward'), '.3f')} | "
+                     f"{_fmt(r['S'], '.4f')} | {_fmt(r['loss'], '.4f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def format_comparison(summaries):
+    """One row per iteration, per method: held-out exact match, mean reward, and S (mean latent distance)."""
+    methods = list(summaries)
+    lines = ["| iteration | " + " | ".join(f"{m}: exact match / reward / S" for m in methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    for t in sorted({r["iter"] for rows in summaries.values() for r in rows}):
+        cells = []
+        for m in methods:
+            r = next((r for r in summaries[m] if r["iter"] == t), None)
+            cells.append("-" if r is None else f"{_fmt(r['exact_match'], '.3f')} / {_fmt(r.get('reward'), '.3f')} / "
+                                               f"{_fmt(r['S'], '.4f')}")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -17,9 +17,9 @@ import math
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+import fsdp
 from generate import forward_names, pad_sequences
 
 IGNORE = -100  # label value of prompt and padding tokens: not part of log p(y|x)
@@ -148,20 +148,27 @@ def reference_logps(model, pairs, micro_batch_size, device):
 
     The reference model of iteration t is theta_{t-1}, fixed for the whole iteration (SPIN-style). At the
     start of the iteration the policy IS theta_{t-1}, so scoring every pair now and caching the numbers
-    replaces keeping a second 7B model in memory. returns chosen (N,), rejected (N,) float32 on the CPU.
+    replaces keeping a second 7B model in memory. Every rank scores its share of the pairs (fsdp.shard_gather).
+    returns chosen (N,), rejected (N,) float32 on the CPU, on every rank.
     """
     was_training = model.training
     model.eval()
-    out_c, out_r = [], []
-    for i in range(0, len(pairs), micro_batch_size):
-        c, r = pair_logps(model, pairs[i:i + micro_batch_size], device)
-        out_c.append(c.float())  # kept on the device: one copy to the CPU at the end, not a sync per batch
-        out_r.append(r.float())
+
+    def score(share):
+        out_c, out_r = [], []
+        for i in range(0, len(share), micro_batch_size):
+            with fsdp.autocast(device, model):
+                c, r = pair_logps(model, share[i:i + micro_batch_size], device)
+            out_c.append(c.float())  # kept on the device: one copy to the CPU at the end, not a sync per batch
+            out_r.append(r.float())
+        if not share:
+            return torch.zeros(0), torch.zeros(0)
+        return torch.cat(out_c).cpu(), torch.cat(out_r).cpu()
+
+    chosen, rejected = fsdp.shard_gather(pairs, score)
     model.train(was_training)
-    reshard_all(model)
-    if not pairs:
-        return torch.zeros(0), torch.zeros(0)
-    return torch.cat(out_c).cpu(), torch.cat(out_r).cpu()
+    fsdp.reshard_all(model)
+    return chosen, rejected
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,50 +212,6 @@ def global_batches(n, batch_size, epochs, seed, world):
     return out
 
 
-def is_fsdp(model):
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # older torch
-        return False
-    return isinstance(model, FSDPModule)
-
-
-def reshard_all(model):
-    """Free the gathered FSDP2 weights after no-grad forwards.
-
-    FSDP2 keeps the ROOT module's weights unsharded after a forward (they are usually needed again by
-    the backward). After a forward under no_grad nothing will reshard them, and the next training step
-    would then run with weights outside FSDP's autograd hooks: their gradients are not reduced across
-    ranks (found by the 1-vs-2-process test). Resharding every FSDP module restores the normal state.
-    """
-    if is_fsdp(model):
-        from torch.distributed.fsdp import FSDPModule
-        for m in model.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
-
-
-def autocast(device, model):
-    """bf16 autocast on GPU, unless FSDP2's mixed precision already computes in bf16; fp32 on CPU.
-
-    Wrap forwards only, never an optimizer step (PyTorch's AMP recipe): inside one `with torch.autocast`
-    block the bf16 copy of each fp32 weight is made once and CACHED until the block exits, so a block
-    around several optimizer steps would run every forward on the weights of before the first step
-    (test_bf16_autocast_training_sees_updated_weights). _train_loop wraps each micro-batch's forward.
-    """
-    device = torch.device(device)
-    if device.type == "cuda" and not is_fsdp(model):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
-
-
-def _all_reduce_sum(t):
-    """Named all-reduce: sums a small tensor of statistics over ranks (no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 def _train_loop(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micro_batch_size, optimizer, warmup_ratio,
                 max_grad_norm, seed, log_every, log_fn, stats_names, max_steps=0):
     """Shared by dpo_train and sft_train. loss_fn(idx, valid) -> (sum of per-item losses over the real
@@ -259,8 +222,7 @@ def _train_loop(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micr
     local sum by (number of real items in the global batch / world) therefore gives exactly the
     gradient of the global-batch mean, whatever the world size (tested: 1 process == 2 processes).
     """
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
+    world, rank = fsdp.world(), fsdp.rank()
     batches = global_batches(n_items, batch_size, epochs, seed, world)
     if max_steps:
         batches = batches[:max_steps]  # stop after max_steps optimizer steps (the schedule ends there)
@@ -277,9 +239,9 @@ def _train_loop(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micr
         stats = 0.0
         micro = list(range(0, len(local_idx), micro_batch_size))
         for k, m in enumerate(micro):
-            if is_fsdp(model):  # reduce-scatter gradients only on the last micro-batch of the step
+            if fsdp.is_fsdp(model):  # reduce-scatter gradients only on the last micro-batch of the step
                 model.set_requires_gradient_sync(k == len(micro) - 1)
-            with autocast(device, model):  # the forward and the loss; backward and step run outside
+            with fsdp.autocast(device, model):  # the forward and the loss; backward and step run outside
                 loss_sum, st = loss_fn(local_idx[m:m + micro_batch_size], local_valid[m:m + micro_batch_size])
             (loss_sum * world / n_real).backward()  # FSDP divides by world again: global-batch mean
             # Statistics stay on the device: a .cpu() here would make the CPU wait for this backward before
@@ -292,7 +254,7 @@ def _train_loop(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micr
         # If a caller wraps this whole loop in its own `with torch.autocast`, the nested blocks above do not
         # empty autocast's cache, which still holds bf16 copies of the weights of before this step: drop them.
         torch.clear_autocast_cache()
-        stats = (_all_reduce_sum(stats) / n_real).cpu()  # named all-reduce: batch means over all ranks
+        stats = (fsdp.all_reduce(stats) / n_real).cpu()  # batch means over all ranks
         rec = {"step": step + 1, "steps": total, "loss": stats[0].item(), "lr": opt.param_groups[0]["lr"],
                "grad_norm": float(gnorm)}
         rec.update({k: v.item() for k, v in zip(stats_names, stats[1:])})

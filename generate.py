@@ -6,14 +6,19 @@ forward arguments input_ids / attention_mask / position_ids / past_key_values / 
     ids, mask = pad_sequences(prompts, pad_id, side="left")          # (B, T), (B, T)
     new = generate(model, ids, mask, 128, eos_id, pad_id, temperature=1.0, top_p=0.9)   # (B, n), n <= 128
 
-The caller puts the model in eval mode (dropout off); this file never changes the model's mode.
-`generate_naive` is the cache-free reference the tests compare `generate` against.
+`generate` never changes the model's mode (the caller puts it in eval mode: dropout off). `sample_dataset`
+samples one response per prompt of a whole data set, the work shared by every rank, in eval mode.
+The tests compare `generate` with a cache-free path and with transformers' own `generate`.
 """
+import contextlib
 import inspect
+import math
+import time
 
 import torch
-import torch.distributed as dist
 from transformers import DynamicCache
+
+import fsdp
 
 
 def pad_sequences(seqs, pad_id, side="left", width=0):
@@ -106,9 +111,7 @@ def _all_finished(finished):
     generate() calls this at the same steps on every rank (every SYNC_EVERY steps), so the ranks agree.
     """
     done = torch.tensor([int(bool(finished.all()))], device=finished.device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(done, op=dist.ReduceOp.MIN)  # 1 only if every rank reports 1
-    return bool(done.item())
+    return bool(fsdp.all_reduce(done, "min").item())  # 1 only if every rank reports 1
 
 
 def forward_names(model):
@@ -214,8 +217,7 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
     if compile:
         # FSDP2's per-module hooks cannot be traced into one graph: under FSDP the step is compiled in
         # pieces (one per block, the hooks run eagerly between them; with gathered_weights they do nothing).
-        from torch.distributed.fsdp import FSDPModule
-        step_fn = _compiled_step(input_ids.device, fullgraph=not isinstance(model, FSDPModule))
+        step_fn = _compiled_step(input_ids.device, fullgraph=not fsdp.is_fsdp(model))
     else:
         step_fn = _last_logits
     # Prefill: one forward over the whole prompt fills the cache and gives the first token's logits.
@@ -251,34 +253,6 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
         if bool(is_eos.any(1).all()):  # every row finished: cut the columns after the last row's EOS
             out = out[:, :int(is_eos.float().argmax(1).max()) + 1]  # (what stopping at once would give)
     return out
-
-
-@torch.no_grad()
-def generate_naive(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-                   temperature=1.0, top_p=1.0, top_k=0, generator=None):
-    """Cache-free reference for `generate` (tests only): re-runs the full sequence at every step.
-
-    Same arguments, same result, same use of `generator`; O(n^2) instead of O(n) work per row.
-    """
-    B = input_ids.shape[0]
-    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    new_tokens = []
-    for step in range(max_new_tokens):
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T + step)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).logits[:, -1].float()  # (B, V)
-        tok = sample_next(logits, temperature, top_p, top_k, generator)
-        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
-        new_tokens.append(tok)
-        if eos_token_id is not None:
-            finished |= tok == eos_token_id
-        if eos_token_id is not None and _all_finished(finished):
-            break
-        input_ids = torch.cat([input_ids, tok[:, None]], dim=-1)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=-1)
-    if not new_tokens:
-        return input_ids.new_zeros(B, 0)
-    return torch.stack(new_tokens, dim=1)
 
 
 def sample_responses(model, prompts, *, batch_size, max_new_tokens, eos_token_id, pad_token_id,
@@ -317,3 +291,30 @@ def sample_responses(model, prompts, *, batch_size, max_new_tokens, eos_token_id
         if progress:
             progress(b + n_real, len(prompts))
     return responses
+
+
+def sample_dataset(model, prompts, tok, cfg, seed, device, greedy=False, log=None, what="y'"):
+    """Algorithm 1, lines 2 / 7 (and greedy evaluation): one response per prompt (token-id lists) from the
+    current policy, every rank sampling its share, every rank returning all of them in order."""
+    bs, t0 = cfg["gen_batch_size"], time.time()
+    n_batches = math.ceil(math.ceil(len(prompts) / fsdp.world()) / bs)
+    model.eval()
+
+    def progress(done_local, _):  # at about 25/50/75/100%
+        k = math.ceil(done_local / bs)
+        if log and (k == n_batches or k % max(1, n_batches // 4) == 0):
+            log(f"  sampling {what}: {min(done_local * fsdp.world(), len(prompts))}/{len(prompts)} prompts, "
+                f"{time.time() - t0:.0f}s")
+
+    def sample_share(share):
+        return sample_responses(
+            model, share, batch_size=bs, max_new_tokens=cfg["max_new_tokens"], eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, temperature=0.0 if greedy else cfg["temperature"], top_p=cfg["top_p"],
+            top_k=cfg["top_k"], seed=seed * 100003 + fsdp.rank() * 1009, device=device, static=cfg["gen_static"],
+            compile=cfg["gen_compile"], progress=progress)
+    # --compile compiles the blocks for training; decoding into a DynamicCache changes their input shapes at every
+    # token (a recompilation each time), so unless the decode step itself is compiled (--gen_compile, fixed
+    # shapes) the sampler runs the blocks eagerly.
+    eager = torch.compiler.set_stance("force_eager") if cfg["compile"] and not cfg["gen_compile"] else contextlib.nullcontext()
+    with fsdp.gathered_weights(model), fsdp.autocast(device, model), eager:
+        return fsdp.shard_gather(prompts, sample_share)

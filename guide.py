@@ -15,8 +15,6 @@ towards each other, which is not what the paper's s_phi is meant to measure.)
 import json
 import math
 import os
-import shutil
-import tempfile
 
 import torch
 import torch.nn as nn
@@ -24,7 +22,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import fsdp
 from generate import pad_sequences
+from rundir import atomic_path
 
 
 class GuideModel(nn.Module):
@@ -90,15 +90,11 @@ def build_guide(model_name_or_config, latent_dim) -> GuideModel:
 
 
 def save_guide(guide, out_dir):
-    """out_dir/{encoder,decoder}/ (HF safetensors), out_dir/latent.safetensors, out_dir/guide_config.json.
-    Written into a sibling temp dir and swapped in with os.replace, so a crash never leaves a half-written guide."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".guide-tmp-", dir=parent)  # same filesystem -> os.replace is atomic
-    try:
-        guide.encoder.save_pretrained(os.path.join(tmp, "encoder"), safe_serialization=True)
-        guide.decoder.save_pretrained(os.path.join(tmp, "decoder"), safe_serialization=True)
+    """out_dir/{encoder,decoder}/ (HF safetensors), out_dir/latent.safetensors, out_dir/guide_config.json,
+    written atomically (rundir.atomic_path): a crash never leaves a half-written guide."""
+    with atomic_path(out_dir) as tmp:
+        guide.encoder.save_pretrained(os.path.join(tmp, "encoder"))
+        guide.decoder.save_pretrained(os.path.join(tmp, "decoder"))
         latent = {f"{name}.{k}": v.detach().cpu().contiguous()  # safetensors needs contiguous CPU tensors
                   for name in ("to_latent", "from_latent") for k, v in getattr(guide, name).state_dict().items()}
         save_file(latent, os.path.join(tmp, "latent.safetensors"))
@@ -106,16 +102,9 @@ def save_guide(guide, out_dir):
             json.dump({"latent_dim": guide.latent_dim, "encoder_n_embd": guide.encoder.config.n_embd,
                        "decoder_n_embd": guide.decoder.config.n_embd, "injection": "embedding",
                        "pooling": "mean_over_response"}, f, indent=2)
-        old = None
-        if os.path.exists(out_dir):  # os.replace cannot overwrite a non-empty dir: move the old one aside first
-            old = tempfile.mkdtemp(prefix=".guide-old-", dir=parent)
-            os.replace(out_dir, os.path.join(old, "g"))
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if getattr(guide, "diagnostics", None) is not None:
+            with open(os.path.join(tmp, "diagnostics.json"), "w") as f:
+                json.dump(guide.diagnostics, f, indent=1)
 
 
 def load_guide(out_dir) -> GuideModel:
@@ -142,11 +131,6 @@ def collate_guide(examples, pad_id):
 
 def _to(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def _autocast(device):
-    device = torch.device(device)  # bf16 autocast on CUDA only; CPU tests run in fp32
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 # ==================================================================== Eq. 2 training (Algorithm 1, line 4)
@@ -179,7 +163,7 @@ def train_guide(guide, examples, *, epochs, batch_size, lr, pad_id, seed, device
         perm = torch.randperm(n, generator=g).tolist()
         for b in range(0, n, batch_size):
             batch = _to(collate_guide([examples[i] for i in perm[b:b + batch_size]], pad_id), device)
-            with _autocast(device):
+            with fsdp.autocast(device, guide):
                 nll_sum, n_tok = guide(**batch)  # (B,), (B,)
             loss = nll_sum.sum() / n_tok.sum().clamp(min=1.0)  # per-token mean NLL (the Eq. 2 objective we optimise)
             opt.zero_grad(set_to_none=True)
@@ -210,7 +194,7 @@ def eval_guide(guide, examples, *, batch_size, pad_id, device, partner=None):
     was_training = guide.training
     guide.eval()
     batches = [collate_guide(examples[b:b + batch_size], pad_id) for b in range(0, len(examples), batch_size)]
-    with _autocast(device):
+    with fsdp.autocast(device, guide):
         H = torch.cat([guide.encode(**_to(bt, device)).float() for bt in batches])  # (N, d)
         Hs = H.roll(1, dims=0)  # (N, d): example i gets example i-1's latent
         has = torch.tensor([p is not None for p in partner]) if partner else torch.zeros(len(examples), dtype=torch.bool)
@@ -254,8 +238,77 @@ def latent_distances(guide, triples, *, batch_size, pad_id, device):
         chunk = triples[b:b + batch_size]
         B = len(chunk)
         batch = _to(collate_guide([(x, y) for x, y, _ in chunk] + [(x, yp) for x, _, yp in chunk], pad_id), device)
-        with _autocast(device):
+        with fsdp.autocast(device, guide):
             h = guide.encode(**batch).float()  # (2B, d)
         out.append(torch.linalg.vector_norm(h[:B] - h[B:], dim=-1).cpu())  # (B,)
     guide.train(was_training)
     return torch.cat(out).float() if out else torch.zeros(0)
+
+
+# ==================================================================== the stages of Algorithm 1 (lines 4 and 8)
+def place(guide, device):
+    """Move the guide to the device; under torchrun shard it like the policy. encode / recon_nll are called
+    directly (not through forward), so FSDP2 is told to all-gather around them too."""
+    guide = guide.to(device)
+    if fsdp.world() > 1:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+        guide = fsdp.parallelize(guide, device)
+        register_fsdp_forward_method(guide, "encode")
+        register_fsdp_forward_method(guide, "recon_nll")
+    return guide
+
+
+def train_stage(src, triples, cfg, pad_id, device, log):
+    """Algorithm 1, line 4: a new guide (build_guide(src)) trained with Eq. 2 on golden (x, y) AND generated
+    (x, y') pairs, triples = [(x, y, y')] in the guide's tokens; each rank trains on its share (FSDP2 averages
+    the gradients). Then the diagnostic: does the decoder use h? (guide.diagnostics, saved with the guide)."""
+    log("[Algorithm 1, line 4] training the guide T = (phi, psi) on golden and generated responses (Eq. 2)")
+    torch.manual_seed(cfg["seed"])  # every rank builds the same initial weights (FSDP2 does not broadcast them)
+    guide = place(build_guide(src, cfg["latent_dim"]), device)
+    examples = [(gx, gy) for gx, gy, _ in triples] + [(gx, gyp) for gx, _, gyp in triples]  # y and y'
+    idx, _ = fsdp.shard_indices(len(examples), fsdp.rank(), fsdp.world())
+    train_guide(guide, [examples[i] for i in idx], epochs=cfg["guide_epochs"], batch_size=cfg["guide_batch_size"],
+                lr=cfg["guide_lr"], pad_id=pad_id, seed=cfg["seed"], device=device, log_every=cfg["log_every"] * 5,
+                log_fn=lambda m: log("  " + m))
+    # Reconstruct (training) examples with the true latent, another example's, and (for pairs with y' != y) the
+    # same prompt's other response's: that last gap is what s_phi can see.
+    differ = [i for i, (_, gy, gyp) in enumerate(triples) if gy != gyp]
+    pick = torch.randperm(len(differ), generator=torch.Generator().manual_seed(0))[:512].tolist()
+    pick = [differ[k] for k in pick] or list(range(min(512, len(triples))))  # (every y' == y: no pairs)
+    n = len(pick)
+    guide.diagnostics = eval_guide(guide, [examples[i] for i in pick] + [examples[len(triples) + i] for i in pick],
+                                   batch_size=cfg["guide_batch_size"], pad_id=pad_id, device=device,
+                                   partner=[k + n for k in range(n)] + list(range(n)) if differ else None)
+    d = guide.diagnostics
+    log(f"  guide reconstruction NLL/token: true h {d['nll_true_h']:.3f} vs shuffled h {d['nll_shuffled_h']:.3f} "
+        f"(shuffled must be worse, or the decoder ignores h) vs the same prompt's other response's h "
+        f"{d.get('nll_same_prompt_h', float('nan')):.3f} (the part of h that s_phi measures)")
+    return guide
+
+
+def save_stage(guide, path, src):
+    """save_guide by rank 0; under FSDP2 every rank joins the gather of the full state dict, which rank 0 loads
+    into a plain, unsharded copy (build_guide(src)) to save."""
+    sd, plain = fsdp.full_state_dict(guide), guide
+    if fsdp.rank() == 0:
+        if sd is not None:
+            plain = build_guide(src, guide.latent_dim)
+            plain.load_state_dict(sd)
+            plain.diagnostics = guide.diagnostics
+        save_guide(plain, path)
+
+
+def freeze(guide):
+    """phi is frozen after line 4: the weights s_i/S are constants of the policy update (README, errata)."""
+    guide.eval()
+    for p in guide.parameters():
+        p.requires_grad_(False)
+    return guide
+
+
+def distances(guide, triples, batch_size, pad_id, device):
+    """Algorithm 1, line 8 over a data set: s_i for triples = [(x, y, y')] in the guide's tokens, every rank
+    encoding its share (fsdp.shard_gather). Returns (N,) float32 on every rank."""
+    with fsdp.gathered_weights(guide):
+        return fsdp.shard_gather(triples, lambda share: latent_distances(guide, share, batch_size=batch_size,
+                                                                         pad_id=pad_id, device=device))

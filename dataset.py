@@ -1,0 +1,332 @@
+"""The data of Algorithm 1: D = {(x_i, y_i)}, held-out prompts and preference pairs, read, checked, tokenized.
+
+    data = dataset.load(cfg, run)     # every record checked before any compute; errors name file:line
+    data.D, data.held_out, data.pref  # lists of dicts with the policy's (px, py) and the guide's (gx, gy) token ids
+    data.tok, data.gtok               # the policy's tokenizer (its chat template) and the guide's
+
+One function makes a prompt's tokens for generation AND training (prompt_ids); golden responses are tokenized as
+they follow that prompt (response_ids). The guide reads plain text in its own tokenizer (guide_ids, guide_triples).
+The embedded default's tokenizer (a byte-level BPE trained on the shipped data) and tiny configs are at the end.
+"""
+import json
+import os
+from types import SimpleNamespace
+
+import fsdp
+from rundir import atomic_path, read_jsonl, write_jsonl
+
+# ----------------------------------------------------------------------------------------------------
+# Data: D = {(x_i, y_i)} from UltraChat-style JSONL, validated before any compute.
+# ----------------------------------------------------------------------------------------------------
+def load(cfg, run):
+    """Require (Algorithm 1): D, the held-out prompts, the preference pairs (--method dpo), both tokenizers.
+
+    Everything is read and checked here, before any compute: a bad line fails now, naming file:line;
+    over-length records fail (--overlength error) or are listed in out/skipped.jsonl (--overlength skip).
+    """
+    from transformers import AutoTokenizer, GPT2Config
+    tiny = cfg["policy"] == "tiny"
+    records = load_sft_jsonl(cfg["data"], 0 if tiny else cfg["max_examples"])
+    eval_records = load_sft_jsonl(cfg["eval_data"], cfg["max_eval"]) if cfg["eval_data"] else []
+    if tiny:  # the embedded default: a BPE trained on the shipped data, stored in the run folder, read from there
+        run.cached("tokenizer", lambda: train_toy_tokenizer([t for r in records for t in (r["x"], r["y"])]),
+                   save=_save_tokenizer, load=lambda path: None)
+        tok = AutoTokenizer.from_pretrained(run.path("tokenizer"))
+    else:
+        tok = AutoTokenizer.from_pretrained(cfg["policy"], trust_remote_code=cfg["trust_remote_code"])
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked everywhere; any id will do
+    if cfg["guide"] == "tiny":  # the toy guide reads the toy tokenizer's ids
+        gtok, guide_src = tok, tiny_guide_config(tok, n_positions=2 * cfg["max_len"])
+        cfg["guide_max_len"] = guide_src.n_positions
+    else:
+        gtok, guide_src = AutoTokenizer.from_pretrained(cfg["guide"]), cfg["guide"]
+        cfg["guide_max_len"] = GPT2Config.from_pretrained(cfg["guide"]).n_positions
+    D, skipped = tokenize_data(records, tok, gtok, cfg, run.log)
+    held_out, eval_skipped = tokenize_data(eval_records, tok, gtok, cfg, run.log) if eval_records else ([], [])
+    skipped += eval_skipped  # one skipped.jsonl for every file; each entry names its file:line
+    sft_pairs = [(d["px"], d["py"]) for d in D]  # all records: the SFT set of the toy theta_0
+    if cfg["max_examples"]:
+        D = D[:cfg["max_examples"]]  # D of Algorithm 1: a subset, as in the paper (50k of UltraChat's 200k)
+    pref = tokenize_pref(load_pref_jsonl(cfg["pref_data"], cfg["max_examples"]), tok, cfg, skipped) \
+        if "dpo" in cfg["method"].split(",") else None
+    if skipped and fsdp.rank() == 0:
+        write_jsonl(run.path("skipped.jsonl"), skipped)  # every over-length record, file:line and why
+    run.log(f"D: {len(D)} pairs from {cfg['data']}; held-out: {len(held_out)}")
+    return SimpleNamespace(D=D, held_out=held_out, pref=pref, sft_pairs=sft_pairs, tok=tok, gtok=gtok,
+                           guide_src=guide_src)
+
+
+def _save_tokenizer(tok, path):
+    if fsdp.rank() == 0:
+        with atomic_path(path) as tmp:
+            tok.save_pretrained(tmp)
+
+
+def samples_file(data, tok, cfg):
+    """save / load of a samples.jsonl (rundir.RunDir.cached) holding y' for every x of `data`: one row per pair,
+    {where, x, y, y_prime (text), y_prime_ids}; read back as the id lists, after checking the prompts match."""
+    def save(ids, path):
+        if fsdp.rank() == 0:
+            write_jsonl(path, [{"where": d["where"], "x": d["x"], "y": d["y"], "y_prime": tok.decode(y, skip_special_tokens=True),
+                                "y_prime_ids": y} for d, y in zip(data, ids)])
+
+    def load(path):
+        rows = read_jsonl(path)
+        if [r["x"] for r in rows] != [d["x"] for d in data]:
+            raise SystemExit(f"{path} holds samples for other prompts than the {len(data)} of {cfg['data']} (was the "
+                             "file changed?); delete it, or use a new --out")
+        return [r["y_prime_ids"] for r in rows]
+    return dict(save=save, load=load)
+
+
+def distances_file(data):
+    """save / load of a distances.jsonl: one row per pair, {where, s}; read back as an (N,) tensor."""
+    import torch
+
+    def save(s, path):
+        if fsdp.rank() == 0:
+            write_jsonl(path, [{"where": d["where"], "s": float(v)} for d, v in zip(data, s)])
+    return dict(save=save, load=lambda path: torch.tensor([r["s"] for r in read_jsonl(path)]))
+
+
+def jsonl_records(path, what):
+    """Yield ("file:line", record) for each non-blank line of a JSONL file; a line that is not a JSON object
+    raises ValueError naming file:line. Shared by the SFT and the preference data loaders."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: {what} file not found")
+    with open(path, "rb") as f:  # bytes: a bad UTF-8 sequence is then reported with its line like any other error
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+            if not line.strip():
+                continue  # blank lines (e.g. a trailing newline) carry no record
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            yield where, rec
+
+
+def load_sft_jsonl(path, max_examples=0):
+    """Read (x, y) = (first user turn, first assistant turn) of each record; errors name file:line.
+
+    A record is {"messages": [{"role": "user", "content": x}, {"role": "assistant", "content": y}, ...]}
+    (UltraChat 200k's layout; later turns are ignored, as SPIN and the paper's 50k subset do), or
+    {"prompt": x, "response": y}. Returns a list of dicts {x, y, where} where `where` is "file:line".
+    """
+    out = []
+    for where, rec in jsonl_records(path, "data"):
+        if "messages" in rec:
+            msgs = rec["messages"]
+            if not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs[:2]):
+                raise ValueError(f"{where}: 'messages' must be a list starting with a user and an assistant turn")
+            if msgs[0].get("role") != "user" or msgs[1].get("role") != "assistant":
+                raise ValueError(f"{where}: the first two messages must have roles 'user' then 'assistant', got "
+                                 f"{msgs[0].get('role')!r} then {msgs[1].get('role')!r}")
+            x, y = msgs[0].get("content"), msgs[1].get("content")
+        elif "prompt" in rec and "response" in rec:
+            x, y = rec["prompt"], rec["response"]
+        else:
+            raise ValueError(f"{where}: missing field 'messages' (or 'prompt' and 'response')")
+        for name, v in (("prompt (user turn)", x), ("response (assistant turn)", y)):
+            if not isinstance(v, str):
+                raise ValueError(f"{where}: {name} must be a string, got {type(v).__name__}")
+            if not v.strip():
+                raise ValueError(f"{where}: {name} is empty")
+        out.append({"x": x, "y": y, "where": where})
+        if max_examples and len(out) >= max_examples:
+            break
+    if not out:
+        raise ValueError(f"{path}: no records")
+    return out
+
+
+def load_pref_jsonl(path, max_examples=0):
+    """Annotated preference pairs for `--method dpo`: (x, chosen, rejected) with errors naming file:line.
+
+    A record is UltraFeedback-binarized style, {"prompt": x, "chosen": [messages], "rejected": [messages]}
+    (the response is the last assistant message of each list), or {"prompt": x, "chosen": str, "rejected": str}.
+    """
+    out = []
+    for where, rec in jsonl_records(path, "preference data (needed by --method dpo)"):
+        if not all(k in rec for k in ("prompt", "chosen", "rejected")):
+            raise ValueError(f"{where}: a preference record needs the fields 'prompt', 'chosen' and 'rejected'")
+        texts = {"prompt": rec["prompt"]}
+        for k in ("chosen", "rejected"):
+            v = rec[k]
+            if isinstance(v, list):  # a conversation: the answer is its last assistant turn
+                turns = [m.get("content") for m in v if isinstance(m, dict) and m.get("role") == "assistant"]
+                if not turns:
+                    raise ValueError(f"{where}: '{k}' has no assistant message")
+                v = turns[-1]
+            texts[k] = v
+        for k, v in texts.items():
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError(f"{where}: '{k}' must be a non-empty string")
+        out.append({"x": texts["prompt"], "chosen": texts["chosen"], "rejected": texts["rejected"], "where": where})
+        if max_examples and len(out) >= max_examples:
+            break
+    if not out:
+        raise ValueError(f"{path}: no records")
+    return out
+
+
+def tokenize_pref(records, tok, cfg, skipped):
+    """Policy tokens of (x, chosen, rejected), with the same length checks as tokenize_data."""
+    kept = []
+    for r in records:
+        px, pc, pr = prompt_ids(tok, r["x"]), response_ids(tok, r["x"], r["chosen"]), response_ids(tok, r["x"], r["rejected"])
+        if not too_long(r["where"], length_problems(px, [pc, pr], cfg), cfg, skipped):
+            kept.append((px, pc, pr))
+    if not kept:
+        raise ValueError(f"{cfg['pref_data']}: every record is over-length")
+    return kept
+
+
+def length_problems(px, responses, cfg):
+    """What is over the limits in a prompt and its responses (policy tokens)."""
+    problems = []
+    if len(px) > cfg["max_prompt_len"]:
+        problems.append(f"prompt has {len(px)} tokens > max_prompt_len={cfg['max_prompt_len']}")
+    n = len(px) + max(len(r) for r in responses)
+    if n > cfg["max_len"]:
+        problems.append(f"prompt + response have {n} tokens > max_len={cfg['max_len']}")
+    return problems
+
+
+def too_long(where, problems, cfg, skipped):
+    """--overlength error: raise naming file:line; skip: record it in `skipped` (skipped.jsonl). True if dropped."""
+    if not problems:
+        return False
+    if cfg["overlength"] == "error":
+        raise ValueError(f"{where}: {'; '.join(problems)} (raise the limits or pass --overlength skip)")
+    skipped.append({"where": where, "why": "; ".join(problems)})
+    return True
+
+
+def prompt_ids(tokenizer, x):
+    """The chat-templated prompt, as token ids: THE one function used for generation AND training.
+
+    SPIN's public code generates with one prompt format and trains with another; a policy then learns
+    from sequences it never produces. Here both paths call this function, so x's tokens are identical.
+    """
+    ids = tokenizer(prompt_text(tokenizer, x), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids  # exactly one BOS, whether or not the template writes it
+    return ids
+
+
+def prompt_text(tokenizer, x):
+    """x in the policy's chat template, ending where the assistant's answer begins."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False)
+
+
+def response_ids(tokenizer, x, y):
+    """Golden response tokens as they follow x's prompt in one text, ending with EOS so the policy learns to stop.
+
+    y is tokenized together with its templated prompt and cut at the prompt's length: that is how the SFT data
+    was tokenized (whole conversations) and how the policy's samples y' come out. Tokenized alone, a SentencePiece
+    tokenizer (Llama, Mistral / zephyr) starts y with a word-start piece ("_Hello") that the policy never emits
+    after "<|assistant|>\n" ("Hello"): every golden y would differ from every sampled y' in its first token, a
+    difference DPO learns at once and that says nothing about quality. (TRL's DPOTrainer splits the same way.)
+    Where the prompt's last token would merge with y's first characters, there is no clean cut, and y is
+    tokenized alone: the policy only ever continues the prompt's own tokens.
+    """
+    text = prompt_text(tokenizer, x)
+    p = tokenizer(text, add_special_tokens=False)["input_ids"]
+    both = tokenizer(text + y, add_special_tokens=False)["input_ids"]
+    ids = both[len(p):] if both[:len(p)] == p else tokenizer(y, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id]
+
+
+def tokenize_data(records, tok, gtok, cfg, log):
+    """Tokenize D for the policy (chat template) and the guide (plain text); check lengths up front.
+
+    Over-length records raise with file:line (--overlength error) or are dropped and listed
+    (--overlength skip), so a 7B run never dies on record 40,000 hours in.
+    """
+    kept, skipped = [], []
+    for r in records:
+        px, py = prompt_ids(tok, r["x"]), response_ids(tok, r["x"], r["y"])
+        gx, gy = guide_ids(gtok, r["x"], r["y"])
+        problems = length_problems(px, [py], cfg)
+        if len(gx) + max(len(gy), cfg["max_new_tokens"] + 1) > cfg["guide_max_len"]:
+            problems.append(f"guide input would exceed the guide's {cfg['guide_max_len']} positions")
+        if not too_long(r["where"], problems, cfg, skipped):
+            kept.append(dict(r, px=px, py=py, gx=gx, gy=gy))
+    if skipped:
+        log(f"skipped {len(skipped)} over-length records (listed in skipped.jsonl); kept {len(kept)}")
+    if not kept:
+        src = records[0]["where"].rsplit(":", 1)[0] if records else cfg["data"]  # --data or --eval_data
+        raise ValueError(f"{src}: every record is over-length")
+    return kept, skipped
+
+
+def guide_ids(gtok, x, y):
+    """The guide reads plain text, x then y (no chat template: GPT-2 has none); y ends with EOS (guide_triples
+    removes it again from a sample y' that the length cap cut off before its EOS)."""
+    gx = gtok(x + "\n", add_special_tokens=False)["input_ids"]
+    gy = gtok(y, add_special_tokens=False)["input_ids"] + [gtok.eos_token_id]
+    return gx, gy
+
+
+def guide_triples(data, tok, gtok, y_prime_ids, guide_max_len):
+    """(x, y, y') in the guide's own tokens: y' is decoded from the policy's ids and re-encoded.
+
+    The guide's tokenizer (GPT-2's) can need more tokens for y' than the policy's did, so y' is cut to
+    the guide's context (golden y was checked against it up front, in tokenize_data)."""
+    out = []
+    for d, yp in zip(data, y_prime_ids):
+        gyp = guide_ids(gtok, d["x"], tok.decode(yp, skip_special_tokens=True))[1]
+        if not yp or yp[-1] != tok.eos_token_id:
+            gyp = gyp[:-1]  # cut off at max_new_tokens: no EOS, so the guide sees an unfinished answer as one
+        out.append((d["gx"], d["gy"], gyp[:guide_max_len - len(d["gx"])]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The embedded default: tokenizer and tiny models built from configs (no hub downloads).
+# ----------------------------------------------------------------------------------------------------
+TOY_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>"
+                "{% else %}<|assistant|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def train_toy_tokenizer(texts, vocab_size=300):
+    """A real byte-level BPE trained with `tokenizers` on the shipped data, wrapped as an HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|bos|>", "<|end|>", "<|user|>", "<|assistant|>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>")
+    tok.chat_template = TOY_TEMPLATE
+    return tok
+
+
+def tiny_policy_config(tok, max_len):
+    """About 0.83M parameters: learns the sorting task only partly after the short SFT (room to improve)."""
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max(128, max_len),
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       tie_word_embeddings=True)
+
+
+def tiny_guide_config(gtok, n_positions):
+    from transformers import GPT2Config
+    return GPT2Config(vocab_size=len(gtok), n_embd=64, n_layer=2, n_head=4, n_positions=n_positions,
+                      bos_token_id=gtok.bos_token_id, eos_token_id=gtok.eos_token_id)
+

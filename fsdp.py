@@ -1,0 +1,238 @@
+"""Distribution and model placement: the one file that knows about torch.distributed and FSDP2.
+
+    rank, world, device = fsdp.init()        # `python` (one process) or `torchrun` (one process per GPU or CPU worker)
+    model = fsdp.load_policy(path, ...)      # an HF checkpoint, fp32 master weights, sharded when world > 1
+    with fsdp.gathered_weights(model): ...   # generation: every block's weights gathered once, not per token
+    out = fsdp.shard_gather(items, fn)       # each rank runs fn on its share of items, every rank gets all, in order
+    with fsdp.autocast(device, model): ...   # bf16 on one GPU (FSDP2 has its own mixed precision); fp32 on CPU
+    fsdp.finish()                            # barrier, then leave the process group
+
+Under `python` there is no process group: rank 0, world 1, and every helper here is a no-op or the plain path.
+"""
+import datetime
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------------------------------
+# The process group
+# ----------------------------------------------------------------------------------------------------
+def init():
+    """(rank, world, device). Under torchrun: one process per GPU (nccl) or per CPU worker (gloo)."""
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        # 60 minutes, not NCCL's default 10, before a collective gives up: the other ranks wait in a barrier
+        # while rank 0 alone writes a 7B checkpoint (29 GB of fp32), which a slow disk can stretch past 10.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=60),
+                                device_id=device if cuda else None)
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, torch.device("cuda" if cuda else "cpu")
+
+
+def finish():
+    """Leave the process group. The barrier first: rank 0 may still be writing, and a rank that destroys the
+    group while another is inside a collective aborts that rank's gloo threads."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(t, op="sum"):
+    """In-place all-reduce of a small tensor ("sum" or "min"); a no-op in one process."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}[op])
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shard, compute, gather: the one way work is split over ranks outside the training loop
+# ----------------------------------------------------------------------------------------------------
+def shard_indices(n, rank, world):
+    """This rank's indices rank, rank+world, ...; padded by repeating so every rank has the same count
+    (equal numbers of forward calls on every rank, or FSDP collectives hang). Returns (padded, n_real)."""
+    idx = list(range(rank, n, world))
+    n_real = len(idx)
+    while len(idx) < math.ceil(n / world):
+        idx.append(idx[-1] if idx else 0)
+    return idx, n_real
+
+
+def shard_gather(items, fn):
+    """fn(this rank's share of items) on every rank; returns the results of ALL items, in order, on every rank.
+
+    fn returns one value per item it is given: a list, an (n,) tensor, or a tuple of those (e.g. the chosen and
+    rejected reference log-probs). Tensors come back as (N,) CPU tensors, lists as lists.
+    """
+    idx, n_real = shard_indices(len(items), rank(), world())
+    local = fn([items[i] for i in idx])
+    single = not isinstance(local, tuple)
+    parts = [local] if single else list(local)
+    parts = [p[:n_real].cpu() if torch.is_tensor(p) else list(p[:n_real]) for p in parts]  # drop the padding
+    shares = [(idx[:n_real], parts)]
+    if dist.is_initialized():
+        shares = [None] * world()
+        dist.all_gather_object(shares, (idx[:n_real], parts))
+    out = []
+    for k, p in enumerate(parts):
+        full = [None] * len(items)
+        for ix, ps in shares:
+            for i, v in zip(ix, ps[k]):
+                full[i] = v
+        out.append(torch.stack(full) if torch.is_tensor(p) and full else torch.zeros(0) if torch.is_tensor(p) else full)
+    return out[0] if single else tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models: FSDP2 wrapping, compiled blocks, loading a policy, gathering weights for generation
+# ----------------------------------------------------------------------------------------------------
+def is_fsdp(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def transformer_blocks(model):
+    """The decoder blocks of an HF model (LlamaDecoderLayer, MistralDecoderLayer, GPT2Block, ...), found by
+    HF's own `_no_split_modules`: the unit that parallelize shards and compile_blocks compiles."""
+    names = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def parallelize(model, device):
+    """FSDP2: shard every transformer block, then the root (embeddings, final norm, head, extra layers).
+
+    On GPU, bf16 compute with fp32 master weights and fp32 gradient reduction; the fp32 output cast goes on the
+    root only (on a block it would feed fp32 into the next bf16 block's norm).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world(),))
+    bf16 = device.type == "cuda"
+    block_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    root_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                   output_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for m in transformer_blocks(model):
+        fully_shard(m, mesh=mesh, mp_policy=block_mp)
+    fully_shard(model, mesh=mesh, mp_policy=root_mp)
+    return model
+
+
+def compile_blocks(model):
+    """torch.compile every transformer block in place (`--compile true`), before parallelize (as torchtitan).
+
+    Per block, not the whole model: the blocks are identical, so one compiled graph serves them all, and
+    FSDP2's per-block hooks (all-gather before, reshard after) stay outside the graphs. Compiling fuses the
+    elementwise work around the matmuls (RMSNorm, rotary, SwiGLU, residuals). In place (`module.compile()`),
+    so parameter names and checkpoints are unchanged.
+    """
+    for m in transformer_blocks(model):
+        m.compile()
+
+
+def load_policy(path, device, *, exact_fp32, grad_ckpt=False, compile=False, trust_remote_code=False):
+    """A policy checkpoint, ready to sample and train: fp32 master weights on `device` (FSDP2-sharded when
+    world > 1, whose mixed precision then computes in bf16), activation checkpointing / compiled blocks.
+
+    exact_fp32=False (theta_0 from outside, --policy) loads in the dtype it is stored in ("auto": zephyr's bf16
+    weights are 14 GB per process in CPU memory, not 28; the cast to fp32 below is exact). exact_fp32=True (the
+    checkpoints the run writes) loads fp32 whatever config.json says (zephyr's says bfloat16): a bf16 round trip
+    on resume would erase most of an iteration's update, since at lr 5e-7 a weight moves far less than bf16's
+    spacing (2^-8 of its size).
+    """
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if exact_fp32 else "auto",
+                                             trust_remote_code=trust_remote_code)
+    if grad_ckpt:
+        m.gradient_checkpointing_enable()  # recompute activations in backward; HF turns the cache off in training only
+    if compile:
+        compile_blocks(m)
+    if world() > 1:
+        m = parallelize(m, device)
+    return m.to(device=device, dtype=torch.float32)
+
+
+class gathered_weights:
+    """Keep FSDP2 weights unsharded for a run of forward calls (generation, scoring), then reshard.
+
+    Without it FSDP2 all-gathers every block's weights at every decode step. unshard/reshard are not
+    recursive, so every FSDP module is switched. A no-op for an unsharded model.
+    The root (embeddings, final norm, head) stays at FSDP2's own setting: it never reshards after forward
+    (its weights are needed again at once in backward); switching it back to True on exit, as for the blocks,
+    would make every later training micro-batch all-gather the root a second time in backward.
+    """
+
+    def __init__(self, model):
+        from torch.distributed.fsdp import FSDPModule
+        self.mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        self.blocks = [m for m in self.mods if m is not model]  # set_reshard_after_forward: blocks only
+
+    def __enter__(self):
+        for m in self.blocks:
+            m.set_reshard_after_forward(False, recurse=False)
+        for m in self.mods:
+            m.unshard()
+
+    def __exit__(self, *exc):
+        for m in self.mods:
+            m.reshard()
+        for m in self.blocks:
+            m.set_reshard_after_forward(True, recurse=False)  # parallelize's setting for the blocks
+
+
+def reshard_all(model):
+    """Free the gathered FSDP2 weights after no-grad forwards.
+
+    FSDP2 keeps the ROOT module's weights unsharded after a forward (they are usually needed again by the
+    backward). After a forward under no_grad nothing reshards them, and the next training step would run with
+    weights outside FSDP's autograd hooks: their gradients would not be reduced across ranks (the 1-vs-2-process
+    test catches it). Resharding every FSDP module restores the normal state.
+    """
+    if is_fsdp(model):
+        from torch.distributed.fsdp import FSDPModule
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+
+def full_state_dict(model):
+    """The full (unsharded) state dict on rank 0's CPU: every rank must call it under FSDP2. None otherwise."""
+    if not is_fsdp(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def autocast(device, model=None):
+    """bf16 autocast on a GPU, unless FSDP2's mixed precision already computes in bf16; fp32 on CPU.
+
+    Wrap forwards only, never an optimizer step (PyTorch's AMP recipe): inside one `with torch.autocast` block
+    the bf16 copy of each fp32 weight is made once and CACHED until the block exits, so a block around several
+    optimizer steps would run every forward on the weights of before the first step
+    (test_bf16_autocast_training_sees_updated_weights). dpo's training loop wraps each micro-batch's forward.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not (model is not None and is_fsdp(model)):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)

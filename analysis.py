@@ -33,7 +33,7 @@ from rundir import atomic_path, read_json, read_jsonl, write_atomic, write_json,
 # ==================================================================== Section 5.1.3: r = RM(x, y)
 def load_reward_model(path, *, device, trust_remote_code=False, dtype=None):
     """Any HF sequence-classification checkpoint -> (model in eval mode on `device`, tokenizer).
-    No code from the checkpoint is run unless trust_remote_code=True is asked for explicitly."""
+    No code from the checkpoint is run unless trust_remote_code is asked for explicitly."""
     kw = dict(trust_remote_code=trust_remote_code)
     if os.path.isdir(path):  # a local folder: never fall back to the hub (this code must run offline)
         kw["local_files_only"] = True
@@ -197,17 +197,17 @@ def save_histogram_png(hists, path, *, bins=30, title="latent distances s = ||ph
 
 
 # ==================================================================== what a run records (Section 5.1.3, 5.2)
-def score_rewards(rm, prompts, responses, device):
-    """r = RM(x, y) with the reward model rm = (model, tokenizer), kept on the CPU between uses so it takes no GPU
-    memory during training. Every rank scores everything: it is small and cheap."""
-    model, rtok = rm
+def score_rewards(reward_model, prompts, responses, device):
+    """r = RM(x, y) with reward_model = (model, tokenizer), kept on the CPU between uses so it takes no GPU memory
+    during training. Every rank scores everything: it is small and cheap."""
+    model, rtok = reward_model
     model.to(device)
     r = reward_scores(model, rtok, prompts, responses, device=device)
     model.to("cpu")
     return r
 
 
-def evaluate(model, data, cfg, device, rm, log):
+def evaluate(model, data, cfg, device, reward_model, log):
     """Greedy answers on the held-out prompts: exact match (meaningful on checkable tasks such as the toy) and,
     with --reward_model, the mean reward r = RM(x, y) of Section 5.1.3. The dict written as eval.json."""
     held_out, tok = data.held_out, data.tok
@@ -215,14 +215,14 @@ def evaluate(model, data, cfg, device, rm, log):
                                   what="greedy eval answers")
     answers = [tok.decode(y, skip_special_tokens=True).strip() for y in ids]
     hits = [a == d["y"].strip() for a, d in zip(answers, held_out)]
-    rewards = score_rewards(rm, [d["x"] for d in held_out], answers, device).tolist() if rm else None
+    rewards = score_rewards(reward_model, [d["x"] for d in held_out], answers, device).tolist() if reward_model else None
     return {"exact_match": sum(hits) / len(hits), "reward": None if rewards is None else sum(rewards) / len(rewards),
             "n": len(hits), "examples": [
                 {"x": d["x"], "golden": d["y"], "answer": a, "correct": h, "reward": None if rewards is None else rewards[i]}
                 for i, (d, a, h) in enumerate(list(zip(held_out, answers, hits))[:20])]}
 
 
-def agreement(policy, guide, data, cfg, device, rm, log):
+def agreement(policy, guide, data, cfg, device, reward_model, log):
     """Section 5.2 (2): for each prompt sample two responses y'_a, y'_b; the one farther from y in the latent
     space is ranked lower; a judge ranks them too; how often do the two rankings agree? The paper's judge is
     GPT-4; here "toy" = closeness to the golden answer (toy_judge), or "reward" = the reward model."""
@@ -236,7 +236,7 @@ def agreement(policy, guide, data, cfg, device, rm, log):
     if cfg["judge"] == "toy":
         ja, jb = [toy_judge(a, d["y"]) for a, d in zip(ta, sub)], [toy_judge(b, d["y"]) for b, d in zip(tb, sub)]
     else:
-        ja, jb = (score_rewards(rm, [d["x"] for d in sub], t, device).tolist() for t in (ta, tb))
+        ja, jb = (score_rewards(reward_model, [d["x"] for d in sub], t, device).tolist() for t in (ta, tb))
     same = [a == b for a, b in zip(ya, yb)]  # identical samples: a tie, whatever rounding does to their scores
     res = dict(ranking_agreement(sa.tolist(), sb.tolist(), ja, jb, same=same), judge=cfg["judge"])
     return dict(res, examples=[{"x": d["x"], "y": d["y"], "a": a, "b": b, "s_a": float(x), "s_b": float(y),
@@ -244,48 +244,48 @@ def agreement(policy, guide, data, cfg, device, rm, log):
                                for d, a, b, x, y, p, q in list(zip(sub, ta, tb, sa, sb, ja, jb))[:20]])
 
 
-def theta0_reports(run, theta_0, guide, data, cfg, device, rm):
+def theta0_reports(run, theta_0, guide, data, cfg, device, reward_model):
     """theta_0's held-out evaluation (iter0/eval.json, row 0 of every method's table) and Section 5.2 (2)'s
     ranking agreement on theta_0's samples (guide/agreement.json). theta_0() loads the policy if still needed."""
     if data.held_out:
-        ev = run.cached("iter0/eval.json", lambda: evaluate(theta_0(), data, cfg, device, rm, run.log))
+        ev = run.cached("iter0/eval.json", lambda: evaluate(theta_0(), data, cfg, device, reward_model, run.log))
         run.log(f"[iter 0] theta_0 held-out greedy exact match {ev['exact_match']} | mean reward {ev['reward']}")
     if cfg["agreement_n"] > 0:
-        agr = run.cached("guide/agreement.json", lambda: agreement(theta_0(), guide, data, cfg, device, rm, run.log))
+        agr = run.cached("guide/agreement.json", lambda: agreement(theta_0(), guide, data, cfg, device, reward_model, run.log))
         run.log(f"[Section 5.2] ranking agreement, latent distance vs {agr['judge']} judge: {agr['agree']}/"
                 f"{agr['n_decided']} = {agr['agreement']} (pairs where both rank strictly; guide/agreement.json)")
 
 
-def record_distances(run, method, t, s, w, data, y_prime):
-    """distances.json of iteration t: S (Algorithm 1, line 9), the weights' range, the distribution (Section 5.2 (1))."""
+def record_distances(run, it, s, w, data, y_prime):
+    """distances.json of the iteration folder `it`: S (Algorithm 1, line 9), the weights' range, the distribution (Section 5.2 (1))."""
     S = float(s.mean())
     run.log(f"[lines 8-9] distances: S = mean s = {S:.4f}, min {float(s.min()):.4f}, max {float(s.max()):.4f}")
     if fsdp.rank() == 0:
-        write_json(run.path(method, f"iter{t}", "distances.json"), {
+        write_json(run.path(it, "distances.json"), {
             "S": S, "n": len(s), "n_identical_to_golden": sum(d["py"] == yp for d, yp in zip(data, y_prime)),
             "min": float(s.min()), "max": float(s.max()),
             "weights": {"mean": float(w.mean()), "min": float(w.min()), "max": float(w.max())},
             "histogram": distance_histogram(s.tolist())})
 
 
-def record_iteration(run, method, t, policy, data, cfg, device, rm):
+def record_iteration(run, method, t, policy, data, cfg, device, reward_model):
     """theta_t's held-out evaluation (eval.json) and its row in <method>/metrics.jsonl: exact match, reward,
     S (from distances.json, when measured), loss (mean of the last quarter of train_metrics.jsonl), steps.
     policy() returns theta_t (loaded only if its evaluation is not stored yet)."""
     it = os.path.join(method, f"iter{t}") if t else "iter0"  # theta_0 is shared by every method
-    ev = run.cached(f"{it}/eval.json", lambda: evaluate(policy(), data, cfg, device, rm, run.log)) if data.held_out \
+    ev = run.cached(f"{it}/eval.json", lambda: evaluate(policy(), data, cfg, device, reward_model, run.log)) if data.held_out \
         else {"exact_match": None, "reward": None}
     dist = run.path(it, "distances.json")
     S = read_json(dist)["S"] if t and os.path.exists(dist) else None
-    hist = read_jsonl(run.path(it, "train_metrics.jsonl")) if t else []
-    q = max(1, len(hist) // 4)
-    loss = sum(h["loss"] for h in hist[-q:]) / q if hist else None
+    history = read_jsonl(run.path(it, "train_metrics.jsonl")) if t else []
+    q = max(1, len(history) // 4)
+    loss = sum(h["loss"] for h in history[-q:]) / q if history else None
     run.log(f"[{method} iter {t}] held-out greedy exact match {ev['exact_match']} | mean reward {ev['reward']} | "
-            f"S {_fmt(S, '.4f')} | loss (last quarter) {_fmt(loss, '.4f')}")
+            f"S {_cell(S, '.4f')} | loss (last quarter) {_cell(loss, '.4f')}")
     path = run.path(method, "metrics.jsonl")
     if fsdp.rank() == 0:
         rows = [r for r in (read_jsonl(path) if os.path.exists(path) else []) if r["iter"] != t]
-        row = {"iter": t, "S": S, "loss": loss, "steps": len(hist), "exact_match": ev["exact_match"], "reward": ev["reward"]}
+        row = {"iter": t, "S": S, "loss": loss, "steps": len(history), "exact_match": ev["exact_match"], "reward": ev["reward"]}
         write_jsonl(path, sorted(rows + [row], key=lambda r: r["iter"]))
 
 
@@ -304,10 +304,10 @@ def write_reports(run, methods, cfg):
         table = format_table(read_jsonl(run.path(m, "metrics.jsonl")))
         write_atomic(run.path(m, "results.md"), table)
         run.log(f"{m}:\n{table}")
-        hists = {f"iter {t}": read_jsonl(p) for t in range(1, cfg["T"] + 1)
+        by_iter = {f"iter {t}": read_jsonl(p) for t in range(1, cfg["T"] + 1)
                  if os.path.exists(p := run.path(m, f"iter{t}", "distances.jsonl"))}
-        hists = {k: [r["s"] for r in rows] for k, rows in hists.items()}
-        if hists and not save_histogram_png(hists, run.path(m, "distances.png")):
+        by_iter = {k: [r["s"] for r in rows] for k, rows in by_iter.items()}
+        if by_iter and not save_histogram_png(by_iter, run.path(m, "distances.png")):
             run.log("(pip install matplotlib for distances.png; the numbers are in iter*/distances.json)")
     summaries = {m: read_jsonl(p) for m in ("ldalign", "spin", "dpo", "sft")
                  if os.path.exists(p := run.path(m, "metrics.jsonl"))}
@@ -320,7 +320,7 @@ def write_reports(run, methods, cfg):
         run.log(f"{head}:\n{table}")
 
 
-def _fmt(v, f):
+def _cell(v, f):
     """A number in format f, or "-" for a value not measured."""
     return "-" if v is None else format(v, f)
 
@@ -328,8 +328,8 @@ def _fmt(v, f):
 def format_table(rows):
     lines = ["| iteration | held-out exact match | mean reward | S (mean distance) | loss |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['iter']} | {_fmt(r['exact_match'], '.3f')} | {_fmt(r.get('reward'), '.3f')} | "
-                     f"{_fmt(r['S'], '.4f')} | {_fmt(r['loss'], '.4f')} |")
+        lines.append(f"| {r['iter']} | {_cell(r['exact_match'], '.3f')} | {_cell(r.get('reward'), '.3f')} | "
+                     f"{_cell(r['S'], '.4f')} | {_cell(r['loss'], '.4f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -342,7 +342,7 @@ def format_comparison(summaries):
         cells = []
         for m in methods:
             r = next((r for r in summaries[m] if r["iter"] == t), None)
-            cells.append("-" if r is None else f"{_fmt(r['exact_match'], '.3f')} / {_fmt(r.get('reward'), '.3f')} / "
-                                               f"{_fmt(r['S'], '.4f')}")
+            cells.append("-" if r is None else f"{_cell(r['exact_match'], '.3f')} / {_cell(r.get('reward'), '.3f')} / "
+                                               f"{_cell(r['S'], '.4f')}")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

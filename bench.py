@@ -1,7 +1,7 @@
 """Speed of the two hot loops of LD-Align on one GPU, and what they imply for the paper's setting.
 
     python bench.py                                     # CUDA: ~1.1B Llama, bf16; CPU: a tiny one (< 1 min)
-    torchrun --nproc_per_node=1 bench.py                # the same, policy wrapped with FSDP2 (ldalign.fsdp_wrap)
+    torchrun --nproc_per_node=1 bench.py                # the same, policy wrapped with FSDP2 (fsdp.parallelize)
     python bench.py --grad_ckpt true --micro_batch 8    # any default below can be overridden as --key value
                                                         # (on the CPU's tiny size add --dpo_batch 8)
     python bench.py --compile true --samplers hf,compile   # compiled blocks for the DPO update; two samplers
@@ -24,11 +24,11 @@ import sys
 import time
 
 import torch
-import torch.distributed as dist
 
 import dpo
+import fsdp
 import generate
-import ldalign
+from rundir import read_overrides, write_atomic
 
 # ----------------------------------------------------------------------------------------------------
 # Defaults. Every key can be overridden as --key value (or --key=value; a bare --flag means true).
@@ -80,7 +80,7 @@ PAPER = dict(params=7.24e9,     # Mistral-7B (zephyr-7b-sft-full)
 
 def parse_args(argv):
     src = open(os.path.abspath(__file__)).read()
-    cfg = dict(DEFAULTS, **ldalign.read_overrides(argv, DEFAULTS, __doc__ + "\n" + src[src.index("DEFAULTS = dict("):src.index("SIZES = {")]))
+    cfg = dict(DEFAULTS, **read_overrides(argv, DEFAULTS, __doc__ + "\n" + src[src.index("DEFAULTS = dict("):src.index("SIZES = {")]))
     cfg["size"] = cfg["size"] or ("1b" if torch.cuda.is_available() else "tiny")
     if cfg["size"] not in SIZES:
         raise SystemExit(f"--size is one of {', '.join(SIZES)}")
@@ -95,10 +95,10 @@ def parse_args(argv):
 
 def main(argv=None):
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    rank, world, device = ldalign.init_distributed()
+    rank, world, device = fsdp.init()
     cuda = device.type == "cuda"
-    use_fsdp = {"auto": dist.is_initialized(), "true": True, "false": False}[cfg["fsdp"]]
-    if (use_fsdp and not dist.is_initialized()) or (world > 1 and not use_fsdp):
+    use_fsdp = {"auto": world > 1 or "RANK" in os.environ, "true": True, "false": False}[cfg["fsdp"]]
+    if (use_fsdp and "RANK" not in os.environ) or (world > 1 and not use_fsdp):
         raise SystemExit("--fsdp true needs torchrun; several processes need FSDP")
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -134,12 +134,12 @@ def main(argv=None):
         with torch.device(device):
             m = LlamaForCausalLM(mcfg)
         if cfg["grad_ckpt"]:
-            # as ldalign.load_policy: before wrapping, active in training mode only (newer HF renamed it)
+            # as fsdp.load_policy: before wrapping, active in training mode only (newer HF renamed it)
             (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
         if compile_blocks:
-            ldalign.compile_blocks(m)  # as ldalign.load_policy with --compile true
+            fsdp.compile_blocks(m)  # as fsdp.load_policy with --compile true
         m = m.to(dtype)
-        return ldalign.fsdp_wrap(m, device) if use_fsdp else m
+        return fsdp.parallelize(m, device) if use_fsdp else m
 
     with torch.device("meta"):
         meta = LlamaForCausalLM(mcfg)  # shapes only, no memory
@@ -171,7 +171,7 @@ def main(argv=None):
             gm, dtype_name = build(torch.bfloat16), "bf16 weights"
         else:  # what ldalign.py does on one process: fp32 weights, bf16 autocast on CUDA
             gm, dtype_name = build(torch.float32), "fp32 weights + bf16 autocast" if cuda else "fp32"
-        amp = contextlib.nullcontext() if dtype_name == "bf16 weights" else dpo.autocast(device, gm)
+        amp = contextlib.nullcontext() if dtype_name == "bf16 weights" else fsdp.autocast(device, gm)
         gm.eval()
         weights_gb = torch.cuda.memory_allocated() / 2**30 if cuda else None
         # The samplers: generate.py in its three modes, and transformers' own generate (the baseline).
@@ -199,8 +199,7 @@ def main(argv=None):
             raise SystemExit(f"--samplers: comma-separated from {', '.join(samplers)}; 'hf' (the baseline) is required")
 
         def timed(fn, n):
-            if dist.is_initialized():
-                dist.barrier()
+            fsdp.barrier()
             reset_mem()
             sync()
             t0 = time.perf_counter()
@@ -211,7 +210,7 @@ def main(argv=None):
         results, outputs = {}, {}
         # gathered_weights: under FSDP the weights are all-gathered once here, not at every decode step
         # (test_fsdp_generation_gathers_weights_once counts them); a no-op for a plain model.
-        with ldalign.gathered_weights(gm), amp:
+        with fsdp.gathered_weights(gm), amp:
             for key in chosen:
                 name, fn = samplers[key]
                 try:  # one sampler failing (say, torch.compile on an unusual setup) still reports the others
@@ -271,12 +270,11 @@ def main(argv=None):
         rnd = lambda n: torch.randint(3, cfg["vocab"], (n,), generator=g).tolist()
         pairs = [(rnd(P), rnd(Rl), rnd(Rl)) for _ in range(bs * (warm + steps))]
         tok_per_pair = sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs) / len(pairs)  # non-pad tokens
-        ctx = dict(rank=rank, world=world, device=device)
-        ldalign.reference_stage(policy, pairs[:mb * world], {"micro_batch_size": mb}, ctx)  # warmup
+        dpo.reference_logps(policy, pairs[:mb * world], mb, device)  # warmup
         reset_mem()
         sync()
         t0 = time.perf_counter()
-        ref_c, ref_r = ldalign.reference_stage(policy, pairs, {"micro_batch_size": mb}, ctx)  # as the pipeline
+        ref_c, ref_r = dpo.reference_logps(policy, pairs, mb, device)  # as in ldalign.policy_update: every rank its share
         sync()
         ref_s, ref_mem = time.perf_counter() - t0, peak_gb()
         ref_tok_s = len(pairs) * tok_per_pair / ref_s / world  # per GPU
@@ -376,13 +374,11 @@ def main(argv=None):
     log(f"  {'total (generate.py sampler)':28s} {'':26s} {'':15s} {p['hours_per_iteration']:12.2f} {p['hours_total']:9.2f}")
     log("  (guide training, distances and evaluation not included; sequences at the 512+256 cap)")
     if rank == 0:
-        ldalign.write_atomic(cfg["out"], json.dumps(R, indent=2))
+        write_atomic(cfg["out"], json.dumps(R, indent=2))
         md = os.path.splitext(cfg["out"])[0] + ".md"
-        ldalign.write_atomic(md, markdown(R))
+        write_atomic(md, markdown(R))
         log(f"\nwrote {cfg['out']} and {md} (the tables in Markdown, for the README)")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    fsdp.finish()
 
 
 def markdown(R):

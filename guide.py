@@ -258,7 +258,7 @@ def place(guide, device):
     return guide
 
 
-def train_stage(src, triples, cfg, pad_id, device, log):
+def fit(src, triples, cfg, pad_id, device, log):
     """Algorithm 1, line 4: a new guide (build_guide(src)) trained with Eq. 2 on golden (x, y) AND generated
     (x, y') pairs, triples = [(x, y, y')] in the guide's tokens; each rank trains on its share (FSDP2 averages
     the gradients). Then the diagnostic: does the decoder use h? (guide.diagnostics, saved with the guide)."""
@@ -286,7 +286,7 @@ def train_stage(src, triples, cfg, pad_id, device, log):
     return guide
 
 
-def save_stage(guide, path, src):
+def save_gathered(guide, path, src):
     """save_guide by rank 0; under FSDP2 every rank joins the gather of the full state dict, which rank 0 loads
     into a plain, unsharded copy (build_guide(src)) to save."""
     sd, plain = fsdp.full_state_dict(guide), guide

@@ -156,69 +156,72 @@ def main(argv=None):
     data = dataset.load(cfg, run)
     D, tok, gtok, methods = data.D, data.tok, data.gtok, cfg["method"].split(",")
     run.check_settings(methods)  # does this folder's stored work fit these settings?
-    rm = analysis.load_reward_model(cfg["reward_model"], device=torch.device("cpu"), trust_remote_code=cfg[
-        "trust_remote_code"]) if cfg["reward_model"] else None  # loaded now: a wrong path fails before any compute
+    reward_model = (analysis.load_reward_model(cfg["reward_model"], device=torch.device("cpu"),
+                                               trust_remote_code=cfg["trust_remote_code"])
+                    if cfg["reward_model"] else None)  # loaded now: a wrong path fails before any compute
     if cfg["policy"] == "tiny":  # the embedded default makes its theta_0: a tiny Llama SFT-ed on D (Section 3)
         run.cached("sft", lambda: toy_theta0(data, cfg, device, run.log), save=lambda m, p: save_hf(m, tok, p),
                    load=lambda p: None)
-    theta_0 = functools.cache(lambda: load_policy(run.policy_path(None, 0), cfg, device))  # only if a stage needs it
+    theta_0 = functools.cache(lambda: load_policy(run.policy_path("", 0), cfg, device))  # only if a stage needs it
 
     def sample(policy, seed, what):  # y'_i ~ p_policy(.|x_i) for every x_i of D
         return generate.sample_dataset(policy, [d["px"] for d in D], tok, cfg, seed, device, log=run.log, what=what)
 
     def triples(y_prime):  # (x_i, y_i, y'_i) in the guide's tokens
         return dataset.guide_triples(D, tok, gtok, y_prime, cfg["guide_max_len"])
+    samples_io, distances_io = dataset.samples_file(D, tok, cfg), dataset.distances_file(D)  # their JSONL files
 
     # ------------------------------------------------------------------------------------------------
     # Algorithm 1, lines 1-3: for i = 1..N: generate y'_i ~ p_theta_0(.|x_i)   (printed y_i: README errata 3)
     # ------------------------------------------------------------------------------------------------
-    y0 = run.cached("iter0/samples.jsonl", lambda: sample(theta_0(), cfg["seed"], "y' ~ p_theta_0 (lines 1-3)"), **dataset.samples_file(D, tok, cfg))
+    y0 = run.cached("iter0/samples.jsonl", lambda: sample(theta_0(), cfg["seed"], "y' ~ p_theta_0"), **samples_io)
 
     # ------------------------------------------------------------------------------------------------
     # Algorithm 1, line 4: (phi, psi) = argmax sum_i log p_psi(y_i|x_i, phi(x_i,y_i)) + log p_psi(y'_i|x_i, phi(x_i,y'_i))
     # Eq. 2 over golden AND generated responses; trained once, then frozen for all T iterations (README errata 5).
     # ------------------------------------------------------------------------------------------------
-    guide = run.cached("guide", lambda: guide_lib.train_stage(data.guide_src, triples(y0), cfg, gtok.eos_token_id,
-                                                              device, run.log),
-                       save=lambda g, path: guide_lib.save_stage(g, path, data.guide_src),
+    guide = run.cached("guide", lambda: guide_lib.fit(data.guide_src, triples(y0), cfg, gtok.eos_token_id, device,
+                                                      run.log),
+                       save=lambda g, path: guide_lib.save_gathered(g, path, data.guide_src),
                        load=lambda path: guide_lib.place(guide_lib.load_guide(path), device))
     guide_lib.freeze(guide)
-    analysis.theta0_reports(run, theta_0, guide, data, cfg, device, rm)  # held-out eval, Section 5.2 (2)
+    analysis.theta0_reports(run, theta_0, guide, data, cfg, device, reward_model)  # held-out eval, Section 5.2 (2)
     theta_0.cache_clear()  # free it: each method loads its own theta_{t-1}
 
     for method in methods:  # ldalign, or a competitor of Section 5.1.4, each from the same theta_0 and guide
-        t_first, policy = resume(run, method, theta_0, data, cfg, device, rm)
+        t_first, policy = resume(run, method, theta_0, data, cfg, device, reward_model)
         # --------------------------------------------------------------------------------------------
         # Algorithm 1, line 5: for t = 1..T
         # --------------------------------------------------------------------------------------------
         for t in range(t_first, cfg["T"] + 1):
             run.log(f"===== {method} iteration {t}/{cfg['T']}: theta_{t - 1} -> theta_{t} =====")
+            it = f"{method}/iter{t}"  # this iteration's folder
             policy = policy if policy is not None else load_policy(run.policy_path(method, t - 1), cfg, device)
             y_prime = w = None
             if method in ("ldalign", "spin") or cfg["measure_S"]:
                 # ------------------------------------------------------------------------------------
                 # Algorithm 1, lines 6-7: for i = 1..N: generate y'_i ~ p_theta_{t-1}(.|x_i)   (printed theta_{T-1})
+                # (t = 1: theta_{t-1} = theta_0, whose samples lines 1-3 drew already)
                 # ------------------------------------------------------------------------------------
-                y_prime = y0 if t == 1 and cfg["reuse_line2_samples"] else run.cached(  # theta_0's: lines 1-3's
-                    f"{method}/iter{t}/samples.jsonl", lambda: sample(policy, cfg["seed"] + t, f"y' ~ p_theta_{t - 1} (line 7)"),
-                    **dataset.samples_file(D, tok, cfg))
+                y_prime = y0 if t == 1 and cfg["reuse_line2_samples"] else run.cached(
+                    f"{it}/samples.jsonl", lambda: sample(policy, cfg["seed"] + t, f"y' ~ p_theta_{t - 1}"), **samples_io)
                 # ------------------------------------------------------------------------------------
                 # Algorithm 1, line 8: s_phi(x_i, y_i, y'_i) = ||phi(x_i, y_i) - phi(x_i, y'_i)||_2
                 # ------------------------------------------------------------------------------------
-                s = run.cached(f"{method}/iter{t}/distances.jsonl", lambda: guide_lib.distances(
-                    guide, triples(y_prime), cfg["guide_batch_size"], gtok.eos_token_id, device), **dataset.distances_file(D))
+                s = run.cached(f"{it}/distances.jsonl", lambda: guide_lib.distances(
+                    guide, triples(y_prime), cfg["guide_batch_size"], gtok.eos_token_id, device), **distances_io)
                 # ------------------------------------------------------------------------------------
                 # Algorithm 1, line 9: S_phi(D, p_theta_{t-1}) = (1/N) sum_i s_i, and the weights w_i = s_i / S
                 # ------------------------------------------------------------------------------------
                 w = dpo.latent_weights(s) if method == "ldalign" else torch.ones(len(s))  # SPIN: weights 1
-                analysis.record_distances(run, method, t, s, w, D, y_prime)  # distances.json (Section 5.2 (1))
+                analysis.record_distances(run, it, s, w, D, y_prime)  # distances.json (Section 5.2 (1))
             # ----------------------------------------------------------------------------------------
             # Algorithm 1, line 10: theta_t = argmax_theta sum_i w_i log sigma(beta log p_theta(y_i|x_i) / p_theta_{t-1}(y_i|x_i)
             #                                                        - beta log p_theta(y'_i|x_i) / p_theta_{t-1}(y'_i|x_i))
             # ----------------------------------------------------------------------------------------
             history = policy_update(method, policy, data, y_prime, w, run, t, cfg, device)
             run.save_policy(policy, tok, method, t, history)
-            analysis.record_iteration(run, method, t, lambda: policy, data, cfg, device, rm)
+            analysis.record_iteration(run, method, t, lambda: policy, data, cfg, device, reward_model)  # eval.json, metrics
         # Algorithm 1, lines 11-12: end for; theta_T is <method>/iter{T}/policy
         policy = None
     analysis.write_reports(run, methods, cfg)  # results.md, comparison.md, distances.png
@@ -239,13 +242,13 @@ def policy_update(method, policy, data, y_prime, w, run, t, cfg, device):
         if r["step"] * 2 >= r["steps"]:
             run.kill_point(f"{method}/iter{t}/train")  # a kill half-way through the update
 
-    budget = dict(lr=cfg["lr"], epochs=cfg["epochs"], batch_size=cfg["batch_size"], micro_batch_size=cfg["micro_batch_size"],
+    train_settings = dict(lr=cfg["lr"], epochs=cfg["epochs"], batch_size=cfg["batch_size"], micro_batch_size=cfg["micro_batch_size"],
                   device=device, optimizer=cfg["optimizer"], warmup_ratio=cfg["warmup_ratio"],
                   max_grad_norm=cfg["max_grad_norm"], seed=cfg["seed"] + 1000 * t, log_every=cfg["log_every"],
                   log_fn=log_step)
     if method == "sft":
         run.log(f"[sft] continual SFT: {cfg['epochs']} epoch(s) over {len(data.D)} pairs of D")
-        return dpo.sft_train(policy, [(d["px"], d["py"]) for d in data.D], **budget)
+        return dpo.sft_train(policy, [(d["px"], d["py"]) for d in data.D], **train_settings)
     if method == "dpo":
         # DPO's reference is theta_0 in every iteration: its log-probs are computed at t = 1, when the policy is
         # theta_0, and stored; a later iteration's policy cannot stand in for it.
@@ -264,18 +267,18 @@ def policy_update(method, policy, data, y_prime, w, run, t, cfg, device):
         ref_c, ref_r = dpo.reference_logps(policy, pairs, cfg["micro_batch_size"], device)
     run.log(f"[line 10] {'weighted ' if method == 'ldalign' else ''}DPO ({method}): {cfg['epochs']} epoch(s) over "
             f"{len(pairs)} pairs")
-    return dpo.dpo_train(policy, pairs, ref_c, ref_r, w, beta=cfg["beta"], **budget)
+    return dpo.dpo_train(policy, pairs, ref_c, ref_r, w, beta=cfg["beta"], **train_settings)
 
 
-def resume(run, method, theta_0, data, cfg, device, rm):
+def resume(run, method, theta_0, data, cfg, device, reward_model):
     """Where `method` goes on: (t_first, policy). theta_t of every t < t_first is saved. A run killed between
     saving theta_{t_first-1} and evaluating it is evaluated now (policy is then that model, else None)."""
-    analysis.record_iteration(run, method, 0, theta_0, data, cfg, device, rm)  # row 0 of metrics.jsonl: theta_0
+    analysis.record_iteration(run, method, 0, theta_0, data, cfg, device, reward_model)  # row 0 of metrics.jsonl: theta_0
     t_first, policy = run.first_unsaved(method, cfg["T"]), None
     if t_first > 1 and not analysis.recorded(run, method, t_first - 1):
         run.log(f"[resume] iteration {t_first - 1} of {method} saved its policy but not its evaluation: evaluating it")
         policy = load_policy(run.policy_path(method, t_first - 1), cfg, device)
-        analysis.record_iteration(run, method, t_first - 1, lambda: policy, data, cfg, device, rm)
+        analysis.record_iteration(run, method, t_first - 1, lambda: policy, data, cfg, device, reward_model)
     if t_first <= cfg["T"]:
         run.log(f"##### method {method}: iterations {t_first}..{cfg['T']}, from {run.policy_path(method, t_first - 1)}")
     return t_first, policy

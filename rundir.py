@@ -31,6 +31,7 @@ def atomic_path(path):
     The one atomic-write helper of the project (files, JSON, checkpoints, the guide, the tokenizer, PNGs).
     On an exception the temporary is removed and `path` is left as it was.
     """
+    path = os.fspath(path)
     tmp = path + ".tmp"
     _remove(tmp)  # left over by a killed run
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

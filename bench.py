@@ -165,7 +165,7 @@ def main(argv=None):
         lens = torch.randint(T // 2, T + 1, (B,), generator=g).tolist() if cfg["left_pad"] else [T] * B
         prompts = [torch.randint(3, cfg["vocab"], (n,), generator=g).tolist() for n in lens]
         ids, mask = (t.to(device) for t in generate.pad_sequences(prompts, 0, side="left"))  # (B, T)
-        if use_fsdp:  # bf16 through FSDP's mixed precision (dpo.autocast is then off)
+        if use_fsdp:  # bf16 through FSDP's mixed precision (fsdp.autocast is then off)
             gm, dtype_name = policy, "FSDP2 " + ("bf16 mixed precision" if cuda else "fp32") + ", gathered_weights"
         elif cuda and cfg["gen_dtype"] == "bf16":  # pure bf16 weights: no autocast needed
             gm, dtype_name = build(torch.bfloat16), "bf16 weights"
@@ -259,7 +259,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------
     if not cfg["skip_dpo"]:
         if policy is None or cfg["compile"]:
-            # fp32 master weights; bf16 compute via dpo.autocast on CUDA. With --compile a fresh model with
+            # fp32 master weights; bf16 compute via fsdp.autocast on CUDA. With --compile a fresh model with
             # compiled blocks (the sampler phase ran on an uncompiled one).
             policy = None
             reset_mem(free=True)
@@ -287,7 +287,7 @@ def main(argv=None):
         hist = dpo.dpo_train(policy, pairs, ref_c, ref_r, torch.ones(len(pairs)), beta=cfg["beta"], lr=cfg["lr"],
                              epochs=1, batch_size=bs, micro_batch_size=mb, device=device,
                              optimizer=cfg["optimizer"], warmup_ratio=0.0, seed=cfg["seed"], log_every=1,
-                             log_fn=stamp)  # bf16 autocast around each forward inside (dpo.autocast)
+                             log_fn=stamp)  # bf16 autocast around each forward inside (fsdp.autocast)
         step_s = (stamps[-1] - stamps[warm - 1]) / steps  # warmup steps (optimizer state, allocator) excluded
         tok_s = bs * tok_per_pair / step_s / world  # per GPU
         R["reference"] = dict(pairs=len(pairs), seconds=ref_s, tokens_per_s=ref_tok_s, peak_mem_gb=ref_mem,

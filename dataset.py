@@ -16,7 +16,7 @@ import fsdp
 from rundir import atomic_path, read_jsonl, write_jsonl
 
 # ----------------------------------------------------------------------------------------------------
-# Data: D = {(x_i, y_i)} from UltraChat-style JSONL, validated before any compute.
+# Require: everything a run reads, checked before any compute
 # ----------------------------------------------------------------------------------------------------
 def load(cfg, run):
     """Require (Algorithm 1): D, the held-out prompts, the preference pairs (--method dpo), both tokenizers.
@@ -43,7 +43,8 @@ def load(cfg, run):
         gtok, guide_src = AutoTokenizer.from_pretrained(cfg["guide"]), cfg["guide"]
         cfg["guide_max_len"] = GPT2Config.from_pretrained(cfg["guide"]).n_positions
     D, skipped = tokenize_data(records, tok, gtok, cfg, run.log)
-    held_out, eval_skipped = tokenize_data(eval_records, tok, gtok, cfg, run.log) if eval_records else ([], [])
+    held_out, eval_skipped = tokenize_data(eval_records, tok, gtok, cfg, run.log, held_out=True) if eval_records \
+        else ([], [])
     skipped += eval_skipped  # one skipped.jsonl for every file; each entry names its file:line
     sft_pairs = [(d["px"], d["py"]) for d in D]  # all records: the SFT set of the toy theta_0
     if cfg["max_examples"]:
@@ -63,6 +64,9 @@ def _save_tokenizer(tok, path):
             tok.save_pretrained(tmp)
 
 
+# ----------------------------------------------------------------------------------------------------
+# A run's per-pair files: the samples y' (lines 2 / 7) and the distances s (line 8), one JSONL row per pair
+# ----------------------------------------------------------------------------------------------------
 def samples_file(data, tok, cfg):
     """save / load of a samples.jsonl (rundir.RunDir.cached) holding y' for every x of `data`: one row per pair,
     {where, x, y, y_prime (text), y_prime_ids}; read back as the id lists, after checking the prompts match."""
@@ -90,6 +94,9 @@ def distances_file(data):
     return dict(save=save, load=lambda path: torch.tensor([r["s"] for r in read_jsonl(path)]))
 
 
+# ----------------------------------------------------------------------------------------------------
+# JSONL: D = {(x_i, y_i)} in UltraChat's layout, preference pairs in UltraFeedback binarized's; errors name file:line
+# ----------------------------------------------------------------------------------------------------
 def jsonl_records(path, what):
     """Yield ("file:line", record) for each non-blank line of a JSONL file; a line that is not a JSON object
     raises ValueError naming file:line. Shared by the SFT and the preference data loaders."""
@@ -210,6 +217,9 @@ def too_long(where, problems, cfg, skipped):
     return True
 
 
+# ----------------------------------------------------------------------------------------------------
+# Tokens: the policy's chat template (one prompt format for generation and training), the guide's plain text
+# ----------------------------------------------------------------------------------------------------
 def prompt_ids(tokenizer, x):
     """The chat-templated prompt, as token ids: THE one function used for generation AND training.
 
@@ -246,7 +256,7 @@ def response_ids(tokenizer, x, y):
     return ids + [tokenizer.eos_token_id]
 
 
-def tokenize_data(records, tok, gtok, cfg, log):
+def tokenize_data(records, tok, gtok, cfg, log, held_out=False):
     """Tokenize D for the policy (chat template) and the guide (plain text); check lengths up front.
 
     Over-length records raise with file:line (--overlength error) or are dropped and listed
@@ -256,8 +266,12 @@ def tokenize_data(records, tok, gtok, cfg, log):
     for r in records:
         px, py = prompt_ids(tok, r["x"]), response_ids(tok, r["x"], r["y"])
         gx, gy = guide_ids(gtok, r["x"], r["y"])
-        problems = length_problems(px, [py], cfg)
-        if len(gx) + max(len(gy), cfg["max_new_tokens"] + 1) > cfg["guide_max_len"]:
+        if held_out:  # evaluation samples from x and scores the answer: no guide input, no golden length limit
+            problems = [f"prompt has {len(px)} tokens > max_prompt_len={cfg['max_prompt_len']}"] \
+                if len(px) > cfg["max_prompt_len"] else []
+        else:
+            problems = length_problems(px, [py], cfg)
+        if not held_out and len(gx) + max(len(gy), cfg["max_new_tokens"] + 1) > cfg["guide_max_len"]:
             problems.append(f"guide input would exceed the guide's {cfg['guide_max_len']} positions")
         if not too_long(r["where"], problems, cfg, skipped):
             kept.append(dict(r, px=px, py=py, gx=gx, gy=gy))

@@ -166,8 +166,16 @@ def static_width(n):
 
 def new_static_cache(model, length):
     """A transformers StaticCache for `length` positions; its (B, H, length, D) buffers are made at the prefill."""
+    import copy
     from transformers import StaticCache
-    return StaticCache(config=model.config, max_cache_len=length)
+    config = model.config
+    if getattr(config, "sliding_window", None) is not None and config.sliding_window >= length:
+        # The window never slides inside this cache (Mistral / zephyr: 4096 positions): full-attention layers attend
+        # the same way and keep their position in a tensor, while a sliding layer keeps it in a Python int that
+        # torch.compile guards on (one recompilation per decoded token).
+        config = copy.copy(config)
+        config.sliding_window = None
+    return StaticCache(config=config, max_cache_len=length)
 
 
 @torch.no_grad()

@@ -137,6 +137,10 @@ def parse_args(argv):
         raise SystemExit("sampling needs --temperature >= 0 (0 = greedy), 0 < --top_p <= 1, --top_k >= 0 (0 = off)")
     if cfg["max_prompt_len"] + cfg["max_new_tokens"] > cfg["max_len"]:
         raise SystemExit("need max_prompt_len + max_new_tokens <= max_len (a sampled y' must fit in training)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's processes: the global batches are split between them
+    for k in ("batch_size", "guide_batch_size"):
+        if cfg[k] % world:
+            raise SystemExit(f"--{k} {cfg[k]} must be a multiple of the number of processes ({world})")
     return cfg
 
 

@@ -27,7 +27,7 @@ import dataset
 import fsdp
 import generate
 import guide as guide_lib
-from rundir import atomic_path, read_json, read_jsonl, write_atomic, write_json, write_jsonl
+from rundir import METHODS, atomic_path, read_json, read_jsonl, write_atomic, write_json, write_jsonl
 
 
 # ==================================================================== Section 5.1.3: r = RM(x, y)
@@ -309,7 +309,7 @@ def write_reports(run, methods, cfg):
         by_iter = {k: [r["s"] for r in rows] for k, rows in by_iter.items()}
         if by_iter and not save_histogram_png(by_iter, run.path(m, "distances.png")):
             run.log("(pip install matplotlib for distances.png; the numbers are in iter*/distances.json)")
-    summaries = {m: read_jsonl(p) for m in ("ldalign", "spin", "dpo", "sft")
+    summaries = {m: read_jsonl(p) for m in METHODS
                  if os.path.exists(p := run.path(m, "metrics.jsonl"))}
     if len(summaries) > 1:
         steps = ", ".join(f"{m} {rows[-1].get('steps', '?')}" for m, rows in summaries.items())

@@ -8,12 +8,13 @@ One function makes a prompt's tokens for generation AND training (prompt_ids); g
 they follow that prompt (response_ids). The guide reads plain text in its own tokenizer (guide_ids, guide_triples).
 The embedded default's tokenizer (a byte-level BPE trained on the shipped data) and tiny configs are at the end.
 """
+import gzip
 import json
 import os
 from types import SimpleNamespace
 
 import fsdp
-from rundir import atomic_path, read_jsonl, write_jsonl
+from rundir import UserError, atomic_path, read_jsonl, write_jsonl
 
 # ----------------------------------------------------------------------------------------------------
 # Require: everything a run reads, checked before any compute
@@ -26,8 +27,11 @@ def load(cfg, run):
     """
     from transformers import AutoTokenizer, GPT2Config
     tiny = cfg["policy"] == "tiny"
+    for option in ("policy", "guide", "reward_model"):  # a wrong path fails now, naming the option
+        if cfg[option] and cfg[option] != "tiny":
+            check_model_source(option, cfg[option])
     records = load_sft_jsonl(cfg["data"], 0 if tiny else cfg["max_examples"])
-    eval_records = load_sft_jsonl(cfg["eval_data"], cfg["max_eval"]) if cfg["eval_data"] else []
+    eval_records = load_sft_jsonl(cfg["eval_data"], cfg["max_eval"], "--eval_data") if cfg["eval_data"] else []
     if tiny:  # the embedded default: a BPE trained on the shipped data, stored in the run folder, read from there
         run.cached("tokenizer", lambda: train_toy_tokenizer([t for r in records for t in (r["x"], r["y"])]),
                    save=_save_tokenizer, load=lambda path: None)
@@ -56,6 +60,35 @@ def load(cfg, run):
     run.log(f"D: {len(D)} pairs from {cfg['data']}; held-out: {len(held_out)}")
     return SimpleNamespace(D=D, held_out=held_out, pref=pref, sft_pairs=sft_pairs, tok=tok, gtok=gtok,
                            guide_src=guide_src)
+
+
+def check_model_source(option, name):
+    """--policy / --guide / --reward_model: an HF checkpoint folder, or a hub id ("gpt2", "org/model") that is in
+    the Hugging Face cache or can be downloaded. Raises UserError naming the option and how `name` was read."""
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise UserError(f"--{option} {name}: a folder without config.json, not a Hugging Face checkpoint folder")
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name) or os.sep != "/" and os.sep in name:
+        raise UserError(f"--{option} {name}: no such folder (read as a local path; a hub id looks like 'org/model')")
+    from huggingface_hub import constants, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # downloaded before
+    where = f"--{option} {name}: not a local folder, and not in the Hugging Face cache"
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"{where}; HF_HUB_OFFLINE is set, so nothing is downloaded (download it first, or give its folder)")
+    import socket
+    from urllib.parse import urlparse
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)  # offline: fail now, not after the hub client's retries
+    except OSError:
+        raise UserError(f"{where}, and {host} cannot be reached (offline?): download it first, or give its folder") from None
+    from huggingface_hub import hf_hub_download
+    try:
+        hf_hub_download(name, "config.json")
+    except Exception as e:  # noqa: BLE001 (not found, gated, no access, ...: the hub's own words)
+        raise UserError(f"{where}, and the hub says: {str(e).splitlines()[0]}") from None
 
 
 def _save_tokenizer(tok, path):
@@ -98,60 +131,79 @@ def distances_file(data):
 # JSONL: D = {(x_i, y_i)} in UltraChat's layout, preference pairs in UltraFeedback binarized's; errors name file:line
 # ----------------------------------------------------------------------------------------------------
 def jsonl_records(path, what):
-    """Yield ("file:line", record) for each non-blank line of a JSONL file; a line that is not a JSON object
-    raises ValueError naming file:line. Shared by the SFT and the preference data loaders."""
+    """Yield ("file:line", record) for each non-blank line of a JSONL file (.jsonl, or gzipped .jsonl.gz; a UTF-8
+    byte-order mark is allowed); a line that is not a JSON object raises UserError naming file:line. Shared by the
+    SFT and the preference data loaders."""
+    if os.path.isdir(path):
+        raise UserError(f"{path}: {what} is a directory; expected a JSONL file (one JSON object per line)")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: {what} file not found")
-    with open(path, "rb") as f:  # bytes: a bad UTF-8 sequence is then reported with its line like any other error
+        raise UserError(f"{path}: {what} file not found")
+    jsonl = "JSONL is expected: one JSON object per line (a .json file holding a list converts with jq -c '.[]')"
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:  # bytes: bad UTF-8 is reported by line
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8").removeprefix("\ufeff") if lineno == 1 else raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+                raise UserError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) carry no record
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                array = lineno == 1 and line.lstrip().startswith("[")
+                raise UserError(f"{where}: not valid JSON: {e.msg.removesuffix(' at')} at column {e.colno}" +
+                                (f"; the file starts like a JSON array. {jsonl}" if array else "")) from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+                raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}. {jsonl}")
             yield where, rec
 
 
-def load_sft_jsonl(path, max_examples=0):
+def load_sft_jsonl(path, max_examples=0, what="--data"):
     """Read (x, y) = (first user turn, first assistant turn) of each record; errors name file:line.
 
     A record is {"messages": [{"role": "user", "content": x}, {"role": "assistant", "content": y}, ...]}
     (UltraChat 200k's layout; later turns are ignored, as SPIN and the paper's 50k subset do), or
-    {"prompt": x, "response": y}. Returns a list of dicts {x, y, where} where `where` is "file:line".
+    {"prompt": x, "response": y}. A leading {"role": "system"} message is kept and given to the chat template for
+    generation and training alike; a content may be a list of text parts ([{"type": "text", "text": ...}]).
+    Returns a list of dicts {x, y, system, where} where `where` is "file:line" and system is None or a string.
     """
     out = []
-    for where, rec in jsonl_records(path, "data"):
+    for where, rec in jsonl_records(path, what):
+        system = None
         if "messages" in rec:
             msgs = rec["messages"]
+            if isinstance(msgs, list) and msgs and isinstance(msgs[0], dict) and msgs[0].get("role") == "system":
+                system, msgs = _text(msgs[0].get("content"), where, "the system message"), msgs[1:]
             if not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs[:2]):
-                raise ValueError(f"{where}: 'messages' must be a list starting with a user and an assistant turn")
+                raise UserError(f"{where}: 'messages' must be a list starting with a user and an assistant turn")
             if msgs[0].get("role") != "user" or msgs[1].get("role") != "assistant":
-                raise ValueError(f"{where}: the first two messages must have roles 'user' then 'assistant', got "
-                                 f"{msgs[0].get('role')!r} then {msgs[1].get('role')!r}")
+                raise UserError(f"{where}: the first two messages must have roles 'user' then 'assistant', got "
+                                f"{msgs[0].get('role')!r} then {msgs[1].get('role')!r}")
             x, y = msgs[0].get("content"), msgs[1].get("content")
         elif "prompt" in rec and "response" in rec:
             x, y = rec["prompt"], rec["response"]
         else:
-            raise ValueError(f"{where}: missing field 'messages' (or 'prompt' and 'response')")
-        for name, v in (("prompt (user turn)", x), ("response (assistant turn)", y)):
-            if not isinstance(v, str):
-                raise ValueError(f"{where}: {name} must be a string, got {type(v).__name__}")
-            if not v.strip():
-                raise ValueError(f"{where}: {name} is empty")
-        out.append({"x": x, "y": y, "where": where})
+            raise UserError(f"{where}: missing field 'messages' (or 'prompt' and 'response')")
+        x, y = _text(x, where, "prompt (user turn)"), _text(y, where, "response (assistant turn)")
+        out.append({"x": x, "y": y, "system": system, "where": where})
         if max_examples and len(out) >= max_examples:
             break
     if not out:
-        raise ValueError(f"{path}: no records")
+        raise UserError(f"{path}: no records")
     return out
+
+
+def _text(v, where, name):
+    """A message's content as one string: a string, or a list of text parts ({"type": "text", "text": ...})."""
+    if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                   for p in v):
+        v = "".join(p["text"] for p in v)
+    if not isinstance(v, str):
+        raise UserError(f"{where}: {name} must be a string (or a list of text parts), got {type(v).__name__}")
+    if not v.strip():
+        raise UserError(f"{where}: {name} is empty")
+    return v
 
 
 def load_pref_jsonl(path, max_examples=0):
@@ -161,26 +213,26 @@ def load_pref_jsonl(path, max_examples=0):
     (the response is the last assistant message of each list), or {"prompt": x, "chosen": str, "rejected": str}.
     """
     out = []
-    for where, rec in jsonl_records(path, "preference data (needed by --method dpo)"):
+    for where, rec in jsonl_records(path, "--pref_data (needed by --method dpo)"):
         if not all(k in rec for k in ("prompt", "chosen", "rejected")):
-            raise ValueError(f"{where}: a preference record needs the fields 'prompt', 'chosen' and 'rejected'")
+            raise UserError(f"{where}: a preference record needs the fields 'prompt', 'chosen' and 'rejected'")
         texts = {"prompt": rec["prompt"]}
         for k in ("chosen", "rejected"):
             v = rec[k]
             if isinstance(v, list):  # a conversation: the answer is its last assistant turn
                 turns = [m.get("content") for m in v if isinstance(m, dict) and m.get("role") == "assistant"]
                 if not turns:
-                    raise ValueError(f"{where}: '{k}' has no assistant message")
+                    raise UserError(f"{where}: '{k}' has no assistant message")
                 v = turns[-1]
             texts[k] = v
         for k, v in texts.items():
             if not isinstance(v, str) or not v.strip():
-                raise ValueError(f"{where}: '{k}' must be a non-empty string")
+                raise UserError(f"{where}: '{k}' must be a non-empty string")
         out.append({"x": texts["prompt"], "chosen": texts["chosen"], "rejected": texts["rejected"], "where": where})
         if max_examples and len(out) >= max_examples:
             break
     if not out:
-        raise ValueError(f"{path}: no records")
+        raise UserError(f"{path}: no records")
     return out
 
 
@@ -192,7 +244,7 @@ def tokenize_pref(records, tok, cfg, skipped):
         if not too_long(r["where"], length_problems(px, [pc, pr], cfg), cfg, skipped):
             kept.append((px, pc, pr))
     if not kept:
-        raise ValueError(f"{cfg['pref_data']}: every record is over-length")
+        raise UserError(f"{cfg['pref_data']}: every record is over-length")
     return kept
 
 
@@ -212,7 +264,7 @@ def too_long(where, problems, cfg, skipped):
     if not problems:
         return False
     if cfg["overlength"] == "error":
-        raise ValueError(f"{where}: {'; '.join(problems)} (raise the limits or pass --overlength skip)")
+        raise UserError(f"{where}: {'; '.join(problems)} (raise the limits or pass --overlength skip)")
     skipped.append({"where": where, "why": "; ".join(problems)})
     return True
 
@@ -220,25 +272,26 @@ def too_long(where, problems, cfg, skipped):
 # ----------------------------------------------------------------------------------------------------
 # Tokens: the policy's chat template (one prompt format for generation and training), the guide's plain text
 # ----------------------------------------------------------------------------------------------------
-def prompt_ids(tokenizer, x):
+def prompt_ids(tokenizer, x, system=None):
     """The chat-templated prompt, as token ids: THE one function used for generation AND training.
 
     SPIN's public code generates with one prompt format and trains with another; a policy then learns
     from sequences it never produces. Here both paths call this function, so x's tokens are identical.
     """
-    ids = tokenizer(prompt_text(tokenizer, x), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(prompt_text(tokenizer, x, system), add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids  # exactly one BOS, whether or not the template writes it
     return ids
 
 
-def prompt_text(tokenizer, x):
-    """x in the policy's chat template, ending where the assistant's answer begins."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False)
+def prompt_text(tokenizer, x, system=None):
+    """x (after the system message, if any) in the policy's chat template, ending where the answer begins."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": x}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def response_ids(tokenizer, x, y):
+def response_ids(tokenizer, x, y, system=None):
     """Golden response tokens as they follow x's prompt in one text, ending with EOS so the policy learns to stop.
 
     y is tokenized together with its templated prompt and cut at the prompt's length: that is how the SFT data
@@ -249,7 +302,7 @@ def response_ids(tokenizer, x, y):
     Where the prompt's last token would merge with y's first characters, there is no clean cut, and y is
     tokenized alone: the policy only ever continues the prompt's own tokens.
     """
-    text = prompt_text(tokenizer, x)
+    text = prompt_text(tokenizer, x, system)
     p = tokenizer(text, add_special_tokens=False)["input_ids"]
     both = tokenizer(text + y, add_special_tokens=False)["input_ids"]
     ids = both[len(p):] if both[:len(p)] == p else tokenizer(y, add_special_tokens=False)["input_ids"]
@@ -264,7 +317,7 @@ def tokenize_data(records, tok, gtok, cfg, log, held_out=False):
     """
     kept, skipped = [], []
     for r in records:
-        px, py = prompt_ids(tok, r["x"]), response_ids(tok, r["x"], r["y"])
+        px, py = prompt_ids(tok, r["x"], r.get("system")), response_ids(tok, r["x"], r["y"], r.get("system"))
         gx, gy = guide_ids(gtok, r["x"], r["y"])
         if held_out:  # evaluation samples from x and scores the answer: no guide input, no golden length limit
             problems = [f"prompt has {len(px)} tokens > max_prompt_len={cfg['max_prompt_len']}"] \
@@ -279,7 +332,7 @@ def tokenize_data(records, tok, gtok, cfg, log, held_out=False):
         log(f"skipped {len(skipped)} over-length records (listed in skipped.jsonl); kept {len(kept)}")
     if not kept:
         src = records[0]["where"].rsplit(":", 1)[0] if records else cfg["data"]  # --data or --eval_data
-        raise ValueError(f"{src}: every record is over-length")
+        raise UserError(f"{src}: every record is over-length")
     return kept, skipped
 
 

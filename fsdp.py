@@ -58,9 +58,15 @@ def barrier():
 
 
 def all_reduce(t, op="sum"):
-    """In-place all-reduce of a small tensor ("sum" or "min"); a no-op in one process."""
+    """In-place all-reduce of a small tensor ("sum" or "min"); a no-op in one process. (NCCL reduces GPU tensors
+    only: a CPU tensor makes a round trip through the GPU.)"""
     if dist.is_initialized():
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}[op])
+        op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}[op]
+        if dist.get_backend() == "nccl" and t.device.type != "cuda":
+            g = t.cuda()
+            dist.all_reduce(g, op=op)
+            return t.copy_(g.cpu())
+        dist.all_reduce(t, op=op)
     return t
 
 

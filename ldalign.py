@@ -26,6 +26,7 @@ goes on from the last finished stage; rundir.py). The run folder:
     dpo/ref_logps_theta0.json       (dpo) the fixed reference's log-probs, computed in iteration 1
 """
 import functools
+import math
 import os
 import sys
 
@@ -37,7 +38,7 @@ import dpo
 import fsdp
 import generate
 import guide as guide_lib
-from rundir import RunDir, read_overrides, save_hf
+from rundir import METHODS, RunDir, read_overrides, report_errors, save_hf
 
 # ----------------------------------------------------------------------------------------------------
 # Defaults: the embedded toy run. Every key can be overridden on the command line as --key value.
@@ -80,8 +81,8 @@ DEFAULTS = dict(
     pref_data="data/sort_pairs.jsonl",  # for dpo: JSONL with prompt, chosen, rejected (UltraFeedback binarized)
     measure_S=True,           # dpo / sft: also sample y' and compute S each iteration (a diagnostic only)
     beta=0.1,
-    # On the toy task AdamW at 1e-5 improves held-out accuracy a little; 3e-5 and above, or RMSprop at
-    # 1e-5, lower it (DPO pushes down the likelihood of y and y' alike and the tiny policy starts to drop
+    # On the toy task AdamW at 1e-5 keeps held-out accuracy within the noise of theta_0; 3e-5 and above, or RMSprop
+    # at 1e-5, lower it (DPO pushes down the likelihood of y and y' alike and the tiny policy starts to drop
     # numbers). The paper preset keeps SPIN's RMSprop at 5e-7.
     lr=1e-5, optimizer="adamw", warmup_ratio=0.1, max_grad_norm=1.0,
     epochs=2, batch_size=32, micro_batch_size=32,
@@ -95,7 +96,12 @@ DEFAULTS = dict(
     trust_remote_code=False,  # passed to from_pretrained; only for checkpoints whose code you trust
 )
 
-METHODS = ("ldalign", "spin", "dpo", "sft")
+# The range of every numeric setting, checked by parse_args before anything runs (NaN fails every comparison).
+POSITIVE_INT = ("max_len", "max_prompt_len", "max_new_tokens", "sft_steps", "sft_batch_size", "gen_batch_size",
+                "latent_dim", "guide_epochs", "guide_batch_size", "T", "epochs", "batch_size", "micro_batch_size",
+                "log_every")
+NONNEGATIVE_INT = ("max_examples", "max_eval", "top_k", "agreement_n")
+POSITIVE_FINITE = ("sft_lr", "guide_lr", "beta", "lr", "max_grad_norm")
 
 PRESETS = {
     "tiny": {},
@@ -117,7 +123,7 @@ PRESETS = {
 def parse_args(argv):
     """nanoGPT-style: defaults above, then the preset, then --key value pairs (typed like the default)."""
     src = open(os.path.abspath(__file__)).read()
-    help_text = __doc__ + "\n" + src[src.index("DEFAULTS = dict("):src.index("\nMETHODS = ")]
+    help_text = __doc__ + "\n" + src[src.index("DEFAULTS = dict("):src.index("\n# The range of every")]
     pairs = read_overrides(argv, DEFAULTS, help_text)
     preset = pairs.get("preset", DEFAULTS["preset"])
     if preset not in PRESETS:
@@ -133,8 +139,19 @@ def parse_args(argv):
         raise SystemExit("--gen_compile true needs --gen_static true (a compiled decode step needs fixed shapes)")
     if cfg["overlength"] not in ("error", "skip"):
         raise SystemExit(f"--overlength is 'error' or 'skip', got {cfg['overlength']!r}")
-    if cfg["temperature"] < 0 or not 0 < cfg["top_p"] <= 1 or cfg["top_k"] < 0:  # -1 would sample the argmin
-        raise SystemExit("sampling needs --temperature >= 0 (0 = greedy), 0 < --top_p <= 1, --top_k >= 0 (0 = off)")
+    bad = [f"--{k} must be > 0, got {cfg[k]!r}" for k in POSITIVE_INT if not cfg[k] > 0]
+    bad += [f"--{k} must be >= 0, got {cfg[k]!r}" for k in NONNEGATIVE_INT if not cfg[k] >= 0]  # top_k -1: the argmin
+    bad += [f"--{k} must be a finite number > 0, got {cfg[k]!r}" for k in POSITIVE_FINITE if not 0 < cfg[k] < math.inf]
+    if not 0 <= cfg["temperature"] < math.inf:
+        bad.append(f"--temperature must be >= 0 (0 = greedy), got {cfg['temperature']!r}")
+    if not 0 < cfg["top_p"] <= 1:
+        bad.append(f"--top_p must be in (0, 1], got {cfg['top_p']!r}")
+    if not 0 <= cfg["warmup_ratio"] < 1:
+        bad.append(f"--warmup_ratio must be in [0, 1), got {cfg['warmup_ratio']!r}")
+    if cfg["optimizer"] not in ("adamw", "rmsprop"):
+        bad.append(f"--optimizer is 'adamw' or 'rmsprop', got {cfg['optimizer']!r}")
+    if bad:
+        raise SystemExit("; ".join(bad))
     if cfg["max_prompt_len"] + cfg["max_new_tokens"] > cfg["max_len"]:
         raise SystemExit("need max_prompt_len + max_new_tokens <= max_len (a sampled y' must fit in training)")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's processes: the global batches are split between them
@@ -312,4 +329,4 @@ def toy_theta0(data, cfg, device, log):
 
 
 if __name__ == "__main__":
-    main()
+    report_errors(main)  # a user error: one line, exit status 2; a bug: its traceback

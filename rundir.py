@@ -17,8 +17,35 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 
 import fsdp
+
+
+class UserError(ValueError):
+    """A mistake in the input or the settings that the user can fix (a bad path, line or value). The command line
+    reports it as one line naming the option or file:line, with exit status 2 and no traceback (report_errors);
+    settings checks raise SystemExit(message), reported the same way. Anything else is a bug and keeps its traceback."""
+
+
+_LOG = []  # the run's log.txt, once RunDir knows it: user errors are written there too
+
+
+def report_errors(main, argv=None):
+    """Run main(argv); a user error becomes one line on stderr (and in log.txt), exit status 2. Under torchrun
+    every rank meets the same error, and only rank 0 prints it."""
+    try:
+        main(argv)
+    except (UserError, SystemExit) as e:
+        msg = str(e) if isinstance(e, UserError) else e.code
+        if not isinstance(msg, str):  # SystemExit(0) of --help, or a plain exit status
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {msg}", file=sys.stderr, flush=True)
+            if _LOG:
+                with open(_LOG[0], "a") as f:
+                    f.write(f"error: {msg}\n")
+        raise SystemExit(2) from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,6 +164,7 @@ SHARED_KEYS = ("data", "max_examples", "overlength", "seed", "policy", "max_len"
                "sft_steps", "sft_lr", "sft_batch_size", "temperature", "top_p", "top_k",
                "guide", "latent_dim", "guide_epochs", "guide_lr", "guide_batch_size",  # theta_0, iter0/, guide/
                "eval_data", "max_eval", "reward_model", "judge", "agreement_n")  # every eval.json, agreement.json
+METHODS = ("ldalign", "spin", "dpo", "sft")  # Algorithm 1 and the competitors of Section 5.1.4: one folder each
 METHOD_KEYS = ("reuse_line2_samples", "pref_data", "beta", "lr", "optimizer", "warmup_ratio", "max_grad_norm",
                "epochs", "batch_size")  # <method>/iter*/: each method its own (a later call may run dpo at its lr)
 
@@ -144,9 +172,50 @@ METHOD_KEYS = ("reuse_line2_samples", "pref_data", "beta", "lr", "optimizer", "w
 class RunDir:
     def __init__(self, cfg):
         self.cfg, self.out = cfg, cfg["out"]
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise UserError(f"--out {self.out} is a file; the run folder must be a folder (new or of an earlier run)")
         os.makedirs(self.out, exist_ok=True)
+        self.lock()
+        _LOG[:] = [self.path("log.txt")]
         if fsdp.rank() == 0:
             write_json(self.path("config.json"), cfg)  # all of this call's settings
+
+    def lock(self):
+        """One run at a time in a folder: out/lock.json names the holder (pid, host, start time). A second run stops
+        at once, naming it; the lock of a process that died (kill -9, a crash) on this host is taken over. Rank 0
+        holds it for every rank of a torchrun; it is released when the process exits."""
+        import atexit
+        import socket
+        import time
+        path, me = self.path("lock.json"), {"pid": os.getpid(), "host": socket.gethostname(),
+                                            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        held = ""
+        if fsdp.rank() == 0:
+            for _ in range(2):  # a second try after removing a dead holder's lock
+                try:
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    try:
+                        other = read_json(path)
+                    except (OSError, ValueError):
+                        other = {}  # half-written by a process killed at that moment
+                    if other.get("host") == me["host"] and other.get("pid") == me["pid"]:
+                        break  # this process holds it already
+                    if other.get("host") == me["host"] and not _alive(other.get("pid")):
+                        os.remove(path)  # its holder is gone
+                        continue
+                    held = (f"--out {self.out} is in use by another run (pid {other.get('pid')} on {other.get('host')}, "
+                            f"started {other.get('started')}); wait for it, use another --out, or delete {path} "
+                            "if that run is gone")
+                    break
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+                atexit.register(lambda: os.path.exists(path) and read_json(path).get("pid") == me["pid"]
+                                and os.remove(path))
+                break
+        import torch
+        if fsdp.all_reduce(torch.tensor([int(bool(held))]), "sum").item():  # every rank stops, rank 0 says why
+            raise UserError(held or f"--out {self.out} is in use by another run (see {path})")
 
     def path(self, *parts):
         return os.path.join(self.out, *parts)
@@ -159,20 +228,28 @@ class RunDir:
                 f.write(msg + "\n")
 
     def check_settings(self, methods):
-        """settings.json: {"shared": SHARED_KEYS, <method>: METHOD_KEYS, ...} as the stored stages were computed.
-        A section is written the first time it is needed; a rerun whose settings differ from a stored section
-        stops here, before any compute and without touching what is stored."""
+        """settings.json: {"shared": {key: value}, <method>: {key: value}, ...}: the settings the stored stages were
+        computed with (bind writes them as a stage is stored). A rerun whose settings differ stops here, before any
+        compute and without touching what is stored; a run that stored nothing binds nothing."""
         path, cfg = self.path("settings.json"), self.cfg
-        want = {"shared": {k: cfg[k] for k in SHARED_KEYS}, **{m: {k: cfg[k] for k in METHOD_KEYS} for m in methods}}
         had = read_json(path) if os.path.exists(path) else {}
-        diff = [f"{sec}: --{k} {had[sec].get(k)!r} -> {v!r}" for sec, kv in want.items() if sec in had
-                for k, v in kv.items() if had[sec].get(k) != v]
+        diff = [f"{sec}: --{k} {v!r} -> {cfg[k]!r}" for sec, kv in had.items() if sec == "shared" or sec in methods
+                for k, v in kv.items() if cfg.get(k) != v]
         if diff:
             raise SystemExit(f"{path}: this run folder's finished stages were computed with other settings "
                              f"({'; '.join(diff)}); a rerun would reuse them with the new ones. Pass the old values, "
                              f"or a new --out (or delete {path} to reuse them anyway).")
-        if fsdp.rank() == 0 and any(sec not in had for sec in want):
-            write_json(path, dict(had, **want))
+
+    def bind(self, name):
+        """Record in settings.json what the stage `name` (about to be stored) depends on: the toy tokenizer, --data;
+        a method's stage (<method>/...), the shared settings and that method's; any other stage, the shared ones."""
+        method = name.split("/")[0] if name.split("/")[0] in METHODS else None
+        keys = {"shared": ("data",) if name == "tokenizer" else SHARED_KEYS, **({method: METHOD_KEYS} if method else {})}
+        path = self.path("settings.json")
+        had = read_json(path) if os.path.exists(path) else {}
+        new = {sec: dict(had.get(sec, {}), **{k: self.cfg[k] for k in ks}) for sec, ks in keys.items()}
+        if fsdp.rank() == 0 and any(had.get(sec) != kv for sec, kv in new.items()):
+            write_json(path, dict(had, **new))
 
     def cached(self, name, compute, save=None, load=None):
         """The result of stage `name` (a file or folder under the run folder): read back when stored, else
@@ -187,6 +264,7 @@ class RunDir:
             return (load or _LOAD[os.path.splitext(name)[1]])(path)
         value = compute()
         self.kill_point(name)  # a kill after the compute, before anything is written
+        self.bind(name)
         (save or _SAVE[os.path.splitext(name)[1]])(value, path)
         fsdp.barrier()  # written before any rank reads it
         return value
@@ -206,6 +284,7 @@ class RunDir:
 
     def save_policy(self, model, tokenizer, method, t, history):
         """theta_t (HF checkpoint) and its training log (train_metrics.jsonl, one row per optimizer step)."""
+        self.bind(f"{method}/iter{t}/policy")
         if fsdp.rank() == 0:
             write_jsonl(self.path(method, f"iter{t}", "train_metrics.jsonl"), history)
         save_hf(model, tokenizer, self.policy_path(method, t))
@@ -220,6 +299,15 @@ class RunDir:
         if os.environ.get("LDALIGN_KILL_AT") == stage:
             print(f"LDALIGN_KILL_AT={stage}: killing the run here", flush=True)
             os._exit(137)
+
+
+def _alive(pid):
+    """Is process `pid` running on this host?"""
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
 
 
 def _save_on_rank0(write):

@@ -1710,6 +1710,38 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
         dataset.load_sft_jsonl(str(path))
 
 
+def test_jsonl_as_real_data_looks(tmp_path):
+    """A UTF-8 byte-order mark, gzip, a leading system message (kept, and in the prompt for generation and training
+    alike), content as a list of text parts."""
+    import gzip
+    rec = {"messages": [{"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": [{"type": "text", "text": "sort: 3 1"}]},
+                        {"role": "assistant", "content": "1 3"}]}
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(rec).encode() + b"\n")
+    with gzip.open(tmp_path / "z.jsonl.gz", "wt") as f:
+        f.write(json.dumps(rec) + "\n")
+    for name in ("bom.jsonl", "z.jsonl.gz"):
+        [r] = dataset.load_sft_jsonl(str(tmp_path / name))
+        assert (r["x"], r["y"], r["system"]) == ("sort: 3 1", "1 3", "Be brief.")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(_toy_tok_dir(tmp_path))
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    px = dataset.prompt_ids(tok, "sort: 3 1", "Be brief.")
+    assert "Be brief." in tok.decode(px)
+    ids, _, _ = dpo.collate([px], [dataset.response_ids(tok, "sort: 3 1", "1 3", "Be brief.")], 0)
+    assert ids[0, :len(px)].tolist() == px  # training reads the same prompt tokens
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "abc\n')
+    with pytest.raises(ValueError, match="not valid JSON: Invalid control character at column 16$"):  # one "at"
+        dataset.load_sft_jsonl(str(tmp_path / "bad.jsonl"))
+
+
+def _toy_tok_dir(tmp_path):
+    path = str(tmp_path / "toy_tok")
+    _toy_tok().save_pretrained(path)
+    return path
+
+
 def test_jsonl_reads_first_turn_and_prompt_response_form(tmp_path):
     multi = json.dumps({"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
                                      {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]})
@@ -1812,13 +1844,16 @@ def test_a_resume_with_other_settings_or_data_stops(tmp_path):
     cfg = dict(ldalign.DEFAULTS, out=str(tmp_path))
     p = str(tmp_path / "settings.json")
     run = lambda **kw: rundir.RunDir(dict(cfg, **kw))
-    run().check_settings(["ldalign"])  # the first call writes them
+    run().check_settings(["ldalign"])
+    run(seed=1, lr=2e-7).check_settings(["ldalign"])  # nothing stored yet: nothing bound
+    run().bind("ldalign/iter1/policy")  # a stage of ldalign stored: the shared and ldalign's settings are bound
     run(T=5, micro_batch_size=4, gen_batch_size=7).check_settings(["ldalign"])  # free to change
     with pytest.raises(SystemExit, match="ldalign: --lr 1e-05 -> 2e-07"):
         run(lr=2e-7).check_settings(["ldalign"])
     with pytest.raises(SystemExit, match="shared: --seed 0 -> 1"):
         run(seed=1).check_settings(["dpo"])
     run(lr=2e-7).check_settings(["dpo"])  # a new method may use its own lr ...
+    run(lr=2e-7).bind("dpo/iter1/policy")
     with pytest.raises(SystemExit, match="dpo: --lr 2e-07 -> 1e-05"):
         run().check_settings(["dpo"])  # ... and keeps it
     stored = json.load(open(p))
@@ -1862,11 +1897,12 @@ def test_nan_loss_stops_run_and_keeps_last_checkpoint(tmp_path):
     ckpt = os.path.join(out, "ldalign", "iter1", "policy", "model.safetensors")
     before = open(ckpt, "rb").read()
     args[args.index("--T") + 1] = "2"
-    os.remove(os.path.join(out, "settings.json"))  # allow the changed --beta on this folder
+    os.remove(os.path.join(out, "settings.json"))  # allow the changed --lr on this folder
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, os.path.join(HERE, "ldalign.py")] + args + ["--beta", "nan"], cwd=HERE, env=env,
+    # --lr nan is refused before any compute (parse_args); a finite but absurd lr blows the weights up in one step
+    p = subprocess.run([sys.executable, os.path.join(HERE, "ldalign.py")] + args + ["--lr", "1e30"], cwd=HERE, env=env,
                        timeout=600, capture_output=True, text=True)
-    assert p.returncode != 0 and "loss is nan at step 1" in p.stderr and "last finished checkpoint" in p.stderr
+    assert p.returncode != 0 and "at step 2/4 (gradient norm nan)" in p.stderr and "last finished checkpoint" in p.stderr
     assert open(ckpt, "rb").read() == before  # theta_1 intact
     assert not os.path.exists(os.path.join(out, "ldalign", "iter2", "policy"))  # no theta_2 from a NaN update
 
@@ -1887,6 +1923,67 @@ def test_parse_args_rejects_bad_settings():
                 ["--gen_compile", "true"], ["--max_new_tokens", "64"], ["--overlength", "eror"]):
         with pytest.raises(SystemExit):
             ldalign.parse_args(bad)
+    # every numeric setting is range-checked before any compute; each of these once ran and reported success,
+    # trained the reversed objective, or failed hours later
+    for bad, msg in ((["--beta", "0"], "--beta must be a finite number > 0"), (["--beta", "-1"], "--beta must be"),
+                     (["--epochs", "0"], "--epochs must be > 0"), (["--T", "-1"], "--T must be > 0"),
+                     (["--batch_size", "0"], "--batch_size must be > 0"), (["--lr", "nan"], "--lr must be a finite"),
+                     (["--lr", "inf"], "--lr must be a finite"), (["--guide_lr", "-1e-3"], "--guide_lr must be"),
+                     (["--warmup_ratio", "1"], "--warmup_ratio must be in"), (["--optimizer", "sgd"], "--optimizer is"),
+                     (["--max_examples", "-5"], "--max_examples must be >= 0")):
+        with pytest.raises(SystemExit, match=msg):
+            ldalign.parse_args(bad)
+
+
+def _cli(args, env_extra=None):
+    """ldalign.py as a user runs it; returns the completed process (no check of its exit status)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, os.path.join(HERE, "ldalign.py")] + args, cwd=HERE, env=env, timeout=300,
+                          capture_output=True, text=True)
+
+
+def test_user_errors_are_one_line_exit_2_and_logged(tmp_path):
+    """A mistake the user can fix: one line naming the option or file:line, exit status 2, no traceback, also in
+    log.txt once the run folder is known; nothing is computed and no settings are bound."""
+    afile, adir, arr = tmp_path / "afile", tmp_path / "adir", tmp_path / "arr.jsonl"
+    afile.write_text("x")
+    adir.mkdir()
+    arr.write_text(json.dumps([json.loads(GOOD)], indent=1))
+    out = str(tmp_path / "r")
+    cases = [(["--out", str(afile)], f"--out {afile} is a file"),
+             (["--out", out, "--policy", "/nonexistent"], "--policy /nonexistent: no such folder (read as a local path"),
+             (["--out", out, "--guide", str(adir)], f"--guide {adir}: a folder without config.json"),
+             (["--out", out, "--data", str(adir)], f"{adir}: --data is a directory; expected a JSONL file"),
+             (["--out", out, "--eval_data", str(arr)], f"{arr}:1: not valid JSON: Expecting value at column 1; the file "
+                                                       "starts like a JSON array. JSONL is expected"),
+             (["--out", out, "--beta", "0"], "--beta must be a finite number > 0")]
+    for args, msg in cases:
+        p = _cli(args + ["--sft_steps", "1"])
+        assert p.returncode == 2 and p.stderr.strip() == f"error: {p.stderr.strip()[7:]}", (args, p.stderr[-2000:])
+        assert msg in p.stderr and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    # a hub id that is not cached, offline: at once, naming the option (not the hub client's retries)
+    p = _cli(["--out", out, "--reward_model", "someorg/some-rm"], {"HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 2 and "--reward_model someorg/some-rm: not a local folder, and not in the Hugging Face cache" \
+        in p.stderr
+    assert "error: --reward_model someorg/some-rm" in open(os.path.join(out, "log.txt")).read()
+    assert not os.path.exists(os.path.join(out, "settings.json")) and not os.path.exists(os.path.join(out, "sft"))
+
+
+def test_run_folder_lock(tmp_path):
+    """One run per folder: a live holder stops a second run at once, naming it; a dead holder's lock is taken over."""
+    out = tmp_path / "r"
+    out.mkdir()
+    import socket
+    (out / "lock.json").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "then"}))
+    p = _cli(["--out", str(out), "--beta", "0.1"])
+    assert p.returncode == 2 and f"is in use by another run (pid {os.getpid()} on {socket.gethostname()}, started then)" \
+        in p.stderr
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / "lock.json").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "then"}))
+    p = _cli(["--out", str(out), "--policy", "/nonexistent"])  # gets past the lock, stops at the next check
+    assert p.returncode == 2 and "--policy /nonexistent" in p.stderr and "in use" not in p.stderr
+    assert not (out / "lock.json").exists()  # released when the process exits
 
 
 def test_no_pickle_checkpoints_and_no_remote_code_by_default():

@@ -69,20 +69,16 @@ def sample_categorical(probs, generator):
     return (probs / e).argmax(dim=-1)
 
 
-def sample_top_p(probs, p, generator):
-    """Nucleus sampling, as llama's reference `sample_top_p`: (B, V) probs -> (B,) token ids.
-
-    Keep the tokens of the sorted distribution whose preceding mass is <= p, i.e. the smallest prefix whose mass
-    exceeds p (one token more than HF's TopPLogitsWarper when a prefix's mass equals p exactly); the most likely
-    token is always kept (its "mass before" is 0), so p -> 0 is greedy.
-    """
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (B, V)
-    probs_sum = torch.cumsum(probs_sort, dim=-1)  # (B, V)
-    mask = probs_sum - probs_sort > p  # a token is dropped when the tokens before it already hold > p
-    probs_sort = probs_sort.masked_fill(mask, 0.0)
-    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)  # renormalise the nucleus
-    pick = sample_categorical(probs_sort, generator)  # (B,) index into the sort
-    return torch.gather(probs_idx, -1, pick[:, None]).squeeze(-1)  # (B,) back to vocabulary ids
+def apply_top_p(logits, p):
+    """Nucleus filter, (B, V) -> (B, V): the definition of transformers' TopPLogitsWarper, step for step, so the
+    kept set is the same on ties and on a prefix whose mass equals p exactly. Sort ascending, drop the tokens whose
+    cumulative probability is <= 1 - p (the least likely ones, holding at most 1 - p together), always keep the
+    most likely token (p -> 0 is greedy); the rest become -inf."""
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False)  # (B, V)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    drop = cum <= (1 - p)
+    drop[..., -1:] = False  # the most likely token stays
+    return logits.masked_fill(drop.scatter(1, sorted_idx, drop), float("-inf"))
 
 
 def sample_next(logits, temperature, top_p, top_k, generator):
@@ -90,10 +86,9 @@ def sample_next(logits, temperature, top_p, top_k, generator):
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = apply_top_k(logits / temperature, top_k)
-    probs = torch.softmax(logits, dim=-1)  # (B, V)
     if top_p < 1.0:
-        return sample_top_p(probs, top_p, generator)
-    return sample_categorical(probs, generator)
+        logits = apply_top_p(logits, top_p)
+    return sample_categorical(torch.softmax(logits, dim=-1), generator)  # (B, V) probs -> (B,)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,6 +159,11 @@ def static_width(n):
     return -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
+def _is_sliding(layer):
+    """A sliding-window layer of a transformers StaticCache (it keeps only the last `window` positions)."""
+    return "Sliding" in type(layer).__name__
+
+
 def new_static_cache(model, length):
     """A transformers StaticCache for `length` positions; its (B, H, length, D) buffers are made at the prefill."""
     import copy
@@ -213,7 +213,10 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
     if static:
         if cache is None:
             cache = new_static_cache(model, T + max_new_tokens)
-        L = max(layer.max_cache_len for layer in cache.layers)  # T + max_new_tokens, or more for a reused cache
+        # Full-attention layers hold every position: T + max_new_tokens, or more for a reused cache. Sliding-window
+        # layers (Mistral with a window shorter than that) hold the last `window` positions only, by design.
+        full = [layer.max_cache_len for layer in cache.layers if not _is_sliding(layer)]
+        L = max(full) if full else T + max_new_tokens
         if L < T + max_new_tokens:
             raise ValueError(f"the StaticCache holds {L} positions; this call needs {T} + {max_new_tokens}")
         cache.reset()  # zero length; the same buffers

@@ -65,8 +65,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from generate import (apply_top_k, generate, pad_sequences, sample_next, sample_responses,
-                      sample_top_p)
+from generate import (apply_top_k, apply_top_p, generate, pad_sequences, sample_categorical, sample_next,
+                      sample_responses)
 from guide import (GuideModel, build_guide, collate_guide, eval_guide, latent_distances, load_guide,
                    save_guide, train_guide)
 
@@ -1413,10 +1413,24 @@ def test_apply_top_k_and_sample_top_p():
     assert torch.equal(apply_top_k(logits, 0), logits)  # off
     g = torch.Generator().manual_seed(0)
     probs = torch.tensor([[0.1, 0.4, 0.35, 0.15]]).repeat(200, 1)
+    sample_top_p = lambda probs, p, g: sample_categorical(torch.softmax(apply_top_p(probs.log(), p), -1), g)
     ids = sample_top_p(probs, 0.5, g)  # nucleus = {1, 2} (0.4 < 0.5, 0.4 + 0.35 >= 0.5)
     assert set(ids.tolist()) == {1, 2}
     assert set(sample_top_p(probs, 0.3, g).tolist()) == {1}
     assert torch.equal(sample_next(logits, 0, 1.0, 0, None), torch.tensor([1, 2]))
+
+
+def test_top_p_keeps_what_transformers_keeps():
+    """Ties at the cutoff (bf16-rounded logits) and prefixes whose mass equals p exactly: the kept set is
+    TopPLogitsWarper's, row for row."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(192, 50, generator=g) * 2).bfloat16().float()  # coarse: many ties
+    logits[:8] = torch.tensor([2.0, 2.0, 1.0, 1.0, 0.0, 0.0] + [-30.0] * 44).log_softmax(-1)  # exact binary masses
+    for p in (0.1, 0.25, 0.5, 0.75, 0.9, 0.95):
+        ours = torch.isinf(apply_top_p(logits, p))
+        theirs = torch.isinf(TopPLogitsWarper(top_p=p)(None, logits.clone()))
+        assert torch.equal(ours, theirs), (p, (ours != theirs).any(-1).nonzero().flatten().tolist())
 
 
 def test_sample_categorical_is_multinomial_without_a_host_sync():
@@ -1528,6 +1542,28 @@ def test_pad_sequences():
 # ----------------------------------------------------------------------------------------------------
 # StaticCache: one cache for every batch of sample_responses
 # ----------------------------------------------------------------------------------------------------
+def test_static_cache_of_a_sliding_window_model():
+    """Mistral whose every layer slides (window 8, shorter than the padded prompt + new tokens): the StaticCache's
+    layers hold 8 positions by design; greedy equals the DynamicCache path and the cache-free forward (the model's
+    own definition; HF generate's sliding cache differs from it here), sampling too."""
+    from transformers import MistralConfig, MistralForCausalLM
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=GEN_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=8, bos_token_id=1, eos_token_id=2,
+        pad_token_id=GEN_PAD)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    ids, mask = pad_sequences(gen_prompts([6, 3, 10]), GEN_PAD, side="left")
+    slow = generate_naive(model, ids, mask, 12, eos_token_id=None, pad_token_id=GEN_PAD, temperature=0)
+    for static in (False, True):
+        assert torch.equal(generate(model, ids, mask, 12, None, GEN_PAD, temperature=0, static=static), slow)
+    kw = dict(temperature=1.0, top_p=0.9, top_k=0)
+    a, b = (generate(model, ids, mask, 12, None, GEN_PAD, generator=torch.Generator().manual_seed(5), static=st, **kw)
+            for st in (False, True))
+    assert torch.equal(a, b)
+
+
 def test_sample_responses_static_shares_one_cache():
     # static=True: one width, the short last batch filled up, ONE StaticCache reset for every batch; the
     # answers are those of the DynamicCache path: all of them when greedy; when sampling with the same seeds,
@@ -1610,10 +1646,9 @@ def test_fsdp2_two_processes_equal_one_process(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 def _gloo_process(rank, worker, world, init_file, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        worker(rank, results)
-    finally:
-        dist.destroy_process_group()
+    worker(rank, results)
+    dist.barrier()  # no rank leaves while another is still in a collective (it would abort that rank's gloo threads)
+    dist.destroy_process_group()
 
 
 def _run_gloo(worker, world=2):

@@ -12,6 +12,7 @@ The tests compare `generate` with a cache-free path and with transformers' own `
 """
 import contextlib
 import inspect
+import itertools
 import math
 import time
 
@@ -267,12 +268,14 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
 
 
 def sample_responses(model, prompts, *, batch_size, max_new_tokens, eos_token_id, pad_token_id,
-                     temperature, top_p, top_k, seed, device, static=False, compile=False, progress=None):
+                     temperature, top_p, top_k, seed, device, static=False, compile=False, progress=None,
+                     offsets=None, width=None):
     """One response per prompt (lists of token ids in, lists of token ids out), batch_size prompts at a time.
 
-    The batch starting at prompt b draws from a generator seeded with seed + b: the same seed gives the same
-    samples, and a batch's samples do not depend on the batches before it. Each response keeps its EOS token
-    at the end if one was produced; what follows (pad) is dropped. progress(done, total) after each batch.
+    The batch starting at prompt b draws from a generator seeded with seed + b (seed + offsets[j] for the j-th
+    batch, when the batches are some of a larger set's: sample_dataset): the same seed gives the same samples, and
+    a batch's samples do not depend on the batches before it. Each response keeps its EOS token at the end if one
+    was produced; what follows (pad) is dropped. progress(done, total) after each batch.
 
     static / compile: see generate(). With static=True every batch is left-padded to one width (the longest
     prompt, rounded up to PAD_MULTIPLE) and a short last batch is filled up with copies of its first prompt
@@ -281,17 +284,17 @@ def sample_responses(model, prompts, *, batch_size, max_new_tokens, eos_token_id
     Greedy answers are the same in both modes; sampled ones too, except in a filled-up last batch (the
     fill-up rows draw from the same generator).
     """
-    B = min(batch_size, len(prompts))
-    width = static_width(max([len(p) for p in prompts] + [1])) if static else 0
+    B = batch_size
+    width = width or (static_width(max([len(p) for p in prompts] + [1])) if static else 0)
     cache = new_static_cache(model, width + max_new_tokens) if static and prompts else None
     responses = []
-    for b in range(0, len(prompts), B):
+    for j, b in enumerate(range(0, len(prompts), B)):
         batch = prompts[b:b + B]
         n_real = len(batch)
         if static:
             batch = batch + [batch[0]] * (B - n_real)  # fill-up rows: same shapes for every batch
         ids, mask = pad_sequences(batch, pad_token_id, side="left", width=width)  # (B, T)
-        generator = torch.Generator(device).manual_seed(seed + b)
+        generator = torch.Generator(device).manual_seed(seed + (offsets[j] if offsets else b))
         new = generate(model, ids.to(device), mask.to(device), max_new_tokens, eos_token_id, pad_token_id,
                        temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
                        static=static, compile=compile, cache=cache)  # (B, n)
@@ -306,9 +309,14 @@ def sample_responses(model, prompts, *, batch_size, max_new_tokens, eos_token_id
 
 def sample_dataset(model, prompts, tok, cfg, seed, device, greedy=False, log=None, what="y'"):
     """Algorithm 1, lines 2 / 7 (and greedy evaluation): one response per prompt (token-id lists) from the
-    current policy, every rank sampling its share, every rank returning all of them in order."""
-    bs, t0 = cfg["gen_batch_size"], time.time()
-    n_batches = math.ceil(math.ceil(len(prompts) / fsdp.world()) / bs)
+    current policy, every rank returning all of them in order.
+
+    The batches are global: batch k holds prompts k*B .. k*B + B - 1 and draws from a generator seeded by its first
+    prompt's index, and the ranks share out whole batches; so N processes sample exactly what one process does."""
+    bs, t0 = min(cfg["gen_batch_size"], max(1, len(prompts))), time.time()
+    starts = list(range(0, len(prompts), bs))  # the global batches, by their first prompt
+    n_batches = math.ceil(len(starts) / fsdp.world())
+    width = static_width(max([len(p) for p in prompts] + [1])) if cfg["gen_static"] else None  # one for all ranks
     model.eval()
 
     def progress(done_local, _):  # at about 25/50/75/100%
@@ -317,15 +325,17 @@ def sample_dataset(model, prompts, tok, cfg, seed, device, greedy=False, log=Non
             log(f"  sampling {what}: {min(done_local * fsdp.world(), len(prompts))}/{len(prompts)} prompts, "
                 f"{time.time() - t0:.0f}s")
 
-    def sample_share(share):
-        return sample_responses(
-            model, share, batch_size=bs, max_new_tokens=cfg["max_new_tokens"], eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, temperature=0.0 if greedy else cfg["temperature"], top_p=cfg["top_p"],
-            top_k=cfg["top_k"], seed=seed * 100003 + fsdp.rank() * 1009, device=device, static=cfg["gen_static"],
-            compile=cfg["gen_compile"], progress=progress)
+    def sample_share(share):  # this rank's batches, by their first prompt -> their responses, one list per batch
+        out = sample_responses(
+            model, [p for k in share for p in prompts[k:k + bs]], batch_size=bs, max_new_tokens=cfg["max_new_tokens"],
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=0.0 if greedy else
+            cfg["temperature"], top_p=cfg["top_p"], top_k=cfg["top_k"], seed=seed * 100003, device=device,
+            static=cfg["gen_static"], compile=cfg["gen_compile"], progress=progress, offsets=share, width=width)
+        ends = itertools.accumulate(len(prompts[k:k + bs]) for k in share)  # the last batch may be short
+        return [out[e - len(prompts[k:k + bs]):e] for k, e in zip(share, ends)]
     # --compile compiles the blocks for training; decoding into a DynamicCache changes their input shapes at every
     # token (a recompilation each time), so unless the decode step itself is compiled (--gen_compile, fixed
     # shapes) the sampler runs the blocks eagerly.
     eager = torch.compiler.set_stance("force_eager") if cfg["compile"] and not cfg["gen_compile"] else contextlib.nullcontext()
     with fsdp.gathered_weights(model), fsdp.autocast(device, model), eager:
-        return fsdp.shard_gather(prompts, sample_share)
+        return [y for batch in fsdp.shard_gather(starts, sample_share) for y in batch]

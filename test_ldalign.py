@@ -1659,6 +1659,36 @@ def _run_gloo(worker, world=2):
         return dict(results)
 
 
+SAMPLE_CFG = dict(gen_batch_size=4, max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=0, gen_compile=False,
+                  compile=False)
+SAMPLE_TOK = SimpleNamespace(eos_token_id=7, pad_token_id=GEN_PAD)
+
+
+def _sample_dataset(model, static):
+    """generate.sample_dataset of 13 prompts (4 global batches of 4, the last short), sampled, seeded."""
+    prompts = gen_prompts([3, 9, 5, 1, 7, 4, 8, 2, 6, 6, 3, 9, 5], seed=4)
+    return generate_module.sample_dataset(model, prompts, SAMPLE_TOK, dict(SAMPLE_CFG, gen_static=static), 3,
+                                          torch.device("cpu"))
+
+
+def _sample_dataset_worker(rank, results):
+    torch.set_num_threads(1)
+    for static in (False, True):
+        results[rank, static] = _sample_dataset(gen_llama(), static)
+        results[rank, static, "fsdp"] = _sample_dataset(fsdp.parallelize(gen_llama(), torch.device("cpu")), static)
+
+
+def test_two_processes_sample_what_one_process_samples():
+    """The sampling batches are global (same prompts, same seed per batch whatever the number of processes), so
+    2 processes, plain or FSDP2-sharded, sample exactly the y' that 1 process does."""
+    results = _run_gloo(_sample_dataset_worker)
+    for static in (False, True):
+        one = _sample_dataset(gen_llama(), static)
+        assert len(one) == 13 and len({tuple(y) for y in one}) > 6  # sampled, not all alike
+        for rank in (0, 1):
+            assert results[rank, static] == one and results[rank, static, "fsdp"] == one, (rank, static)
+
+
 def _gather_count_worker(rank, results):
     """FSDP2 over gloo: count the weight all-gathers of one generate() call with and without gathered_weights."""
     from torch.profiler import profile

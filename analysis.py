@@ -248,10 +248,12 @@ def theta0_reports(run, theta_0, guide, data, cfg, device, reward_model):
     """theta_0's held-out evaluation (iter0/eval.json, row 0 of every method's table) and Section 5.2 (2)'s
     ranking agreement on theta_0's samples (guide/agreement.json). theta_0() loads the policy if still needed."""
     if data.held_out:
-        ev = run.cached("iter0/eval.json", lambda: evaluate(theta_0(), data, cfg, device, reward_model, run.log))
+        ev = run.cached("iter0/eval.json", lambda: evaluate(theta_0(), data, cfg, device, reward_model, run.log),
+                        inputs=[run.policy_path("", 0)])
         run.log(f"[iter 0] theta_0 held-out greedy exact match {ev['exact_match']} | mean reward {ev['reward']}")
     if cfg["agreement_n"] > 0:
-        agr = run.cached("guide/agreement.json", lambda: agreement(theta_0(), guide, data, cfg, device, reward_model, run.log))
+        agr = run.cached("guide/agreement.json", lambda: agreement(theta_0(), guide, data, cfg, device, reward_model,
+                                                                   run.log), inputs=[run.policy_path("", 0)])
         run.log(f"[Section 5.2] ranking agreement, latent distance vs {agr['judge']} judge: {agr['agree']}/"
                 f"{agr['n_decided']} = {agr['agreement']} (pairs where both rank strictly; guide/agreement.json)")
 
@@ -273,8 +275,8 @@ def record_iteration(run, method, t, policy, data, cfg, device, reward_model):
     S (from distances.json, when measured), loss (mean of the last quarter of train_metrics.jsonl), steps.
     policy() returns theta_t (loaded only if its evaluation is not stored yet)."""
     it = os.path.join(method, f"iter{t}") if t else "iter0"  # theta_0 is shared by every method
-    ev = run.cached(f"{it}/eval.json", lambda: evaluate(policy(), data, cfg, device, reward_model, run.log)) if data.held_out \
-        else {"exact_match": None, "reward": None}
+    ev = run.cached(f"{it}/eval.json", lambda: evaluate(policy(), data, cfg, device, reward_model, run.log),
+                    inputs=[run.policy_path(method, t)]) if data.held_out else {"exact_match": None, "reward": None}
     dist = run.path(it, "distances.json")
     S = read_json(dist)["S"] if t and os.path.exists(dist) else None
     history = read_jsonl(run.path(it, "train_metrics.jsonl")) if t else []

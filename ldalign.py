@@ -38,7 +38,7 @@ import dpo
 import fsdp
 import generate
 import guide as guide_lib
-from rundir import METHODS, RunDir, read_overrides, report_errors, save_hf
+from rundir import METHODS, RunDir, read_overrides, report_errors, save_hf, verify
 
 # ----------------------------------------------------------------------------------------------------
 # Defaults: the embedded toy run. Every key can be overridden on the command line as --key value.
@@ -195,7 +195,8 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------
     # Algorithm 1, lines 1-3: for i = 1..N: generate y'_i ~ p_theta_0(.|x_i)   (printed y_i: README errata 3)
     # ------------------------------------------------------------------------------------------------
-    y0 = run.cached("iter0/samples.jsonl", lambda: sample(theta_0(), cfg["seed"], "y' ~ p_theta_0"), **samples_io)
+    y0 = run.cached("iter0/samples.jsonl", lambda: sample(theta_0(), cfg["seed"], "y' ~ p_theta_0"), **samples_io,
+                    inputs=[run.policy_path("", 0)])  # (inputs: a stored result of other inputs is computed again)
 
     # ------------------------------------------------------------------------------------------------
     # Algorithm 1, line 4: (phi, psi) = argmax sum_i log p_psi(y_i|x_i, phi(x_i,y_i)) + log p_psi(y'_i|x_i, phi(x_i,y'_i))
@@ -204,7 +205,8 @@ def main(argv=None):
     guide = run.cached("guide", lambda: guide_lib.fit(data.guide_src, triples(y0), cfg, gtok.eos_token_id, device,
                                                       run.log),
                        save=lambda g, path: guide_lib.save_gathered(g, path, data.guide_src),
-                       load=lambda path: guide_lib.place(guide_lib.load_guide(path), device))
+                       load=lambda path: guide_lib.place(guide_lib.load_guide(path), device),
+                       inputs=[run.path("iter0/samples.jsonl")])
     guide_lib.freeze(guide)
     analysis.theta0_reports(run, theta_0, guide, data, cfg, device, reward_model)  # held-out eval, Section 5.2 (2)
     theta_0.cache_clear()  # free it: each method loads its own theta_{t-1}
@@ -224,13 +226,16 @@ def main(argv=None):
                 # Algorithm 1, lines 6-7: for i = 1..N: generate y'_i ~ p_theta_{t-1}(.|x_i)   (printed theta_{T-1})
                 # (t = 1: theta_{t-1} = theta_0, whose samples lines 1-3 drew already)
                 # ------------------------------------------------------------------------------------
-                y_prime = y0 if t == 1 and cfg["reuse_line2_samples"] else run.cached(
-                    f"{it}/samples.jsonl", lambda: sample(policy, cfg["seed"] + t, f"y' ~ p_theta_{t - 1}"), **samples_io)
+                reuse = t == 1 and cfg["reuse_line2_samples"]
+                y_prime = y0 if reuse else run.cached(
+                    f"{it}/samples.jsonl", lambda: sample(policy, cfg["seed"] + t, f"y' ~ p_theta_{t - 1}"), **samples_io,
+                    inputs=[run.policy_path(method, t - 1)])
                 # ------------------------------------------------------------------------------------
                 # Algorithm 1, line 8: s_phi(x_i, y_i, y'_i) = ||phi(x_i, y_i) - phi(x_i, y'_i)||_2
                 # ------------------------------------------------------------------------------------
                 s = run.cached(f"{it}/distances.jsonl", lambda: guide_lib.distances(
-                    guide, triples(y_prime), cfg["guide_batch_size"], gtok.eos_token_id, device), **distances_io)
+                    guide, triples(y_prime), cfg["guide_batch_size"], gtok.eos_token_id, device), **distances_io,
+                    inputs=[run.path("iter0/samples.jsonl" if reuse else f"{it}/samples.jsonl"), run.path("guide")])
                 # ------------------------------------------------------------------------------------
                 # Algorithm 1, line 9: S_phi(D, p_theta_{t-1}) = (1/N) sum_i s_i, and the weights w_i = s_i / S
                 # ------------------------------------------------------------------------------------
@@ -279,7 +284,8 @@ def policy_update(method, policy, data, y_prime, w, run, t, cfg, device):
             raise FileNotFoundError(f"{path} is missing: DPO's reference is theta_0, and only iteration 1 can compute "
                                     f"it; delete {run.path('dpo')} to rerun the DPO baseline from the start")
         ref = run.cached("dpo/ref_logps_theta0.json", lambda: dict(zip(("chosen", "rejected"), (
-            v.tolist() for v in dpo.reference_logps(policy, pairs, cfg["micro_batch_size"], device)))))
+            v.tolist() for v in dpo.reference_logps(policy, pairs, cfg["micro_batch_size"], device)))),
+            inputs=[run.policy_path("", 0)])
         ref_c, ref_r = torch.tensor(ref["chosen"]), torch.tensor(ref["rejected"])
     else:
         # The reference is theta_{t-1}, the policy right now: every pair scored once, then the policy moves.
@@ -306,7 +312,9 @@ def resume(run, method, theta_0, data, cfg, device, reward_model):
 
 
 def load_policy(path, cfg, device):
-    """theta_t from its checkpoint; the run's own checkpoints in exact fp32 (fsdp.load_policy)."""
+    """theta_t from its checkpoint; the run's own checkpoints verified (manifest) and in exact fp32."""
+    if path != cfg["policy"]:
+        verify(path)
     return fsdp.load_policy(path, device, exact_fp32=path != cfg["policy"], grad_ckpt=cfg["grad_ckpt"],
                             compile=cfg["compile"], trust_remote_code=cfg["trust_remote_code"])
 

@@ -56,7 +56,8 @@ def atomic_path(path):
     """Yield a temporary sibling path; write a file or a folder there; on success it replaces `path`.
 
     The one atomic-write helper of the project (files, JSON, checkpoints, the guide, the tokenizer, PNGs).
-    On an exception the temporary is removed and `path` is left as it was.
+    A folder gets a manifest.json with the sha256 of each of its files (verify checks it when the folder is read
+    back). On an exception the temporary is removed and `path` is left as it was.
     """
     path = os.fspath(path)
     tmp = path + ".tmp"
@@ -64,12 +65,62 @@ def atomic_path(path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         yield tmp
+        if os.path.isdir(tmp):
+            with open(os.path.join(tmp, MANIFEST), "w") as f:
+                json.dump(_sha256_of_files(tmp), f, indent=1)
         if os.path.isdir(path) and not os.path.islink(path):  # os.replace cannot overwrite a non-empty folder
             shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
+
+
+MANIFEST = "manifest.json"
+
+
+def _sha256_of_files(folder):
+    """{relative path: sha256} of every file under `folder` but the manifest itself."""
+    import hashlib
+    out = {}
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            if rel != MANIFEST:
+                h = hashlib.sha256()
+                with open(os.path.join(root, name), "rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        h.update(block)
+                out[rel] = h.hexdigest()
+    return out
+
+
+def verify(folder):
+    """A folder this run wrote (a checkpoint, the guide, the tokenizer) is as its manifest.json says: every file
+    there with its sha256. A truncated, corrupt or missing file raises UserError naming it. Folders without a
+    manifest (theta_0 given with --policy) are not checked."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        return
+    want, have = read_json(path), _sha256_of_files(folder)
+    bad = [f for f, h in want.items() if have.get(f) != h]
+    if bad:
+        raise UserError(f"{os.path.join(folder, bad[0])}: missing, truncated or corrupt (its sha256 is not the one in "
+                        f"{path}); delete {folder} to recompute it" + (f" ({len(bad)} files differ)" if len(bad) > 1 else ""))
+
+
+def digest(path):
+    """What a stage was computed from, in a few bytes: the sha256 of a file, or of a folder's manifest (a folder
+    without one, e.g. theta_0 from --policy, by its path and its files' sizes and times)."""
+    import hashlib
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        return digest(os.path.join(path, MANIFEST))
+    stats = sorted((f, os.path.getsize(os.path.join(r, f)), os.path.getmtime(os.path.join(r, f)))
+                   for r, _, fs in os.walk(path) for f in fs) if os.path.isdir(path) else []
+    return hashlib.sha256(json.dumps([os.path.abspath(path) if stats else path, stats]).encode()).hexdigest()
 
 
 def _remove(path):
@@ -93,13 +144,19 @@ def write_jsonl(path, records):
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: corrupt or truncated ({e}); delete it to recompute it") from None
 
 
 def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: corrupt or truncated ({e}); delete it to recompute it") from None
 
 
 def save_hf(model, tokenizer, out_dir):
@@ -251,20 +308,32 @@ class RunDir:
         if fsdp.rank() == 0 and any(had.get(sec) != kv for sec, kv in new.items()):
             write_json(path, dict(had, **new))
 
-    def cached(self, name, compute, save=None, load=None):
+    def cached(self, name, compute, save=None, load=None, inputs=()):
         """The result of stage `name` (a file or folder under the run folder): read back when stored, else
         compute() on every rank (they share the work), save it, and return it.
 
         save(value, path) runs on every rank (an FSDP model is gathered by all of them) and writes atomically;
         load(path) reads it back. Defaults, by the name's ending: .json / .jsonl, written by rank 0.
+        inputs: the files and folders the stage is computed from (the policy it sampled, the guide, ...); their
+        digests are kept in stages.json, and a stored result whose inputs changed since (an iteration redone) is
+        stale: it is computed again. A stored folder is verified against its manifest before it is read.
         """
-        path = self.path(name)
+        path, record = self.path(name), self.path("stages.json")
+        made_from = {os.path.relpath(p, self.out) if p.startswith(self.out) else p: digest(p) for p in inputs}
+        stages = read_json(record) if os.path.exists(record) else {}
         if os.path.exists(path):
-            self.log(f"[stored] {name}")
-            return (load or _LOAD[os.path.splitext(name)[1]])(path)
+            if stages.get(name, made_from) == made_from:
+                self.log(f"[stored] {name}")
+                if os.path.isdir(path):
+                    verify(path)
+                return (load or _LOAD[os.path.splitext(name)[1]])(path)
+            changed = [k for k in made_from if stages[name].get(k) != made_from[k]]
+            self.log(f"[stale] {name} was computed from another {', '.join(changed)}: computing it again")
         value = compute()
         self.kill_point(name)  # a kill after the compute, before anything is written
         self.bind(name)
+        if fsdp.rank() == 0 and inputs:
+            write_json(record, dict(stages, **{name: made_from}))  # before the result: a result is never unrecorded
         (save or _SAVE[os.path.splitext(name)[1]])(value, path)
         fsdp.barrier()  # written before any rank reads it
         return value

@@ -1954,6 +1954,33 @@ def uninterrupted(tmp_path_factory):
     return _check_run_folder(out).state_dict()
 
 
+def test_stale_stages_are_recomputed_and_corrupt_files_named(tmp_path):
+    """A stored stage records the digests of what it was computed from (stages.json): iteration 1 redone with
+    another lr makes iteration 2's samples and distances stale, and they are computed again. Checkpoints carry a
+    sha256 manifest: a same-size corrupted model.safetensors stops the run naming it; so does a truncated file."""
+    out = str(tmp_path / "run")
+    args = ["--out", out] + TINY_RUN
+    _run(args)
+    s2 = json.load(open(os.path.join(out, "ldalign", "iter2", "distances.json")))["S"]
+    shutil.rmtree(os.path.join(out, "ldalign", "iter1", "policy"))  # redo iteration 1 ...
+    os.remove(os.path.join(out, "settings.json"))  # ... at another lr
+    log = _run(args + ["--lr", "3e-4"])
+    assert "[stale] ldalign/iter2/samples.jsonl was computed from another ldalign/iter1/policy" in log
+    assert "[stale] ldalign/iter2/distances.jsonl" in log and "training the guide" not in log
+    assert json.load(open(os.path.join(out, "ldalign", "iter2", "distances.json")))["S"] != s2
+    ckpt = os.path.join(out, "ldalign", "iter2", "policy", "model.safetensors")
+    data = bytearray(open(ckpt, "rb").read())
+    data[-100:] = bytes(100)  # same size, other weights
+    open(ckpt, "wb").write(bytes(data))
+    p = _cli(args + ["--lr", "3e-4", "--T", "3"])
+    assert p.returncode == 2 and f"error: {ckpt}: missing, truncated or corrupt" in p.stderr, p.stderr[-2000:]
+    samples = os.path.join(out, "iter0", "samples.jsonl")
+    text = open(samples).read()
+    open(samples, "w").write(text[:len(text) // 2])  # cut mid-line
+    p = _cli(args + ["--lr", "3e-4"])
+    assert p.returncode == 2 and f"error: {samples}: corrupt or truncated" in p.stderr, p.stderr[-2000:]
+
+
 def test_nan_loss_stops_run_and_keeps_last_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     args = ["--out", out] + TINY_RUN

@@ -214,20 +214,20 @@ def load_pref_jsonl(path, max_examples=0):
     """
     out = []
     for where, rec in jsonl_records(path, "--pref_data (needed by --method dpo)"):
-        if not all(k in rec for k in ("prompt", "chosen", "rejected")):
-            raise UserError(f"{where}: a preference record needs the fields 'prompt', 'chosen' and 'rejected'")
-        texts = {"prompt": rec["prompt"]}
+        missing = [k for k in ("prompt", "chosen", "rejected") if k not in rec]
+        if missing:
+            raise UserError(f"{where}: a preference record needs the fields 'prompt', 'chosen' and 'rejected'; missing "
+                            f"{', '.join(repr(k) for k in missing)}")
+        texts = {"prompt": _text(rec["prompt"], where, "'prompt'")}
         for k in ("chosen", "rejected"):
             v = rec[k]
-            if isinstance(v, list):  # a conversation: the answer is its last assistant turn
-                turns = [m.get("content") for m in v if isinstance(m, dict) and m.get("role") == "assistant"]
+            if isinstance(v, list) and all(isinstance(m, dict) for m in v):  # a conversation: its last assistant turn
+                turns = [m.get("content") for m in v if m.get("role") == "assistant"]
                 if not turns:
-                    raise UserError(f"{where}: '{k}' has no assistant message")
+                    raise UserError(f"{where}: '{k}' has no assistant message (a list of messages needs one with "
+                                    "role 'assistant': the answer)")
                 v = turns[-1]
-            texts[k] = v
-        for k, v in texts.items():
-            if not isinstance(v, str) or not v.strip():
-                raise UserError(f"{where}: '{k}' must be a non-empty string")
+            texts[k] = _text(v, where, f"'{k}' (a string, or a list of messages ending with the answer)")
         out.append({"x": texts["prompt"], "chosen": texts["chosen"], "rejected": texts["rejected"], "where": where})
         if max_examples and len(out) >= max_examples:
             break

@@ -9,8 +9,9 @@
 Each stage writes its result under --out and a rerun reads back what is stored (kill it and start it again: it
 goes on from the last finished stage; rundir.py). The run folder:
 
-    config.json, log.txt            the settings of this call, everything printed
-    settings.json                   what the stored stages depend on: a rerun with other values stops
+    config.json, log.txt            the settings of this call, everything printed; lock.json while a run holds it
+    settings.json, stages.json      what the stored stages depend on (a rerun with other values stops) and the
+                                    digests of their inputs (a stage of changed inputs is computed again)
     skipped.jsonl                   (--overlength skip) every over-length record, file:line and why
     tokenizer/, sft/                (tiny preset) the BPE trained on the shipped data; theta_0, a tiny Llama SFT-ed on D
     iter0/samples.jsonl             lines 1-3: y'_i ~ p_theta_0(.|x_i);   iter0/eval.json: theta_0 on held-out prompts

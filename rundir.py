@@ -33,7 +33,8 @@ _LOG = []  # the run's log.txt, once RunDir knows it: user errors are written th
 
 def report_errors(main, argv=None):
     """Run main(argv); a user error becomes one line on stderr (and in log.txt), exit status 2. Under torchrun
-    every rank meets the same error, and only rank 0 prints it."""
+    every rank meets the same error, and only rank 0 reports it; train.sh sets LDALIGN_ERROR_FILE, where the line
+    goes instead, and prints it after the launcher's own failure report, as the last line the user sees."""
     try:
         main(argv)
     except (UserError, SystemExit) as e:
@@ -41,7 +42,11 @@ def report_errors(main, argv=None):
         if not isinstance(msg, str):  # SystemExit(0) of --help, or a plain exit status
             raise
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {msg}", file=sys.stderr, flush=True)
+            if os.environ.get("LDALIGN_ERROR_FILE"):
+                with open(os.environ["LDALIGN_ERROR_FILE"], "w") as f:
+                    f.write(f"error: {msg}\n")
+            else:
+                print(f"error: {msg}", file=sys.stderr, flush=True)
             if _LOG:
                 with open(_LOG[0], "a") as f:
                     f.write(f"error: {msg}\n")

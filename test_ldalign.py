@@ -1822,7 +1822,10 @@ def test_pref_jsonl_errors_name_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=f"{p}:2: 'chosen' has no assistant message"):
         dataset.load_pref_jsonl(str(p))
     p.write_text(good + "\n" + json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
-    with pytest.raises(ValueError, match=f"{p}:2: a preference record needs"):
+    with pytest.raises(ValueError, match=f"{p}:2: a preference record needs .*; missing 'rejected'$"):
+        dataset.load_pref_jsonl(str(p))
+    p.write_text(good + "\n" + json.dumps({"prompt": "q", "chosen": 3, "rejected": "b"}) + "\n")
+    with pytest.raises(ValueError, match=f"{p}:2: 'chosen' \\(a string, or a list of messages .*\\) must be a string"):
         dataset.load_pref_jsonl(str(p))
     recs = dataset.load_pref_jsonl(os.path.join(HERE, "data", "sort_pairs.jsonl"))
     assert len(recs) == 2000 and all(r["chosen"] != r["rejected"] for r in recs)

@@ -42,4 +42,14 @@ case "$PRESET" in
 esac
 
 # One process per GPU (or per CPU worker); the script itself calls fully_shard when WORLD_SIZE > 1.
-exec torchrun --standalone --nproc_per_node="$NPROC" ldalign.py "${ARGS[@]}" "$@"
+# A mistake in the settings or the input (ldalign.py's one-line "error: ..."; exit status 2) is printed last,
+# after torchrun's own failure report.
+export LDALIGN_ERROR_FILE; LDALIGN_ERROR_FILE="$(mktemp)"
+trap 'rm -f "$LDALIGN_ERROR_FILE"' EXIT
+status=0
+torchrun --standalone --nproc_per_node="$NPROC" ldalign.py "${ARGS[@]}" "$@" || status=$?
+if [ -s "$LDALIGN_ERROR_FILE" ]; then
+  cat "$LDALIGN_ERROR_FILE" >&2
+  exit 2
+fi
+exit "$status"

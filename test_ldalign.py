@@ -2064,6 +2064,15 @@ def test_user_errors_are_one_line_exit_2_and_logged(tmp_path):
     assert not os.path.exists(os.path.join(out, "settings.json")) and not os.path.exists(os.path.join(out, "sft"))
 
 
+def test_train_sh_reports_a_user_error_once_under_torchrun(tmp_path):
+    """Under torchrun every rank meets the same mistake: the user sees it once, as the last line, exit status 2."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", NPROC="2")
+    p = subprocess.run(["bash", os.path.join(HERE, "train.sh"), "tiny", "--beta", "0", "--out", str(tmp_path / "r")],
+                       cwd=HERE, env=env, timeout=300, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.count("error: ") == 1, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == "error: --beta must be a finite number > 0, got 0.0"
+
+
 def test_run_folder_lock(tmp_path):
     """One run per folder: a live holder stops a second run at once, naming it; a dead holder's lock is taken over."""
     out = tmp_path / "r"

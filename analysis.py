@@ -17,6 +17,7 @@ Nothing here trains anything: the distances come from guide.py, the samples from
 matplotlib is optional: without it save_histogram_png does nothing and says so (returns False).
 """
 import contextlib
+import json
 import os
 
 import numpy as np
@@ -348,3 +349,52 @@ def format_comparison(summaries):
                                                f"{_cell(r['S'], '.4f')}")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ==================================================================== several seeds: means with 95% intervals
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086]  # Student's t, 97.5% quantile, 1..20 degrees of freedom (then ~1.96)
+
+
+def mean_interval(xs):
+    """(mean, half-width of the 95% interval of the mean) over seeds: Student's t with n - 1 degrees of freedom."""
+    x = np.asarray(xs, dtype=np.float64)
+    if x.size < 2:
+        return float(x.mean()), None
+    t = T_975[x.size - 2] if x.size - 2 < len(T_975) else 1.96
+    return float(x.mean()), float(t * x.std(ddof=1) / np.sqrt(x.size))
+
+
+def seeds_report(folder):
+    """`bash train.sh seeds`: folder/seed*/<method>/metrics.jsonl -> folder/seeds.md and seeds.json: per method and
+    iteration the mean held-out exact match over seeds with its 95% interval, and ldalign - spin paired by seed
+    (same theta_0, samples and guide within a seed, so the pairing removes their share of the noise)."""
+    runs = sorted(d for d in os.listdir(folder) if d.startswith("seed") and os.path.isdir(os.path.join(folder, d)))
+    em = {}  # (method, iteration) -> {seed folder: exact match}
+    for r in runs:
+        for m in METHODS:
+            path = os.path.join(folder, r, m, "metrics.jsonl")
+            for row in read_jsonl(path) if os.path.exists(path) else []:
+                em.setdefault((m, row["iter"]), {})[r] = row["exact_match"]
+    methods = [m for m in METHODS if any(k[0] == m for k in em)]
+    iters = sorted({t for _, t in em})
+    cell = lambda v: "-" if v is None else f"{v[0]:.3f} +- {v[1]:.3f}" if v[1] is not None else f"{v[0]:.3f}"
+    stats = {f"{m} iter {t}": mean_interval(list(em[m, t].values())) for m in methods for t in iters if (m, t) in em}
+    lines = [f"Held-out greedy exact match over {len(runs)} seeds: mean +- half-width of the 95% interval.", "",
+             "| iteration | " + " | ".join(methods) + " | ldalign - spin (paired) |", "|---|" + "---|" * (len(methods) + 1)]
+    for t in iters:
+        pair = [em["ldalign", t][r] - em["spin", t][r] for r in runs
+                if r in em.get(("ldalign", t), {}) and r in em.get(("spin", t), {})]
+        stats[f"ldalign - spin iter {t}"] = mean_interval(pair) if pair else None
+        lines.append(f"| {t} | " + " | ".join(cell(stats.get(f"{m} iter {t}")) for m in methods) +
+                     f" | {cell(stats[f'ldalign - spin iter {t}'])} |")
+    write_atomic(os.path.join(folder, "seeds.md"), "\n".join(lines) + "\n")
+    write_atomic(os.path.join(folder, "seeds.json"), json.dumps({"seeds": runs, "mean_and_halfwidth": stats}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] != ["seeds"] or len(sys.argv) != 3:
+        raise SystemExit("usage: python analysis.py seeds RUN_FOLDER   (the folder of `bash train.sh seeds`)")
+    seeds_report(sys.argv[2])

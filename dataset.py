@@ -130,10 +130,46 @@ def distances_file(data):
 # ----------------------------------------------------------------------------------------------------
 # JSONL: D = {(x_i, y_i)} in UltraChat's layout, preference pairs in UltraFeedback binarized's; errors name file:line
 # ----------------------------------------------------------------------------------------------------
-def jsonl_records(path, what):
-    """Yield ("file:line", record) for each non-blank line of a JSONL file (.jsonl, or gzipped .jsonl.gz; a UTF-8
-    byte-order mark is allowed); a line that is not a JSON object raises UserError naming file:line. Shared by the
-    SFT and the preference data loaders."""
+def read_records(path, what):
+    """Yield (where, record) for each record of a data set, `where` naming it in errors. Shared by the SFT and the
+    preference data loaders. The data set is
+      a JSONL file (.jsonl, or gzipped .jsonl.gz; a UTF-8 byte-order mark is allowed): "file:line";
+      a Parquet file, as UltraChat 200k and UltraFeedback binarized are downloaded (needs pyarrow): "file:row N";
+      a Hugging Face hub data set "name:split" (needs the datasets package, and the machine online or the data
+      set in its cache), e.g. HuggingFaceH4/ultrachat_200k:train_sft: "name:split:row N".
+    """
+    if path.endswith(".parquet") and os.path.isfile(path):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError(f"{path}: reading Parquet needs pyarrow (pip install -r requirements-extra.txt)") from None
+        for i, rec in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield f"{path}:row {i}", rec
+        return
+    if not os.path.exists(path) and ":" in path and not path.startswith((".", "/", "~")):
+        yield from _hub_records(path, what)
+        return
+    yield from _jsonl_records(path, what)
+
+
+def _hub_records(path, what):
+    name, split = path.rsplit(":", 1)
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{what} {path}: a hub data set (name:split) needs the datasets package (pip install datasets); "
+                        "or give a local JSONL or Parquet file") from None
+    try:
+        rows = datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001 (offline, no such data set or split: the library's own words)
+        raise UserError(f"{what} {path}: could not load the hub data set: {str(e).splitlines()[0]}") from None
+    for i, rec in enumerate(rows, 1):
+        yield f"{path}:row {i}", rec
+
+
+def _jsonl_records(path, what):
+    """Yield ("file:line", record) for each non-blank line of a JSONL file; a line that is not a JSON object raises
+    UserError naming file:line."""
     if os.path.isdir(path):
         raise UserError(f"{path}: {what} is a directory; expected a JSONL file (one JSON object per line)")
     if not os.path.isfile(path):
@@ -160,7 +196,8 @@ def jsonl_records(path, what):
 
 
 def load_sft_jsonl(path, max_examples=0, what="--data"):
-    """Read (x, y) = (first user turn, first assistant turn) of each record; errors name file:line.
+    """Read (x, y) = (first user turn, first assistant turn) of each record (JSONL, Parquet or a hub data set:
+    read_records); errors name file:line (file:row N).
 
     A record is {"messages": [{"role": "user", "content": x}, {"role": "assistant", "content": y}, ...]}
     (UltraChat 200k's layout; later turns are ignored, as SPIN and the paper's 50k subset do), or
@@ -169,7 +206,7 @@ def load_sft_jsonl(path, max_examples=0, what="--data"):
     Returns a list of dicts {x, y, system, where} where `where` is "file:line" and system is None or a string.
     """
     out = []
-    for where, rec in jsonl_records(path, what):
+    for where, rec in read_records(path, what):
         system = None
         if "messages" in rec:
             msgs = rec["messages"]
@@ -207,13 +244,14 @@ def _text(v, where, name):
 
 
 def load_pref_jsonl(path, max_examples=0):
-    """Annotated preference pairs for `--method dpo`: (x, chosen, rejected) with errors naming file:line.
+    """Annotated preference pairs for `--method dpo`: (x, chosen, rejected) with errors naming file:line (JSONL,
+    Parquet or a hub data set: read_records).
 
     A record is UltraFeedback-binarized style, {"prompt": x, "chosen": [messages], "rejected": [messages]}
     (the response is the last assistant message of each list), or {"prompt": x, "chosen": str, "rejected": str}.
     """
     out = []
-    for where, rec in jsonl_records(path, "--pref_data (needed by --method dpo)"):
+    for where, rec in read_records(path, "--pref_data (needed by --method dpo)"):
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in rec]
         if missing:
             raise UserError(f"{where}: a preference record needs the fields 'prompt', 'chosen' and 'rejected'; missing "

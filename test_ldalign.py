@@ -37,12 +37,13 @@ Engineering
     the sampler (generate.py): KV cache vs the cache-free oracle generate_naive and vs HF generate, top-k / top-p,
         seeding, EOS, pad_sequences, one StaticCache shared across batches
     FSDP2 / distributed: 2 processes == 1 process, weights gathered once per generate(), equal decode steps
-    data (dataset.py): JSONL / UTF-8 errors with file:line (SFT and preference files), over-length records,
+    data (dataset.py): JSONL / UTF-8 errors with file:line (SFT and preference files), Parquet and hub data sets
+        (file:row), JSONL as real data looks (BOM, gzip, system message, text parts), over-length records,
         one prompt format, golden tokens after the prompt, the shipped data
     run folder and resume (rundir.py, ldalign.py): settings check, kill and resume, NaN stop, bad data before
         compute, parse_args, no pickle
     analysis (analysis.py, Sections 5.1.3 and 5.2): edit distance, toy judge, ranking agreement, histogram,
-        PNG, reward models
+        PNG, reward models, the seeds report (means with 95% intervals)
     bench.py: smoke tests on the CPU with a tiny model
     GPU only (skipped without CUDA): CUDA-graph decoding, bf16 training on one GPU
 """
@@ -1801,6 +1802,35 @@ def test_jsonl_as_real_data_looks(tmp_path):
         dataset.load_sft_jsonl(str(tmp_path / "bad.jsonl"))
 
 
+def test_parquet_and_hub_data_as_downloaded(tmp_path):
+    """UltraChat 200k and UltraFeedback binarized as their Parquet files (pyarrow), with the same checks, the errors
+    naming file:row; a hub data set name:split without the datasets package says what is missing."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    turn = lambda role, text: {"content": text, "role": role}
+    chat = [{"prompt": f"sort: {i} 1", "prompt_id": str(i), "messages": [turn("user", f"sort: {i} 1"),
+             turn("assistant", f"1 {i}"), turn("user", "why?"), turn("assistant", "ascending")]} for i in (3, 5)]
+    pq.write_table(pa.Table.from_pylist(chat), tmp_path / "train_sft.parquet")
+    recs = dataset.load_sft_jsonl(str(tmp_path / "train_sft.parquet"))
+    assert [(r["x"], r["y"], r["where"]) for r in recs] == [("sort: 3 1", "1 3", f"{tmp_path}/train_sft.parquet:row 1"),
+                                                             ("sort: 5 1", "1 5", f"{tmp_path}/train_sft.parquet:row 2")]
+    chat[1]["messages"][1]["content"] = " "
+    pq.write_table(pa.Table.from_pylist(chat), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=f"{tmp_path}/bad.parquet:row 2: response .* is empty"):
+        dataset.load_sft_jsonl(str(tmp_path / "bad.parquet"))
+    prefs = [{"prompt": "sort: 3 1", "prompt_id": "3", "chosen": [turn("user", "sort: 3 1"), turn("assistant", "1 3")],
+              "rejected": [turn("user", "sort: 3 1"), turn("assistant", "3 1")], "score_chosen": 9.0,
+              "score_rejected": 2.0}]
+    pq.write_table(pa.Table.from_pylist(prefs), tmp_path / "train_prefs.parquet")
+    [p] = dataset.load_pref_jsonl(str(tmp_path / "train_prefs.parquet"))
+    assert (p["x"], p["chosen"], p["rejected"]) == ("sort: 3 1", "1 3", "3 1")
+    import importlib.util
+    if importlib.util.find_spec("datasets") is None:
+        with pytest.raises(ValueError, match="--data HuggingFaceH4/ultrachat_200k:train_sft: a hub data set .* needs "
+                                             "the datasets package"):
+            dataset.load_sft_jsonl("HuggingFaceH4/ultrachat_200k:train_sft")
+
+
 def _toy_tok_dir(tmp_path):
     path = str(tmp_path / "toy_tok")
     _toy_tok().save_pretrained(path)
@@ -2179,6 +2209,24 @@ def test_ranking_agreement_edges():
 # ----------------------------------------------------------------------------------------------------
 # Section 5.2 (1): the distribution of s_phi (histogram numbers and PNG)
 # ----------------------------------------------------------------------------------------------------
+def test_seeds_report_means_intervals_and_paired_difference(tmp_path):
+    """`bash train.sh seeds`' table: mean over seeds with the 95% t-interval, and ldalign - spin paired by seed."""
+    em = {"ldalign": [0.60, 0.62, 0.58], "spin": [0.59, 0.60, 0.58]}
+    for k in range(3):
+        for m, v in em.items():
+            os.makedirs(tmp_path / f"seed{k}" / m)
+            rundir.write_jsonl(str(tmp_path / f"seed{k}" / m / "metrics.jsonl"),
+                               [{"iter": 0, "exact_match": 0.5}, {"iter": 1, "exact_match": v[k]}])
+    analysis.seeds_report(str(tmp_path))
+    stats = json.load(open(tmp_path / "seeds.json"))["mean_and_halfwidth"]
+    mean, half = stats["ldalign iter 1"]
+    assert mean == pytest.approx(0.60) and half == pytest.approx(4.303 * 0.02 / math.sqrt(3))  # t(2 df) = 4.303
+    assert stats["ldalign iter 0"] == [0.5, 0.0]
+    d, dh = stats["ldalign - spin iter 1"]  # differences 0.01, 0.02, 0.00
+    assert d == pytest.approx(0.01) and dh == pytest.approx(4.303 * 0.01 / math.sqrt(3))
+    assert "| 1 | 0.600 +- 0.050 | 0.590 +- 0.025 | 0.010 +- 0.025 |" in open(tmp_path / "seeds.md").read()
+
+
 def test_distance_histogram_shapes_and_json():
     s = torch.rand(137, generator=torch.Generator().manual_seed(0)) * 3.0
     h = analysis.distance_histogram(s, bins=10)

@@ -4,6 +4,7 @@
 #   bash train.sh                 # preset "tiny" (default): toy sorting task, CPU or GPU, ~5 min on 2 cores
 #   bash train.sh paper           # the paper's setting on 8 GPUs (see README, "The paper's setting")
 #   bash train.sh compare         # the toy task with ldalign, spin, dpo and sft at equal budget (~12 min, CPU)
+#   bash train.sh seeds           # the compare run for SEEDS seeds (default 5): means with 95% intervals (~40 min)
 #   NPROC=2 bash train.sh tiny    # the toy run on 2 processes (FSDP2 over gloo on CPU)
 #   bash train.sh paper --T 2 --out runs/paper2    # extra --key value pairs are passed to ldalign.py
 #
@@ -24,6 +25,17 @@ case "$PRESET" in
     NPROC="${NPROC:-1}"
     ARGS=(--preset tiny --out "runs/compare" --method "ldalign,spin,dpo,sft")
     ;;
+  seeds)
+    # Seed s is a whole run of its own (theta_0, samples, guide, updates: every stage seeded by --seed s); then
+    # analysis.py reports, per method and iteration, the mean held-out exact match with a 95% interval over seeds,
+    # and the paired difference ldalign - spin (runs/seeds/seeds.md).
+    NPROC="${NPROC:-1}"
+    for s in $(seq 0 $(( ${SEEDS:-5} - 1 ))); do
+      torchrun --standalone --nproc_per_node="$NPROC" ldalign.py --preset tiny \
+        --out "runs/seeds/seed$s" --seed "$s" --method "ldalign,spin,dpo,sft" "$@"
+    done
+    exec python analysis.py seeds runs/seeds
+    ;;
   paper)
     # zephyr-7b-sft-full (Mistral-7B SFT on UltraChat 200k) is theta_0, gpt2 the guide's backbone, a 50k
     # subset of UltraChat 200k (first turns, JSONL with "messages") is D; beta 0.1, three iterations.
@@ -36,7 +48,7 @@ case "$PRESET" in
           --reward_model "${REWARD_MODEL:-OpenAssistant/reward-model-deberta-v3-large-v2}")
     ;;
   *)
-    echo "unknown preset '$PRESET': use tiny, compare or paper" >&2
+    echo "unknown preset '$PRESET': use tiny, compare, seeds or paper" >&2
     exit 2
     ;;
 esac

@@ -399,7 +399,9 @@ def guide_triples(data, tok, gtok, y_prime_ids, guide_max_len):
 # ----------------------------------------------------------------------------------------------------
 # The embedded default: tokenizer and tiny models built from configs (no hub downloads).
 # ----------------------------------------------------------------------------------------------------
-TOY_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>"
+# The template writes the BOS itself, so every tool that applies it (lm-evaluation-harness too: harness.py) reads the
+# same prompt tokens as prompt_ids.
+TOY_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>"
                 "{% else %}<|assistant|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 

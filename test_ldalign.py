@@ -642,6 +642,39 @@ def test_compare_four_methods_with_reward_model(tmp_path):
     assert agr["judge"] == "reward" and agr["n"] == 32 and 0 <= agr["n_decided"] <= 32
 
 
+def test_lm_eval_harness_scores_what_our_evaluation_scores(tmp_path):
+    """bash train.sh eval (harness.py) cross-checked with the field's standard tool: a local lm-eval task (generation
+    + exact match over the run's held-out prompts) through the harness, on theta_0 and theta_1, gives the answers
+    and the exact match of the project's own greedy evaluation, prompt for prompt."""
+    pytest.importorskip("lm_eval")
+    out = str(tmp_path / "run")
+    args = ["--out", out, "--agreement_n", "0", "--sft_steps", "300"] + TINY_RUN
+    args[args.index("--T") + 1] = "1"
+    _run(args)
+    held_out = str(tmp_path / "held_out.jsonl")
+    with open(os.path.join(HERE, "data", "sort_eval.jsonl")) as f:
+        open(held_out, "w").write("".join(f.readlines()[:16]))  # the run's --max_eval 16
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "toy_sort.yaml").write_text(
+        f"task: toy_sort\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {held_out}\ntest_split: test\n"
+        "output_type: generate_until\ndoc_to_text: \"{{messages[0].content}}\"\ndoc_to_target: \"{{messages[1].content}}\"\n"
+        "generation_kwargs:\n  until: [\"<|end|>\"]\n  do_sample: false\n  max_gen_toks: 32\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    p = subprocess.run(["bash", os.path.join(HERE, "train.sh"), "eval", out, "--tasks", "Sort=toy_sort:0:exact_match,none",
+                        "--include_path", str(tmp_path / "tasks")], cwd=HERE, env=env, timeout=600,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    table = json.load(open(os.path.join(out, "table1.json")))
+    assert list(table["scores"]) == ["SFT (theta_0)", "ldalign 1"]
+    for label, ev in (("SFT (theta_0)", "iter0/eval.json"), ("ldalign 1", "ldalign/iter1/eval.json")):
+        ours = json.load(open(os.path.join(out, ev)))
+        assert table["scores"][label]["Sort"] == pytest.approx(ours["exact_match"])
+        assert [a.strip() for a in table["answers"][label]["Sort"][:len(ours["examples"])]] == \
+            [e["answer"] for e in ours["examples"]]
+    assert "| SFT (theta_0) |" in open(os.path.join(out, "table1.md")).read()
+
+
 def test_agreement_with_toy_judge_and_histogram_numbers(tmp_path):
     out = str(tmp_path / "run")
     args = ["--out", out, "--agreement_n", "32"] + TINY_RUN
@@ -2209,6 +2242,17 @@ def test_ranking_agreement_edges():
 # ----------------------------------------------------------------------------------------------------
 # Section 5.2 (1): the distribution of s_phi (histogram numbers and PNG)
 # ----------------------------------------------------------------------------------------------------
+def test_table1_avg_is_the_papers_mean_relative_improvement():
+    """Table 1's AVG column, from the paper's own rows: SPIN 4.56%, LD-Align 2 6.00% over Zephyr-sft."""
+    import harness
+    cols = [c for c, _, _, _ in harness.TABLE1]
+    rows = {"SFT (theta_0)": [43.7, 82.1, 62.1, 55.7, 30.8, 44.4, 63.5], "spin 1": [48.7, 81.7, 65.1, 60.4, 33.6, 45.4, 61.2],
+            "ldalign 3": [50.3, 82.5, 66.2, 60.7, 33.2, 45.9, 63.3]}
+    md = harness.table({k: dict(zip(cols, [v / 100 for v in vs])) for k, vs in rows.items()}, cols)
+    assert "| spin 1 | 48.7 | 81.7 | 65.1 | 60.4 | 33.6 | 45.4 | 61.2 | 4.56% |" in md
+    assert md.splitlines()[-1].endswith("| 6.00% |")
+
+
 def test_seeds_report_means_intervals_and_paired_difference(tmp_path):
     """`bash train.sh seeds`' table: mean over seeds with the 95% t-interval, and ldalign - spin paired by seed."""
     em = {"ldalign": [0.60, 0.62, 0.58], "spin": [0.59, 0.60, 0.58]}

@@ -4,6 +4,7 @@
 #   bash train.sh                 # preset "tiny" (default): toy sorting task, CPU or GPU, ~5 min on 2 cores
 #   bash train.sh paper           # the paper's setting on 8 GPUs (see README, "The paper's setting")
 #   bash train.sh compare         # the toy task with ldalign, spin, dpo and sft at equal budget (~12 min, CPU)
+#   bash train.sh eval runs/paper  # the paper's Table 1 (lm-evaluation-harness) for every policy of a run folder
 #   bash train.sh seeds           # the compare run for SEEDS seeds (default 5): means with 95% intervals (~40 min)
 #   NPROC=2 bash train.sh tiny    # the toy run on 2 processes (FSDP2 over gloo on CPU)
 #   bash train.sh paper --T 2 --out runs/paper2    # extra --key value pairs are passed to ldalign.py
@@ -24,6 +25,10 @@ case "$PRESET" in
     # the same number of optimizer steps; writes runs/compare/comparison.md.
     NPROC="${NPROC:-1}"
     ARGS=(--preset tiny --out "runs/compare" --method "ldalign,spin,dpo,sft")
+    ;;
+  eval)
+    # lm-evaluation-harness on theta_0 and every theta_t of the run folder: RUN/table1.md (harness.py)
+    exec python harness.py "${1:-runs/paper}" "${@:2}"
     ;;
   seeds)
     # Seed s is a whole run of its own (theta_0, samples, guide, updates: every stage seeded by --seed s); then
@@ -48,7 +53,7 @@ case "$PRESET" in
           --reward_model "${REWARD_MODEL:-OpenAssistant/reward-model-deberta-v3-large-v2}")
     ;;
   *)
-    echo "unknown preset '$PRESET': use tiny, compare, seeds or paper" >&2
+    echo "unknown preset '$PRESET': use tiny, compare, seeds, eval or paper" >&2
     exit 2
     ;;
 esac

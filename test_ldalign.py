@@ -27,7 +27,8 @@ Equation / Algorithm 1 line -> tests
         test_compiled_blocks_compile_once_for_scoring_and_once_for_training
     Algorithm 1 end to end (lines 1-12 on the toy task, ldalign.py)
         test_end_to_end_tiny_run_then_resume, test_end_to_end_two_processes_fsdp2,
-        test_compare_four_methods_with_reward_model, test_agreement_with_toy_judge_and_histogram_numbers
+        test_compare_four_methods_with_reward_model, test_lm_eval_harness_scores_what_our_evaluation_scores,
+        test_agreement_with_toy_judge_and_histogram_numbers
     Algorithm 1 end to end, the paper path (--preset paper on tiny HF folders: Mistral + zephyr's template, GPT-2 guide)
         test_prompt_and_golden_tokens_follow_zephyr_template, test_paper_preset_one_process,
         test_paper_preset_two_processes_fsdp2, test_compiled_decode_of_a_sliding_window_policy_compiles_once,

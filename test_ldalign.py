@@ -1953,7 +1953,8 @@ def test_golden_response_tokens_are_those_that_follow_the_prompt():
     assert tok.convert_ids_to_tokens(py[0]) == "Hello"
     alone = tok(y, add_special_tokens=False)["input_ids"]
     assert tok.convert_ids_to_tokens(alone[0]) == "\u2581Hello"  # the check above is not vacuous
-    assert dataset.prompt_ids(tok, x)[1:] == joint[:-len(py) + 1]  # prompt + response = the one joint text
+    assert dataset.prompt_ids(tok, x) == joint[:-len(py) + 1]  # prompt + response = the one joint text (the template
+    # writes the BOS)
 
 
 def test_shipped_data_is_reproducible_and_disjoint(tmp_path):

@@ -260,7 +260,8 @@ def theta0_reports(run, theta_0, guide, data, cfg, device, reward_model):
 
 
 def record_distances(run, it, s, w, data, y_prime):
-    """distances.json of the iteration folder `it`: S (Algorithm 1, line 9), the weights' range, the distribution (Section 5.2 (1))."""
+    """distances.json of the iteration folder `it`: S (Algorithm 1, line 9), the weights' range, the distribution
+    of s (Section 5.2 (1))."""
     S = float(s.mean())
     run.log(f"[lines 8-9] distances: S = mean s = {S:.4f}, min {float(s.min()):.4f}, max {float(s.max()):.4f}")
     if fsdp.rank() == 0:
@@ -307,9 +308,8 @@ def write_reports(run, methods, cfg):
         table = format_table(read_jsonl(run.path(m, "metrics.jsonl")))
         write_atomic(run.path(m, "results.md"), table)
         run.log(f"{m}:\n{table}")
-        by_iter = {f"iter {t}": read_jsonl(p) for t in range(1, cfg["T"] + 1)
-                 if os.path.exists(p := run.path(m, f"iter{t}", "distances.jsonl"))}
-        by_iter = {k: [r["s"] for r in rows] for k, rows in by_iter.items()}
+        by_iter = {f"iter {t}": [r["s"] for r in read_jsonl(p)] for t in range(1, cfg["T"] + 1)
+                   if os.path.exists(p := run.path(m, f"iter{t}", "distances.jsonl"))}
         if by_iter and not save_histogram_png(by_iter, run.path(m, "distances.png")):
             run.log("(pip install matplotlib for distances.png; the numbers are in iter*/distances.json)")
     summaries = {m: read_jsonl(p) for m in METHODS

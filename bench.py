@@ -97,7 +97,7 @@ def main(argv=None):
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
     rank, world, device = fsdp.init()
     cuda = device.type == "cuda"
-    use_fsdp = {"auto": world > 1 or "RANK" in os.environ, "true": True, "false": False}[cfg["fsdp"]]
+    use_fsdp = {"auto": "RANK" in os.environ, "true": True, "false": False}[cfg["fsdp"]]
     if (use_fsdp and "RANK" not in os.environ) or (world > 1 and not use_fsdp):
         raise SystemExit("--fsdp true needs torchrun; several processes need FSDP")
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -160,11 +160,6 @@ def static_width(n):
     return -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
-def _is_sliding(layer):
-    """A sliding-window layer of a transformers StaticCache (it keeps only the last `window` positions)."""
-    return "Sliding" in type(layer).__name__
-
-
 def new_static_cache(model, length):
     """A transformers StaticCache for `length` positions; its (B, H, length, D) buffers are made at the prefill."""
     import copy
@@ -216,7 +211,7 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
             cache = new_static_cache(model, T + max_new_tokens)
         # Full-attention layers hold every position: T + max_new_tokens, or more for a reused cache. Sliding-window
         # layers (Mistral with a window shorter than that) hold the last `window` positions only, by design.
-        full = [layer.max_cache_len for layer in cache.layers if not _is_sliding(layer)]
+        full = [layer.max_cache_len for layer in cache.layers if not layer.is_sliding]
         L = max(full) if full else T + max_new_tokens
         if L < T + max_new_tokens:
             raise ValueError(f"the StaticCache holds {L} positions; this call needs {T} + {max_new_tokens}")
@@ -326,13 +321,13 @@ def sample_dataset(model, prompts, tok, cfg, seed, device, greedy=False, log=Non
                 f"{time.time() - t0:.0f}s")
 
     def sample_share(share):  # this rank's batches, by their first prompt -> their responses, one list per batch
-        out = sample_responses(
-            model, [p for k in share for p in prompts[k:k + bs]], batch_size=bs, max_new_tokens=cfg["max_new_tokens"],
+        batches = [prompts[k:k + bs] for k in share]  # the last one may be short
+        out = iter(sample_responses(
+            model, [p for b in batches for p in b], batch_size=bs, max_new_tokens=cfg["max_new_tokens"],
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=0.0 if greedy else
             cfg["temperature"], top_p=cfg["top_p"], top_k=cfg["top_k"], seed=seed * 100003, device=device,
-            static=cfg["gen_static"], compile=cfg["gen_compile"], progress=progress, offsets=share, width=width)
-        ends = itertools.accumulate(len(prompts[k:k + bs]) for k in share)  # the last batch may be short
-        return [out[e - len(prompts[k:k + bs]):e] for k, e in zip(share, ends)]
+            static=cfg["gen_static"], compile=cfg["gen_compile"], progress=progress, offsets=share, width=width))
+        return [list(itertools.islice(out, len(b))) for b in batches]
     # --compile compiles the blocks for training; decoding into a DynamicCache changes their input shapes at every
     # token (a recompilation each time), so unless the decode step itself is compiled (--gen_compile, fixed
     # shapes) the sampler runs the blocks eagerly.

@@ -261,16 +261,16 @@ def place(guide, device):
 def fit(src, triples, cfg, pad_id, device, log):
     """Algorithm 1, line 4: a new guide (build_guide(src)) trained with Eq. 2 on golden (x, y) AND generated
     (x, y') pairs, triples = [(x, y, y')] in the guide's tokens; each rank trains on its share with its share of
-    the global batch --guide_batch_size (FSDP2 averages the gradients). Then the diagnostic: does the decoder use h? (guide.diagnostics, saved with the guide)."""
+    the global batch --guide_batch_size (FSDP2 averages the gradients). Then the diagnostic: does the decoder use
+    h? (guide.diagnostics, saved with the guide)."""
     log("[Algorithm 1, line 4] training the guide T = (phi, psi) on golden and generated responses (Eq. 2)")
     torch.manual_seed(cfg["seed"])  # every rank builds the same initial weights (FSDP2 does not broadcast them)
     guide = place(build_guide(src, cfg["latent_dim"]), device)
     examples = [(gx, gy) for gx, gy, _ in triples] + [(gx, gyp) for gx, _, gyp in triples]  # y and y'
     idx, _ = fsdp.shard_indices(len(examples), fsdp.rank(), fsdp.world())  # the same steps whatever the world size
-    train_guide(guide, [examples[i] for i in idx], epochs=cfg["guide_epochs"],
-                batch_size=cfg["guide_batch_size"] // fsdp.world(),
-                lr=cfg["guide_lr"], pad_id=pad_id, seed=cfg["seed"], device=device, log_every=cfg["log_every"] * 5,
-                log_fn=lambda m: log("  " + m))
+    train_guide(guide, [examples[i] for i in idx], epochs=cfg["guide_epochs"], batch_size=cfg["guide_batch_size"] //
+                fsdp.world(), lr=cfg["guide_lr"], pad_id=pad_id, seed=cfg["seed"], device=device,
+                log_every=cfg["log_every"] * 5, log_fn=lambda m: log("  " + m))
     # Reconstruct (training) examples with the true latent, another example's, and (for pairs with y' != y) the
     # same prompt's other response's: that last gap is what s_phi can see.
     differ = [i for i, (_, gy, gyp) in enumerate(triples) if gy != gyp]

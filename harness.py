@@ -61,8 +61,7 @@ def score(path, tasks, include_path=None, limit=None, batch_size=16):
     out = {}
     for column, task, shots, key in tasks:
         r = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=shots, task_manager=manager, limit=limit,
-                                    apply_chat_template=True, fewshot_as_multiturn=shots > 0, log_samples=True,
-                                    gen_kwargs=None)
+                                    apply_chat_template=True, fewshot_as_multiturn=shots > 0, log_samples=True)
         if key not in r["results"][task]:
             raise UserError(f"task {task} reports {', '.join(k for k in r['results'][task] if ',' in k)}, not {key}")
         samples = r["samples"][task]

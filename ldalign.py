@@ -269,10 +269,10 @@ def policy_update(method, policy, data, y_prime, w, run, t, cfg, device):
         if r["step"] * 2 >= r["steps"]:
             run.kill_point(f"{method}/iter{t}/train")  # a kill half-way through the update
 
-    train_settings = dict(lr=cfg["lr"], epochs=cfg["epochs"], batch_size=cfg["batch_size"], micro_batch_size=cfg["micro_batch_size"],
-                  device=device, optimizer=cfg["optimizer"], warmup_ratio=cfg["warmup_ratio"],
-                  max_grad_norm=cfg["max_grad_norm"], seed=cfg["seed"] + 1000 * t, log_every=cfg["log_every"],
-                  log_fn=log_step)
+    train_settings = dict(lr=cfg["lr"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+                          micro_batch_size=cfg["micro_batch_size"], device=device, optimizer=cfg["optimizer"],
+                          warmup_ratio=cfg["warmup_ratio"], max_grad_norm=cfg["max_grad_norm"],
+                          seed=cfg["seed"] + 1000 * t, log_every=cfg["log_every"], log_fn=log_step)
     if method == "sft":
         run.log(f"[sft] continual SFT: {cfg['epochs']} epoch(s) over {len(data.D)} pairs of D")
         return dpo.sft_train(policy, [(d["px"], d["py"]) for d in data.D], **train_settings)

@@ -7,7 +7,7 @@ back what is stored and computes only the rest. Everything about that lives here
     run.check_settings(methods)              # out/settings.json: a rerun with other settings stops, naming them
     x = run.cached("iter0/samples.jsonl", compute)   # stored -> read back; else compute, write atomically, barrier
     t_first = run.first_unsaved(method, T)   # resume point: the first iteration whose theta_t is not saved
-    run.save_policy(model, tok, "ldalign/iter1/policy")   # theta_t as an HF checkpoint (safetensors)
+    run.save_policy(model, tok, "ldalign", 1, history)   # theta_1 as an HF checkpoint (safetensors), its step log
     run.kill_point("ldalign/iter1/train")    # the tests' crash hook (LDALIGN_KILL_AT)
 
 Written atomically means: into a sibling "<name>.tmp", then renamed over the name (atomic_path). A file or

@@ -15,6 +15,21 @@ cd "$(dirname "$0")"
 PRESET="${1:-tiny}"
 shift || true
 
+# torchrun ldalign.py "$@", one process per GPU (or per CPU worker); the script itself calls fully_shard when
+# WORLD_SIZE > 1. A mistake in the settings or the input (ldalign.py's one-line "error: ...", exit status 2) is
+# printed last, after torchrun's own failure report.
+launch() {
+  local err status=0
+  err="$(mktemp)"
+  LDALIGN_ERROR_FILE="$err" torchrun --standalone --nproc_per_node="$NPROC" ldalign.py "$@" || status=$?
+  if [ -s "$err" ]; then
+    cat "$err" >&2
+    status=2
+  fi
+  rm -f "$err"
+  return "$status"
+}
+
 case "$PRESET" in
   tiny)
     NPROC="${NPROC:-1}"
@@ -36,8 +51,7 @@ case "$PRESET" in
     # and the paired difference ldalign - spin (runs/seeds/seeds.md).
     NPROC="${NPROC:-1}"
     for s in $(seq 0 $(( ${SEEDS:-5} - 1 ))); do
-      torchrun --standalone --nproc_per_node="$NPROC" ldalign.py --preset tiny \
-        --out "runs/seeds/seed$s" --seed "$s" --method "ldalign,spin,dpo,sft" "$@"
+      launch --preset tiny --out "runs/seeds/seed$s" --seed "$s" --method "ldalign,spin,dpo,sft" "$@"
     done
     exec python analysis.py seeds runs/seeds
     ;;
@@ -58,15 +72,4 @@ case "$PRESET" in
     ;;
 esac
 
-# One process per GPU (or per CPU worker); the script itself calls fully_shard when WORLD_SIZE > 1.
-# A mistake in the settings or the input (ldalign.py's one-line "error: ..."; exit status 2) is printed last,
-# after torchrun's own failure report.
-export LDALIGN_ERROR_FILE; LDALIGN_ERROR_FILE="$(mktemp)"
-trap 'rm -f "$LDALIGN_ERROR_FILE"' EXIT
-status=0
-torchrun --standalone --nproc_per_node="$NPROC" ldalign.py "${ARGS[@]}" "$@" || status=$?
-if [ -s "$LDALIGN_ERROR_FILE" ]; then
-  cat "$LDALIGN_ERROR_FILE" >&2
-  exit 2
-fi
-exit "$status"
+launch "${ARGS[@]}" "$@"

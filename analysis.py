@@ -367,8 +367,9 @@ def mean_interval(xs):
 
 def seeds_report(folder):
     """`bash train.sh seeds`: folder/seed*/<method>/metrics.jsonl -> folder/seeds.md and seeds.json: per method and
-    iteration the mean held-out exact match over seeds with its 95% interval, and ldalign - spin paired by seed
-    (same theta_0, samples and guide within a seed, so the pairing removes their share of the noise)."""
+    iteration the mean held-out exact match over seeds with its 95% interval; then the differences paired by seed
+    (same theta_0, samples and guide within a seed, so the pairing removes their share of the noise): each method's
+    change from theta_0, and ldalign - spin."""
     runs = sorted(d for d in os.listdir(folder) if d.startswith("seed") and os.path.isdir(os.path.join(folder, d)))
     em = {}  # (method, iteration) -> {seed folder: exact match}
     for r in runs:
@@ -378,20 +379,31 @@ def seeds_report(folder):
                 em.setdefault((m, row["iter"]), {})[r] = row["exact_match"]
     methods = [m for m in METHODS if any(k[0] == m for k in em)]
     iters = sorted({t for _, t in em})
-    cell = lambda v: "-" if v is None else f"{v[0]:.3f} +- {v[1]:.3f}" if v[1] is not None else f"{v[0]:.3f}"
-    stats = {f"{m} iter {t}": mean_interval(list(em[m, t].values())) for m in methods for t in iters if (m, t) in em}
-    lines = [f"Held-out greedy exact match over {len(runs)} seeds: mean +- half-width of the 95% interval.", "",
-             "| iteration | " + " | ".join(methods) + " | ldalign - spin (paired) |", "|---|" + "---|" * (len(methods) + 1)]
-    for t in iters:
-        pair = [em["ldalign", t][r] - em["spin", t][r] for r in runs
-                if r in em.get(("ldalign", t), {}) and r in em.get(("spin", t), {})]
-        stats[f"ldalign - spin iter {t}"] = mean_interval(pair) if pair else None
-        lines.append(f"| {t} | " + " | ".join(cell(stats.get(f"{m} iter {t}")) for m in methods) +
-                     f" | {cell(stats[f'ldalign - spin iter {t}'])} |")
-    write_atomic(os.path.join(folder, "seeds.md"), "\n".join(lines) + "\n")
-    write_atomic(os.path.join(folder, "seeds.json"), json.dumps({"seeds": runs, "mean_and_halfwidth": stats}, indent=1))
-    print("\n".join(lines))
 
+    def paired(a, b):  # the seed-by-seed differences a - b, over the seeds that have both
+        return [a[r] - b[r] for r in runs if r in a and r in b]
+    stats, diffs = {}, {}  # "ldalign iter 2" -> (mean, half-width); "ldalign - theta_0 iter 2" -> the same
+    for t in iters:
+        for m in methods:
+            if (m, t) in em:
+                stats[f"{m} iter {t}"] = mean_interval(list(em[m, t].values()))
+                d = paired(em[m, t], em.get((m, 0), {}))
+                diffs[f"{m} - theta_0 iter {t}"] = mean_interval(d) if d else None
+        d = paired(em.get(("ldalign", t), {}), em.get(("spin", t), {}))
+        diffs[f"ldalign - spin iter {t}"] = mean_interval(d) if d else None
+    cell = lambda v: "-" if v is None else f"{v[0]:.3f} +- {v[1]:.3f}" if v[1] is not None else f"{v[0]:.3f}"
+    lines = [f"Held-out greedy exact match over {len(runs)} seeds: mean +- half-width of the 95% interval.", "",
+             "| iteration | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    lines += [f"| {t} | " + " | ".join(cell(stats.get(f"{m} iter {t}")) for m in methods) + " |" for t in iters]
+    lines += ["", "The same, as differences paired by seed (each seed's own theta_0, samples and guide):", "",
+              "| iteration | " + " | ".join(f"{m} - theta_0" for m in methods) + " | ldalign - spin |",
+              "|---|" + "---|" * (len(methods) + 1)]
+    lines += [f"| {t} | " + " | ".join(cell(diffs.get(f"{m} - theta_0 iter {t}")) for m in methods) +
+              f" | {cell(diffs[f'ldalign - spin iter {t}'])} |" for t in iters if t > 0]
+    write_atomic(os.path.join(folder, "seeds.md"), "\n".join(lines) + "\n")
+    write_atomic(os.path.join(folder, "seeds.json"), json.dumps(
+        {"seeds": runs, "mean_and_halfwidth": stats, "paired_mean_and_halfwidth": diffs}, indent=1))
+    print("\n".join(lines))
 
 if __name__ == "__main__":
     import sys

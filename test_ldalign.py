@@ -2256,7 +2256,8 @@ def test_table1_avg_is_the_papers_mean_relative_improvement():
 
 
 def test_seeds_report_means_intervals_and_paired_difference(tmp_path):
-    """`bash train.sh seeds`' table: mean over seeds with the 95% t-interval, and ldalign - spin paired by seed."""
+    """`bash train.sh seeds`' tables: mean over seeds with the 95% t-interval; each method's change from theta_0 and
+    ldalign - spin, paired by seed."""
     em = {"ldalign": [0.60, 0.62, 0.58], "spin": [0.59, 0.60, 0.58]}
     for k in range(3):
         for m, v in em.items():
@@ -2268,9 +2269,30 @@ def test_seeds_report_means_intervals_and_paired_difference(tmp_path):
     mean, half = stats["ldalign iter 1"]
     assert mean == pytest.approx(0.60) and half == pytest.approx(4.303 * 0.02 / math.sqrt(3))  # t(2 df) = 4.303
     assert stats["ldalign iter 0"] == [0.5, 0.0]
-    d, dh = stats["ldalign - spin iter 1"]  # differences 0.01, 0.02, 0.00
+    diffs = json.load(open(tmp_path / "seeds.json"))["paired_mean_and_halfwidth"]
+    d, dh = diffs["ldalign - spin iter 1"]  # differences 0.01, 0.02, 0.00
     assert d == pytest.approx(0.01) and dh == pytest.approx(4.303 * 0.01 / math.sqrt(3))
-    assert "| 1 | 0.600 +- 0.050 | 0.590 +- 0.025 | 0.010 +- 0.025 |" in open(tmp_path / "seeds.md").read()
+    d, dh = diffs["spin - theta_0 iter 1"]  # differences 0.09, 0.10, 0.08 from theta_0's 0.5
+    assert d == pytest.approx(0.09) and dh == pytest.approx(4.303 * 0.01 / math.sqrt(3))
+    md = open(tmp_path / "seeds.md").read()
+    assert "| 1 | 0.600 +- 0.050 | 0.590 +- 0.025 |" in md  # the means, then the paired differences
+    assert "| 1 | 0.100 +- 0.050 | 0.090 +- 0.025 | 0.010 +- 0.025 |" in md
+
+
+def test_train_sh_seeds_runs_each_seed_and_reports(tmp_path):
+    """`OUT=... FIRST_SEED=3 SEEDS=2 bash train.sh seeds --key value`: seeds 3 and 4, each a run of its own at the
+    given settings, then the report over both."""
+    out = tmp_path / "study"
+    env = dict(os.environ, OMP_NUM_THREADS="1", OUT=str(out), FIRST_SEED="3", SEEDS="2")
+    p = subprocess.run(["bash", os.path.join(HERE, "train.sh"), "seeds"] + TINY_RUN +
+                       ["--T", "1", "--method", "ldalign,spin", "--agreement_n", "0"],
+                       cwd=HERE, env=env, timeout=600, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["seed3", "seed4", "seeds.json", "seeds.md"]
+    assert json.load(open(out / "seed4" / "config.json"))["seed"] == 4
+    stats = json.load(open(out / "seeds.json"))
+    assert stats["seeds"] == ["seed3", "seed4"] and stats["paired_mean_and_halfwidth"]["spin - theta_0 iter 1"]
+    assert "| 1 |" in open(out / "seeds.md").read().split("paired by seed")[1]
 
 
 def test_distance_histogram_shapes_and_json():

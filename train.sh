@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # LD-Align recipes (Algorithm 1 of arXiv 2404.06390), launched with torchrun.
 #
-#   bash train.sh                 # preset "tiny" (default): toy sorting task, CPU or GPU, ~5 min on 2 cores
+#   bash train.sh                 # preset "tiny" (default): toy sorting task, CPU or GPU, ~3 min on 2 cores
 #   bash train.sh paper           # the paper's setting on 8 GPUs (see README, "The paper's setting")
 #   bash train.sh compare         # the toy task with ldalign, spin, dpo and sft at equal budget (~12 min, CPU)
 #   bash train.sh eval runs/paper  # the paper's Table 1 (lm-evaluation-harness) for every policy of a run folder
@@ -48,12 +48,16 @@ case "$PRESET" in
   seeds)
     # Seed s is a whole run of its own (theta_0, samples, guide, updates: every stage seeded by --seed s); then
     # analysis.py reports, per method and iteration, the mean held-out exact match with a 95% interval over seeds,
-    # and the paired difference ldalign - spin (runs/seeds/seeds.md).
+    # and the differences paired by seed: each method - theta_0, ldalign - spin (runs/seeds/seeds.md).
+    # OUT=runs/other FIRST_SEED=1 bash train.sh seeds --key value ...: the same study at other settings, in its own
+    # folder, over seeds FIRST_SEED .. FIRST_SEED + SEEDS - 1.
     NPROC="${NPROC:-1}"
-    for s in $(seq 0 $(( ${SEEDS:-5} - 1 ))); do
-      launch --preset tiny --out "runs/seeds/seed$s" --seed "$s" --method "ldalign,spin,dpo,sft" "$@"
+    OUT="${OUT:-runs/seeds}"
+    FIRST_SEED="${FIRST_SEED:-0}"
+    for s in $(seq "$FIRST_SEED" $(( FIRST_SEED + ${SEEDS:-5} - 1 ))); do
+      launch --preset tiny --out "$OUT/seed$s" --seed "$s" --method "ldalign,spin,dpo,sft" "$@"
     done
-    exec python analysis.py seeds runs/seeds
+    exec python analysis.py seeds "$OUT"
     ;;
   paper)
     # zephyr-7b-sft-full (Mistral-7B SFT on UltraChat 200k) is theta_0, gpt2 the guide's backbone, a 50k

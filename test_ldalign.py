@@ -2279,20 +2279,18 @@ def test_seeds_report_means_intervals_and_paired_difference(tmp_path):
     assert "| 1 | 0.100 +- 0.050 | 0.090 +- 0.025 | 0.010 +- 0.025 |" in md
 
 
-def test_train_sh_seeds_runs_each_seed_and_reports(tmp_path):
-    """`OUT=... FIRST_SEED=3 SEEDS=2 bash train.sh seeds --key value`: seeds 3 and 4, each a run of its own at the
-    given settings, then the report over both."""
+def test_train_sh_seeds_folder_first_seed_and_settings(tmp_path):
+    """`OUT=... FIRST_SEED=3 SEEDS=2 bash train.sh seeds --key value`: seed 3's run goes to OUT/seed3 with the given
+    settings; a user error there stops the study at once (no seed 4, no report), shown once as the last line."""
     out = tmp_path / "study"
     env = dict(os.environ, OMP_NUM_THREADS="1", OUT=str(out), FIRST_SEED="3", SEEDS="2")
-    p = subprocess.run(["bash", os.path.join(HERE, "train.sh"), "seeds"] + TINY_RUN +
-                       ["--T", "1", "--method", "ldalign,spin", "--agreement_n", "0"],
-                       cwd=HERE, env=env, timeout=600, capture_output=True, text=True)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert sorted(os.listdir(out)) == ["seed3", "seed4", "seeds.json", "seeds.md"]
-    assert json.load(open(out / "seed4" / "config.json"))["seed"] == 4
-    stats = json.load(open(out / "seeds.json"))
-    assert stats["seeds"] == ["seed3", "seed4"] and stats["paired_mean_and_halfwidth"]["spin - theta_0 iter 1"]
-    assert "| 1 |" in open(out / "seeds.md").read().split("paired by seed")[1]
+    p = subprocess.run(["bash", os.path.join(HERE, "train.sh"), "seeds", "--beta", "2.0", "--data", "missing.jsonl"],
+                       cwd=HERE, env=env, timeout=300, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.count("error: ") == 1, p.stderr[-3000:]
+    assert "missing.jsonl" in p.stderr.strip().splitlines()[-1]
+    assert sorted(os.listdir(out)) == ["seed3"]
+    cfg = json.load(open(out / "seed3" / "config.json"))
+    assert (cfg["seed"], cfg["beta"], cfg["method"]) == (3, 2.0, "ldalign,spin,dpo,sft")
 
 
 def test_distance_histogram_shapes_and_json():

@@ -2111,16 +2111,21 @@ def test_user_errors_are_one_line_exit_2_and_logged(tmp_path):
     arr.write_text(json.dumps([json.loads(GOOD)], indent=1))
     out = str(tmp_path / "r")
     cases = [(["--out", str(afile)], f"--out {afile} is a file"),
-             (["--out", out, "--policy", "/nonexistent"], "--policy /nonexistent: no such folder (read as a local path"),
-             (["--out", out, "--guide", str(adir)], f"--guide {adir}: a folder without config.json"),
-             (["--out", out, "--data", str(adir)], f"{adir}: --data is a directory; expected a JSONL file"),
-             (["--out", out, "--eval_data", str(arr)], f"{arr}:1: not valid JSON: Expecting value at column 1; the file "
-                                                       "starts like a JSON array. JSONL is expected"),
-             (["--out", out, "--beta", "0"], "--beta must be a finite number > 0")]
-    for args, msg in cases:
-        p = _cli(args + ["--sft_steps", "1"])
-        assert p.returncode == 2 and p.stderr.strip() == f"error: {p.stderr.strip()[7:]}", (args, p.stderr[-2000:])
-        assert msg in p.stderr and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+             (["--policy", "/nonexistent"], "--policy /nonexistent: no such folder (read as a local path"),
+             (["--guide", str(adir)], f"--guide {adir}: a folder without config.json"),
+             (["--data", str(adir)], f"{adir}: --data is a directory; expected a JSONL file"),
+             (["--eval_data", str(arr)], f"{arr}:1: not valid JSON: Expecting value at column 1; the file "
+                                         "starts like a JSON array. JSONL is expected"),
+             (["--beta", "0"], "--beta must be a finite number > 0")]
+    # the runs are independent (each its own --out), so they run side by side; each is checked on its own
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "ldalign.py"), "--out", str(tmp_path / f"r{k}")] +
+                              args + ["--sft_steps", "1"], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for k, (args, _) in enumerate(cases)]
+    for (args, msg), proc in zip(cases, procs):
+        stderr = proc.communicate(timeout=300)[1]
+        assert proc.returncode == 2 and stderr.strip() == f"error: {stderr.strip()[7:]}", (args, stderr[-2000:])
+        assert msg in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
     # a hub id that is not cached, offline: at once, naming the option (not the hub client's retries)
     p = _cli(["--out", out, "--reward_model", "someorg/some-rm"], {"HF_HUB_OFFLINE": "1"})
     assert p.returncode == 2 and "--reward_model someorg/some-rm: not a local folder, and not in the Hugging Face cache" \

@@ -84,8 +84,9 @@ DEFAULTS = dict(
     beta=0.1,
     # On the toy task AdamW at 1e-5 keeps held-out accuracy within the noise of theta_0; 3e-5 and above, or RMSprop
     # at 1e-5, lower it (DPO pushes down the likelihood of y and y' alike and the tiny policy starts to drop
-    # numbers). A larger beta (1-2) holds the policy nearer theta_{t-1} and lets lr 3e-5..1e-4 help a weaker
-    # theta_0 (README, "A weaker theta_0"). The paper preset keeps SPIN's RMSprop at 5e-7.
+    # numbers). A larger beta (1-2) holds the policy nearer theta_{t-1}: at lr 3e-5..1e-4 it no longer lowers a
+    # weaker theta_0, nor, over 5 seeds, raises it (README, "A weaker theta_0"). The paper preset keeps SPIN's
+    # RMSprop at 5e-7.
     lr=1e-5, optimizer="adamw", warmup_ratio=0.1, max_grad_norm=1.0,
     epochs=2, batch_size=32, micro_batch_size=32,
     grad_ckpt=False,          # activation checkpointing of the policy (saves memory on 7B)

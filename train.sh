@@ -3,7 +3,7 @@
 #
 #   bash train.sh                 # preset "tiny" (default): toy sorting task, CPU or GPU, ~3 min on 2 cores
 #   bash train.sh paper           # the paper's setting on 8 GPUs (see README, "The paper's setting")
-#   bash train.sh compare         # the toy task with ldalign, spin, dpo and sft at equal budget (~12 min, CPU)
+#   bash train.sh compare         # the toy task with ldalign, spin, dpo and sft at equal budget (~8 min, CPU)
 #   bash train.sh eval runs/paper  # the paper's Table 1 (lm-evaluation-harness) for every policy of a run folder
 #   bash train.sh seeds           # the compare run for SEEDS seeds (default 5): means with 95% intervals (~40 min)
 #   NPROC=2 bash train.sh tiny    # the toy run on 2 processes (FSDP2 over gloo on CPU)

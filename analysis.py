@@ -405,6 +405,7 @@ def seeds_report(folder):
         {"seeds": runs, "mean_and_halfwidth": stats, "paired_mean_and_halfwidth": diffs}, indent=1))
     print("\n".join(lines))
 
+
 if __name__ == "__main__":
     import sys
     if sys.argv[1:2] != ["seeds"] or len(sys.argv) != 3:

@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from rundir import METHODS, UserError, read_json, report_errors, write_atomic
+from rundir import METHODS, UserError, first_unsaved, policy_path, read_json, report_errors, write_atomic
 
 # (column, lm-eval task, few-shot examples, the result key of lm-eval reported as the column's score)
 TABLE1 = [("TruthfulQA", "truthfulqa_mc2", 0, "acc,none"),
@@ -34,14 +34,8 @@ TABLE1 = [("TruthfulQA", "truthfulqa_mc2", 0, "acc,none"),
 def models_of(run):
     """(label, checkpoint folder) of theta_0 and of every saved theta_t of every method in the run folder."""
     cfg = read_json(os.path.join(run, "config.json"))
-    theta0 = os.path.join(run, "sft") if cfg["policy"] == "tiny" else cfg["policy"]
-    out = [("SFT (theta_0)", theta0)]
-    for m in METHODS:
-        t = 1
-        while os.path.isdir(p := os.path.join(run, m, f"iter{t}", "policy")):
-            out.append((f"{m} {t}", p))
-            t += 1
-    return out
+    return [("SFT (theta_0)", policy_path(run, cfg, "", 0))] + [
+        (f"{m} {t}", policy_path(run, cfg, m, t)) for m in METHODS for t in range(1, first_unsaved(run, cfg, m))]
 
 
 def score(path, tasks, include_path=None, limit=None, batch_size=16):

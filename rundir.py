@@ -345,16 +345,11 @@ class RunDir:
 
     def first_unsaved(self, method, T):
         """Resume point of a method: the first t in 1..T whose theta_t is not saved (T + 1 when all are)."""
-        t = 1
-        while t <= T and os.path.isdir(self.path(method, f"iter{t}", "policy")):
-            t += 1
-        return t
+        return first_unsaved(self.out, self.cfg, method, T)  # the module's function below
 
     def policy_path(self, method, t):
         """theta_t of `method`; theta_0 is shared by every method (the toy SFT, or --policy)."""
-        if t == 0:
-            return self.path("sft") if self.cfg["policy"] == "tiny" else self.cfg["policy"]
-        return self.path(method, f"iter{t}", "policy")
+        return policy_path(self.out, self.cfg, method, t)  # the module's function below
 
     def save_policy(self, model, tokenizer, method, t, history):
         """theta_t (HF checkpoint) and its training log (train_metrics.jsonl, one row per optimizer step)."""
@@ -373,6 +368,22 @@ class RunDir:
         if os.environ.get("LDALIGN_KILL_AT") == stage:
             print(f"LDALIGN_KILL_AT={stage}: killing the run here", flush=True)
             os._exit(137)
+
+
+# Where a run folder keeps theta_t: RunDir's methods above, and harness.py reading a finished run folder.
+def policy_path(out, cfg, method, t):
+    """theta_t of `method` in the run folder `out` of the settings `cfg`; theta_0 is shared by every method."""
+    if t == 0:
+        return os.path.join(out, "sft") if cfg["policy"] == "tiny" else cfg["policy"]
+    return os.path.join(out, method, f"iter{t}", "policy")
+
+
+def first_unsaved(out, cfg, method, T=float("inf")):
+    """The first t in 1..T whose theta_t of `method` is not saved in `out` (T + 1 when all are)."""
+    t = 1
+    while t <= T and os.path.isdir(policy_path(out, cfg, method, t)):
+        t += 1
+    return t
 
 
 def _alive(pid):

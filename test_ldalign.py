@@ -661,10 +661,8 @@ def test_lm_eval_harness_scores_what_our_evaluation_scores(tmp_path):
         "output_type: generate_until\ndoc_to_text: \"{{messages[0].content}}\"\ndoc_to_target: \"{{messages[1].content}}\"\n"
         "generation_kwargs:\n  until: [\"<|end|>\"]\n  do_sample: false\n  max_gen_toks: 32\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    p = subprocess.run(["bash", os.path.join(HERE, "train.sh"), "eval", out, "--tasks", "Sort=toy_sort:0:exact_match,none",
-                        "--include_path", str(tmp_path / "tasks")], cwd=HERE, env=env, timeout=600,
-                       capture_output=True, text=True)
+    p = _train_sh(["eval", out, "--tasks", "Sort=toy_sort:0:exact_match,none", "--include_path", str(tmp_path / "tasks")],
+                  {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     table = json.load(open(os.path.join(out, "table1.json")))
     assert list(table["scores"]) == ["SFT (theta_0)", "ldalign 1"]
@@ -2095,11 +2093,28 @@ def test_parse_args_rejects_bad_settings():
             ldalign.parse_args(bad)
 
 
+def _cli_start(args, env_extra=None):
+    """ldalign.py as a user runs it, started (stdout and stderr piped); _cli_wait ends it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "ldalign.py")] + args, cwd=HERE, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _cli_wait(proc):
+    """The completed process (no check of its exit status)."""
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def _cli(args, env_extra=None):
     """ldalign.py as a user runs it; returns the completed process (no check of its exit status)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.run([sys.executable, os.path.join(HERE, "ldalign.py")] + args, cwd=HERE, env=env, timeout=300,
-                          capture_output=True, text=True)
+    return _cli_wait(_cli_start(args, env_extra))
+
+
+def _train_sh(args, env_extra, timeout=300):
+    """bash train.sh ARGS as a user runs it; returns the completed process (no check of its exit status)."""
+    return subprocess.run(["bash", os.path.join(HERE, "train.sh")] + args, cwd=HERE, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **env_extra), capture_output=True, text=True)
 
 
 def test_user_errors_are_one_line_exit_2_and_logged(tmp_path):
@@ -2118,14 +2133,12 @@ def test_user_errors_are_one_line_exit_2_and_logged(tmp_path):
                                          "starts like a JSON array. JSONL is expected"),
              (["--beta", "0"], "--beta must be a finite number > 0")]
     # the runs are independent (each its own --out), so they run side by side; each is checked on its own
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "ldalign.py"), "--out", str(tmp_path / f"r{k}")] +
-                              args + ["--sft_steps", "1"], cwd=HERE, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for k, (args, _) in enumerate(cases)]
+    procs = [_cli_start(["--out", str(tmp_path / f"r{k}")] + args + ["--sft_steps", "1"])
+             for k, (args, _) in enumerate(cases)]
     for (args, msg), proc in zip(cases, procs):
-        stderr = proc.communicate(timeout=300)[1]
-        assert proc.returncode == 2 and stderr.strip() == f"error: {stderr.strip()[7:]}", (args, stderr[-2000:])
-        assert msg in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+        p = _cli_wait(proc)
+        assert p.returncode == 2 and p.stderr.strip() == f"error: {p.stderr.strip()[7:]}", (args, p.stderr[-2000:])
+        assert msg in p.stderr and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     # a hub id that is not cached, offline: at once, naming the option (not the hub client's retries)
     p = _cli(["--out", out, "--reward_model", "someorg/some-rm"], {"HF_HUB_OFFLINE": "1"})
     assert p.returncode == 2 and "--reward_model someorg/some-rm: not a local folder, and not in the Hugging Face cache" \
@@ -2136,9 +2149,7 @@ def test_user_errors_are_one_line_exit_2_and_logged(tmp_path):
 
 def test_train_sh_reports_a_user_error_once_under_torchrun(tmp_path):
     """Under torchrun every rank meets the same mistake: the user sees it once, as the last line, exit status 2."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", NPROC="2")
-    p = subprocess.run(["bash", os.path.join(HERE, "train.sh"), "tiny", "--beta", "0", "--out", str(tmp_path / "r")],
-                       cwd=HERE, env=env, timeout=300, capture_output=True, text=True)
+    p = _train_sh(["tiny", "--beta", "0", "--out", str(tmp_path / "r")], {"NPROC": "2"})
     assert p.returncode == 2 and p.stderr.count("error: ") == 1, p.stderr[-3000:]
     assert p.stderr.strip().splitlines()[-1] == "error: --beta must be a finite number > 0, got 0.0"
 
@@ -2288,9 +2299,7 @@ def test_train_sh_seeds_folder_first_seed_and_settings(tmp_path):
     """`OUT=... FIRST_SEED=3 SEEDS=2 bash train.sh seeds --key value`: seed 3's run goes to OUT/seed3 with the given
     settings; a user error there stops the study at once (no seed 4, no report), shown once as the last line."""
     out = tmp_path / "study"
-    env = dict(os.environ, OMP_NUM_THREADS="1", OUT=str(out), FIRST_SEED="3", SEEDS="2")
-    p = subprocess.run(["bash", os.path.join(HERE, "train.sh"), "seeds", "--beta", "2.0", "--data", "missing.jsonl"],
-                       cwd=HERE, env=env, timeout=300, capture_output=True, text=True)
+    p = _train_sh(["seeds", "--beta", "2.0", "--data", "missing.jsonl"], {"OUT": str(out), "FIRST_SEED": "3", "SEEDS": "2"})
     assert p.returncode == 2 and p.stderr.count("error: ") == 1, p.stderr[-3000:]
     assert "missing.jsonl" in p.stderr.strip().splitlines()[-1]
     assert sorted(os.listdir(out)) == ["seed3"]

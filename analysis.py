@@ -212,7 +212,7 @@ def evaluate(model, data, cfg, device, reward_model, log):
     """Greedy answers on the held-out prompts: exact match (meaningful on checkable tasks such as the toy) and,
     with --reward_model, the mean reward r = RM(x, y) of Section 5.1.3. The dict written as eval.json."""
     held_out, tok = data.held_out, data.tok
-    ids = generate.sample_dataset(model, [d["px"] for d in held_out], tok, cfg, 0, device, greedy=True, log=log,
+    ids = generate.sample_dataset(model, [d["prompt_ids"] for d in held_out], tok, cfg, 0, device, greedy=True, log=log,
                                   what="greedy eval answers")
     answers = [tok.decode(y, skip_special_tokens=True).strip() for y in ids]
     hits = [a == d["y"].strip() for a, d in zip(answers, held_out)]
@@ -228,7 +228,7 @@ def agreement(policy, guide, data, cfg, device, reward_model, log):
     space is ranked lower; a judge ranks them too; how often do the two rankings agree? The paper's judge is
     GPT-4; here "toy" = closeness to the golden answer (toy_judge), or "reward" = the reward model."""
     sub, tok = data.D[:cfg["agreement_n"]], data.tok
-    ya, yb = (generate.sample_dataset(policy, [d["px"] for d in sub], tok, cfg, cfg["seed"] + k, device, log=log,
+    ya, yb = (generate.sample_dataset(policy, [d["prompt_ids"] for d in sub], tok, cfg, cfg["seed"] + k, device, log=log,
                                       what=f"y'_{ab}") for k, ab in ((7, "a"), (8, "b")))
     sa, sb = (guide_lib.distances(guide, dataset.guide_triples(sub, tok, data.gtok, y, cfg["guide_max_len"]),
                                   cfg["guide_batch_size"], data.gtok.eos_token_id, device) for y in (ya, yb))
@@ -266,7 +266,7 @@ def record_distances(run, it, s, w, data, y_prime):
     run.log(f"[lines 8-9] distances: S = mean s = {S:.4f}, min {float(s.min()):.4f}, max {float(s.max()):.4f}")
     if fsdp.rank() == 0:
         write_json(run.path(it, "distances.json"), {
-            "S": S, "n": len(s), "n_identical_to_golden": sum(d["py"] == yp for d, yp in zip(data, y_prime)),
+            "S": S, "n": len(s), "n_identical_to_golden": sum(d["response_ids"] == yp for d, yp in zip(data, y_prime)),
             "min": float(s.min()), "max": float(s.max()),
             "weights": {"mean": float(w.mean()), "min": float(w.min()), "max": float(w.max())},
             "histogram": distance_histogram(s.tolist())})

@@ -28,7 +28,8 @@ import torch
 import dpo
 import fsdp
 import generate
-from rundir import read_overrides, write_atomic
+from cli import read_overrides
+from rundir import write_atomic
 
 # ----------------------------------------------------------------------------------------------------
 # Defaults. Every key can be overridden as --key value (or --key=value; a bare --flag means true).

@@ -14,7 +14,8 @@ import os
 from types import SimpleNamespace
 
 import fsdp
-from rundir import UserError, atomic_path, read_jsonl, write_jsonl
+from cli import UserError
+from rundir import atomic_path, read_jsonl, write_jsonl
 
 # ----------------------------------------------------------------------------------------------------
 # Require: everything a run reads, checked before any compute
@@ -50,7 +51,7 @@ def load(cfg, run):
     held_out, eval_skipped = tokenize_data(eval_records, tok, gtok, cfg, run.log, held_out=True) if eval_records \
         else ([], [])
     skipped += eval_skipped  # one skipped.jsonl for every file; each entry names its file:line
-    sft_pairs = [(d["px"], d["py"]) for d in D]  # all records: the SFT set of the toy theta_0
+    sft_pairs = [(d["prompt_ids"], d["response_ids"]) for d in D]  # all records: the SFT set of the toy theta_0
     if cfg["max_examples"]:
         D = D[:cfg["max_examples"]]  # D of Algorithm 1: a subset, as in the paper (50k of UltraChat's 200k)
     pref = tokenize_pref(load_pref_jsonl(cfg["pref_data"], cfg["max_examples"]), tok, cfg, skipped) \
@@ -365,7 +366,7 @@ def tokenize_data(records, tok, gtok, cfg, log, held_out=False):
         if not held_out and len(gx) + max(len(gy), cfg["max_new_tokens"] + 1) > cfg["guide_max_len"]:
             problems.append(f"guide input would exceed the guide's {cfg['guide_max_len']} positions")
         if not too_long(r["where"], problems, cfg, skipped):
-            kept.append(dict(r, px=px, py=py, gx=gx, gy=gy))
+            kept.append(dict(r, prompt_ids=px, response_ids=py, guide_prompt_ids=gx, guide_response_ids=gy))
     if skipped:
         log(f"skipped {len(skipped)} over-length records (listed in skipped.jsonl); kept {len(kept)}")
     if not kept:
@@ -392,7 +393,7 @@ def guide_triples(data, tok, gtok, y_prime_ids, guide_max_len):
         gyp = guide_ids(gtok, d["x"], tok.decode(yp, skip_special_tokens=True))[1]
         if not yp or yp[-1] != tok.eos_token_id:
             gyp = gyp[:-1]  # cut off at max_new_tokens: no EOS, so the guide sees an unfinished answer as one
-        out.append((d["gx"], d["gy"], gyp[:guide_max_len - len(d["gx"])]))
+        out.append((d["guide_prompt_ids"], d["guide_response_ids"], gyp[:guide_max_len - len(d["guide_prompt_ids"])]))
     return out
 
 

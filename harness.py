@@ -19,7 +19,8 @@ import json
 import os
 import sys
 
-from rundir import METHODS, UserError, first_unsaved, policy_path, read_json, report_errors, write_atomic
+from cli import UserError, report_errors
+from rundir import METHODS, first_unsaved, policy_path, read_json, write_atomic
 
 # (column, lm-eval task, few-shot examples, the result key of lm-eval reported as the column's score)
 TABLE1 = [("TruthfulQA", "truthfulqa_mc2", 0, "acc,none"),

@@ -39,7 +39,8 @@ import dpo
 import fsdp
 import generate
 import guide as guide_lib
-from rundir import METHODS, RunDir, read_overrides, report_errors, save_hf, verify
+from cli import read_overrides, report_errors
+from rundir import METHODS, RunDir, save_hf, verify
 
 # ----------------------------------------------------------------------------------------------------
 # Defaults: the embedded toy run. Every key can be overridden on the command line as --key value.
@@ -189,7 +190,7 @@ def main(argv=None):
     theta_0 = functools.cache(lambda: load_policy(run.policy_path("", 0), cfg, device))  # only if a stage needs it
 
     def sample(policy, seed, what):  # y'_i ~ p_policy(.|x_i) for every x_i of D
-        return generate.sample_dataset(policy, [d["px"] for d in D], tok, cfg, seed, device, log=run.log, what=what)
+        return generate.sample_dataset(policy, [d["prompt_ids"] for d in D], tok, cfg, seed, device, log=run.log, what=what)
 
     def triples(y_prime):  # (x_i, y_i, y'_i) in the guide's tokens
         return dataset.guide_triples(D, tok, gtok, y_prime, cfg["guide_max_len"])
@@ -277,7 +278,7 @@ def policy_update(method, policy, data, y_prime, w, run, t, cfg, device):
                           seed=cfg["seed"] + 1000 * t, log_every=cfg["log_every"], log_fn=log_step)
     if method == "sft":
         run.log(f"[sft] continual SFT: {cfg['epochs']} epoch(s) over {len(data.D)} pairs of D")
-        return dpo.sft_train(policy, [(d["px"], d["py"]) for d in data.D], **train_settings)
+        return dpo.sft_train(policy, [(d["prompt_ids"], d["response_ids"]) for d in data.D], **train_settings)
     if method == "dpo":
         # DPO's reference is theta_0 in every iteration: its log-probs are computed at t = 1, when the policy is
         # theta_0, and stored; a later iteration's policy cannot stand in for it.
@@ -292,7 +293,7 @@ def policy_update(method, policy, data, y_prime, w, run, t, cfg, device):
         ref_c, ref_r = torch.tensor(ref["chosen"]), torch.tensor(ref["rejected"])
     else:
         # The reference is theta_{t-1}, the policy right now: every pair scored once, then the policy moves.
-        pairs = [(d["px"], d["py"], yp) for d, yp in zip(data.D, y_prime)]
+        pairs = [(d["prompt_ids"], d["response_ids"], yp) for d, yp in zip(data.D, y_prime)]
         run.log("[line 10] reference log-probs under theta_{t-1} (computed once, before the update)")
         ref_c, ref_r = dpo.reference_logps(policy, pairs, cfg["micro_batch_size"], device)
     run.log(f"[line 10] {'weighted ' if method == 'ldalign' else ''}DPO ({method}): {cfg['epochs']} epoch(s) over "

@@ -19,38 +19,9 @@ import os
 import shutil
 import sys
 
+import cli
 import fsdp
-
-
-class UserError(ValueError):
-    """A mistake in the input or the settings that the user can fix (a bad path, line or value). The command line
-    reports it as one line naming the option or file:line, with exit status 2 and no traceback (report_errors);
-    settings checks raise SystemExit(message), reported the same way. Anything else is a bug and keeps its traceback."""
-
-
-_LOG = []  # the run's log.txt, once RunDir knows it: user errors are written there too
-
-
-def report_errors(main, argv=None):
-    """Run main(argv); a user error becomes one line on stderr (and in log.txt), exit status 2. Under torchrun
-    every rank meets the same error, and only rank 0 reports it; train.sh sets LDALIGN_ERROR_FILE, where the line
-    goes instead, and prints it after the launcher's own failure report, as the last line the user sees."""
-    try:
-        main(argv)
-    except (UserError, SystemExit) as e:
-        msg = str(e) if isinstance(e, UserError) else e.code
-        if not isinstance(msg, str):  # SystemExit(0) of --help, or a plain exit status
-            raise
-        if int(os.environ.get("RANK", "0")) == 0:
-            if os.environ.get("LDALIGN_ERROR_FILE"):
-                with open(os.environ["LDALIGN_ERROR_FILE"], "w") as f:
-                    f.write(f"error: {msg}\n")
-            else:
-                print(f"error: {msg}", file=sys.stderr, flush=True)
-            if _LOG:
-                with open(_LOG[0], "a") as f:
-                    f.write(f"error: {msg}\n")
-        raise SystemExit(2) from None
+from cli import UserError
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,44 +151,6 @@ def save_hf(model, tokenizer, out_dir):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line: --key value over a dict of typed defaults (ldalign.py and bench.py)
-# ----------------------------------------------------------------------------------------------------
-def read_overrides(argv, defaults, help_text):
-    """`--key value`, `--key=value` or a bare `--flag` (= true), keys checked against `defaults`, values typed
-    like the default. -h / --help prints help_text."""
-    if "-h" in argv or "--help" in argv:
-        print(help_text)
-        raise SystemExit(0)
-    raw, i = {}, 0
-    while i < len(argv):
-        a = argv[i]
-        if not a.startswith("--"):
-            raise SystemExit(f"bad argument {a!r}: use --key value (keys: {', '.join(defaults)})")
-        if "=" in a:
-            k, v = a[2:].split("=", 1)
-            i += 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            k, v = a[2:], argv[i + 1]
-            i += 2
-        else:
-            k, v = a[2:], "true"  # bare flag
-            i += 1
-        if k not in defaults:
-            raise SystemExit(f"unknown option --{k}; known: {', '.join(defaults)}")
-        d = defaults[k]
-        if isinstance(d, bool):
-            if v.lower() not in ("1", "0", "true", "false"):
-                raise SystemExit(f"--{k} takes true/false, got {v!r}")
-            raw[k] = v.lower() in ("1", "true")
-        else:
-            try:
-                raw[k] = type(d)(v)
-            except ValueError:
-                raise SystemExit(f"--{k} takes a {type(d).__name__}, got {v!r}") from None
-    return raw
-
-
-# ----------------------------------------------------------------------------------------------------
 # The run folder
 # ----------------------------------------------------------------------------------------------------
 # The settings the stored stages depend on; a rerun that changes one of them stops (check_settings) instead of
@@ -238,7 +171,7 @@ class RunDir:
             raise UserError(f"--out {self.out} is a file; the run folder must be a folder (new or of an earlier run)")
         os.makedirs(self.out, exist_ok=True)
         self.lock()
-        _LOG[:] = [self.path("log.txt")]
+        cli.log_errors_to(self.path("log.txt"))
         if fsdp.rank() == 0:
             write_json(self.path("config.json"), cfg)  # all of this call's settings
 

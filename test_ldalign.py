@@ -293,7 +293,7 @@ def test_guide_sees_eos_only_after_a_finished_sample():
     """y' cut off by max_new_tokens has no EOS; the guide must not read it as a finished answer."""
     tok = _toy_tok()
     d = dict(x="sort: 3 1 2", y="1 2 3")
-    d["gx"], d["gy"] = dataset.guide_ids(tok, d["x"], d["y"])
+    d["guide_prompt_ids"], d["guide_response_ids"] = dataset.guide_ids(tok, d["x"], d["y"])
     done = tok("1 2", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     (gx, gy, g_done), (_, _, g_cut) = dataset.guide_triples([d, d], tok, tok, [done, done[:-1]], 1024)
     assert g_done == done and gy[-1] == tok.eos_token_id  # golden y and a finished y' end with EOS

@@ -10,8 +10,8 @@ Section 5.2    Two checks that the guide's latent space means something:
       (GPT-4 in the paper) ranks them too; count how often the two rankings agree. -> ranking_agreement
       On the toy sorting task the judge is exact correctness / word edit distance to y.  -> toy_judge
 
-And what a run writes for a person to read: evaluate / record_iteration (eval.json, metrics.jsonl), the
-distances' summary (distances.json), results.md per method, comparison.md, distances.png.
+And the pieces of what a run writes for a person to read (stages.py writes the files): evaluate (eval.json),
+agreement (agreement.json), the tables of results.md and comparison.md, distances.png.
 
 Nothing here trains anything: the distances come from guide.py, the samples from generate.py.
 matplotlib is optional: without it save_histogram_png does nothing and says so (returns False).
@@ -25,10 +25,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import dataset
-import fsdp
 import generate
 import guide as guide_lib
-from rundir import METHODS, atomic_path, read_json, read_jsonl, write_atomic, write_json, write_jsonl
+from rundir import METHODS, atomic_path, read_jsonl, write_atomic
 
 
 # ==================================================================== Section 5.1.3: r = RM(x, y)
@@ -245,85 +244,7 @@ def agreement(policy, guide, data, cfg, device, reward_model, log):
                                for d, a, b, x, y, p, q in list(zip(sub, ta, tb, sa, sb, ja, jb))[:20]])
 
 
-def theta0_reports(run, theta_0, guide, data, cfg, device, reward_model):
-    """theta_0's held-out evaluation (iter0/eval.json, row 0 of every method's table) and Section 5.2 (2)'s
-    ranking agreement on theta_0's samples (guide/agreement.json). theta_0() loads the policy if still needed."""
-    if data.held_out:
-        ev = run.cached("iter0/eval.json", lambda: evaluate(theta_0(), data, cfg, device, reward_model, run.log),
-                        inputs=[run.policy_path("", 0)])
-        run.log(f"[iter 0] theta_0 held-out greedy exact match {ev['exact_match']} | mean reward {ev['reward']}")
-    if cfg["agreement_n"] > 0:
-        agr = run.cached("guide/agreement.json", lambda: agreement(theta_0(), guide, data, cfg, device, reward_model,
-                                                                   run.log), inputs=[run.policy_path("", 0)])
-        run.log(f"[Section 5.2] ranking agreement, latent distance vs {agr['judge']} judge: {agr['agree']}/"
-                f"{agr['n_decided']} = {agr['agreement']} (pairs where both rank strictly; guide/agreement.json)")
-
-
-def record_distances(run, it, s, w, data, y_prime):
-    """distances.json of the iteration folder `it`: S (Algorithm 1, line 9), the weights' range, the distribution
-    of s (Section 5.2 (1))."""
-    S = float(s.mean())
-    run.log(f"[lines 8-9] distances: S = mean s = {S:.4f}, min {float(s.min()):.4f}, max {float(s.max()):.4f}")
-    if fsdp.rank() == 0:
-        write_json(run.path(it, "distances.json"), {
-            "S": S, "n": len(s), "n_identical_to_golden": sum(d["response_ids"] == yp for d, yp in zip(data, y_prime)),
-            "min": float(s.min()), "max": float(s.max()),
-            "weights": {"mean": float(w.mean()), "min": float(w.min()), "max": float(w.max())},
-            "histogram": distance_histogram(s.tolist())})
-
-
-def record_iteration(run, method, t, policy, data, cfg, device, reward_model):
-    """theta_t's held-out evaluation (eval.json) and its row in <method>/metrics.jsonl: exact match, reward,
-    S (from distances.json, when measured), loss (mean of the last quarter of train_metrics.jsonl), steps.
-    policy() returns theta_t (loaded only if its evaluation is not stored yet)."""
-    it = os.path.join(method, f"iter{t}") if t else "iter0"  # theta_0 is shared by every method
-    ev = run.cached(f"{it}/eval.json", lambda: evaluate(policy(), data, cfg, device, reward_model, run.log),
-                    inputs=[run.policy_path(method, t)]) if data.held_out else {"exact_match": None, "reward": None}
-    dist = run.path(it, "distances.json")
-    S = read_json(dist)["S"] if t and os.path.exists(dist) else None
-    history = read_jsonl(run.path(it, "train_metrics.jsonl")) if t else []
-    q = max(1, len(history) // 4)
-    loss = sum(h["loss"] for h in history[-q:]) / q if history else None
-    run.log(f"[{method} iter {t}] held-out greedy exact match {ev['exact_match']} | mean reward {ev['reward']} | "
-            f"S {_cell(S, '.4f')} | loss (last quarter) {_cell(loss, '.4f')}")
-    path = run.path(method, "metrics.jsonl")
-    if fsdp.rank() == 0:
-        rows = [r for r in (read_jsonl(path) if os.path.exists(path) else []) if r["iter"] != t]
-        row = {"iter": t, "S": S, "loss": loss, "steps": len(history), "exact_match": ev["exact_match"], "reward": ev["reward"]}
-        write_jsonl(path, sorted(rows + [row], key=lambda r: r["iter"]))
-
-
-def recorded(run, method, t):
-    """Has theta_t of `method` its row in metrics.jsonl? (A run killed after saving theta_t has not.)"""
-    path = run.path(method, "metrics.jsonl")
-    return os.path.exists(path) and any(r["iter"] == t for r in read_jsonl(path))
-
-
-def write_reports(run, methods, cfg):
-    """results.md and distances.png per method; comparison.md over every method run in this folder so far (this
-    call's or earlier calls', e.g. `--method dpo --lr 2e-7` alone). Rank 0 writes."""
-    if fsdp.rank() != 0:
-        return
-    for m in methods:
-        table = format_table(read_jsonl(run.path(m, "metrics.jsonl")))
-        write_atomic(run.path(m, "results.md"), table)
-        run.log(f"{m}:\n{table}")
-        by_iter = {f"iter {t}": [r["s"] for r in read_jsonl(p)] for t in range(1, cfg["T"] + 1)
-                   if os.path.exists(p := run.path(m, f"iter{t}", "distances.jsonl"))}
-        if by_iter and not save_histogram_png(by_iter, run.path(m, "distances.png")):
-            run.log("(pip install matplotlib for distances.png; the numbers are in iter*/distances.json)")
-    summaries = {m: read_jsonl(p) for m in METHODS
-                 if os.path.exists(p := run.path(m, "metrics.jsonl"))}
-    if len(summaries) > 1:
-        steps = ", ".join(f"{m} {rows[-1].get('steps', '?')}" for m, rows in summaries.items())
-        head = (f"comparison ({cfg['T']} iterations x {cfg['epochs']} epochs, batch {cfg['batch_size']}; optimizer "
-                f"steps per iteration: {steps}; each method at the settings in settings.json)")
-        table = format_comparison(summaries)
-        write_atomic(run.path("comparison.md"), head + "\n\n" + table)
-        run.log(f"{head}:\n{table}")
-
-
-def _cell(v, f):
+def cell(v, f):
     """A number in format f, or "-" for a value not measured."""
     return "-" if v is None else format(v, f)
 
@@ -331,8 +252,8 @@ def _cell(v, f):
 def format_table(rows):
     lines = ["| iteration | held-out exact match | mean reward | S (mean distance) | loss |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['iter']} | {_cell(r['exact_match'], '.3f')} | {_cell(r.get('reward'), '.3f')} | "
-                     f"{_cell(r['S'], '.4f')} | {_cell(r['loss'], '.4f')} |")
+        lines.append(f"| {r['iter']} | {cell(r['exact_match'], '.3f')} | {cell(r.get('reward'), '.3f')} | "
+                     f"{cell(r['S'], '.4f')} | {cell(r['loss'], '.4f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -345,8 +266,8 @@ def format_comparison(summaries):
         cells = []
         for m in methods:
             r = next((r for r in summaries[m] if r["iter"] == t), None)
-            cells.append("-" if r is None else f"{_cell(r['exact_match'], '.3f')} / {_cell(r.get('reward'), '.3f')} / "
-                                               f"{_cell(r['S'], '.4f')}")
+            cells.append("-" if r is None else f"{cell(r['exact_match'], '.3f')} / {cell(r.get('reward'), '.3f')} / "
+                                               f"{cell(r['S'], '.4f')}")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

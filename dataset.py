@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import fsdp
 from cli import UserError
-from rundir import atomic_path, read_jsonl, write_jsonl
+from rundir import atomic_path, write_jsonl
 
 # ----------------------------------------------------------------------------------------------------
 # Require: everything a run reads, checked before any compute
@@ -96,36 +96,6 @@ def _save_tokenizer(tok, path):
     if fsdp.rank() == 0:
         with atomic_path(path) as tmp:
             tok.save_pretrained(tmp)
-
-
-# ----------------------------------------------------------------------------------------------------
-# A run's per-pair files: the samples y' (lines 2 / 7) and the distances s (line 8), one JSONL row per pair
-# ----------------------------------------------------------------------------------------------------
-def samples_file(data, tok, cfg):
-    """save / load of a samples.jsonl (rundir.RunDir.cached) holding y' for every x of `data`: one row per pair,
-    {where, x, y, y_prime (text), y_prime_ids}; read back as the id lists, after checking the prompts match."""
-    def save(ids, path):
-        if fsdp.rank() == 0:
-            write_jsonl(path, [{"where": d["where"], "x": d["x"], "y": d["y"], "y_prime": tok.decode(y, skip_special_tokens=True),
-                                "y_prime_ids": y} for d, y in zip(data, ids)])
-
-    def load(path):
-        rows = read_jsonl(path)
-        if [r["x"] for r in rows] != [d["x"] for d in data]:
-            raise SystemExit(f"{path} holds samples for other prompts than the {len(data)} of {cfg['data']} (was the "
-                             "file changed?); delete it, or use a new --out")
-        return [r["y_prime_ids"] for r in rows]
-    return dict(save=save, load=load)
-
-
-def distances_file(data):
-    """save / load of a distances.jsonl: one row per pair, {where, s}; read back as an (N,) tensor."""
-    import torch
-
-    def save(s, path):
-        if fsdp.rank() == 0:
-            write_jsonl(path, [{"where": d["where"], "s": float(v)} for d, v in zip(data, s)])
-    return dict(save=save, load=lambda path: torch.tensor([r["s"] for r in read_jsonl(path)]))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ def global_batches(n, batch_size, epochs, seed, world):
 
 
 def _train_loop(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micro_batch_size, optimizer, warmup_ratio,
-                max_grad_norm, seed, log_every, log_fn, stats_names, max_steps=0):
+                max_grad_norm, seed, log_every, log_fn, stats_names, max_steps=0, on_step=None):
     """Shared by dpo_train and sft_train. loss_fn(idx, valid) -> (sum of per-item losses over the real
     items of this micro-batch, stats tensor summed the same way). Returns the list of logged dicts.
 
@@ -268,6 +268,8 @@ def _train_loop(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micr
             el = time.time() - t0
             rec = dict(rec, elapsed_s=round(el, 1), eta_s=round(el / (step + 1) * (total - step - 1), 1))
             log_fn(rec)
+        if on_step:
+            on_step(step + 1, total)  # after each optimizer step (the run's crash hook for the tests)
     return history
 
 
@@ -286,7 +288,8 @@ def disable_dropout(model):
 
 
 def dpo_train(model, pairs, ref_chosen, ref_rejected, weights, *, beta, lr, epochs, batch_size, micro_batch_size,
-              device, optimizer="rmsprop", warmup_ratio=0.1, max_grad_norm=1.0, seed=0, log_every=10, log_fn=None):
+              device, optimizer="rmsprop", warmup_ratio=0.1, max_grad_norm=1.0, seed=0, log_every=10, log_fn=None,
+              on_step=None):
     """Algorithm 1, line 10: theta_t = argmax_theta sum_i (s_i/S) log sigma(beta log-ratio(y) - beta log-ratio(y')).
 
     pairs: list of N (x, y, y') id lists, identical on every rank; ref_chosen/ref_rejected: (N,) cached
@@ -307,11 +310,12 @@ def dpo_train(model, pairs, ref_chosen, ref_rejected, weights, *, beta, lr, epoc
     return _train_loop(model, len(pairs), loss_fn, device=device, lr=lr, epochs=epochs, batch_size=batch_size,
                        micro_batch_size=micro_batch_size, optimizer=optimizer, warmup_ratio=warmup_ratio,
                        max_grad_norm=max_grad_norm, seed=seed, log_every=log_every, log_fn=log_fn,
-                       stats_names=["reward_chosen", "reward_rejected", "reward_acc", "reward_margin"])
+                       stats_names=["reward_chosen", "reward_rejected", "reward_acc", "reward_margin"],
+                       on_step=on_step)
 
 
 def sft_train(model, examples, *, lr, epochs, batch_size, micro_batch_size, device, optimizer="adamw",
-              warmup_ratio=0.1, max_grad_norm=1.0, seed=0, log_every=10, log_fn=None, max_steps=0):
+              warmup_ratio=0.1, max_grad_norm=1.0, seed=0, log_every=10, log_fn=None, max_steps=0, on_step=None):
     """SFT objective of Section 3: max E[log p_theta(y|x)], here the per-token mean NLL of each response.
 
     examples: list of (x, y) id lists. Used to make theta_0 for the toy task and for `--method sft`.
@@ -328,4 +332,4 @@ def sft_train(model, examples, *, lr, epochs, batch_size, micro_batch_size, devi
     return _train_loop(model, len(examples), loss_fn, device=device, lr=lr, epochs=epochs, batch_size=batch_size,
                        micro_batch_size=micro_batch_size, optimizer=optimizer, warmup_ratio=warmup_ratio,
                        max_grad_norm=max_grad_norm, seed=seed, log_every=log_every, log_fn=log_fn, stats_names=[],
-                       max_steps=max_steps)
+                       max_steps=max_steps, on_step=on_step)

@@ -26,21 +26,18 @@ goes on from the last finished stage; rundir.py). The run folder:
     M/metrics.jsonl, results.md     one row per iteration;  comparison.md when several methods ran
     dpo/ref_logps_theta0.json       (dpo) the fixed reference's log-probs, computed in iteration 1
 """
-import functools
 import math
 import os
 import sys
 
 import torch
 
-import analysis
 import dataset
 import dpo
 import fsdp
-import generate
-import guide as guide_lib
 from cli import read_overrides, report_errors
-from rundir import METHODS, RunDir, save_hf, verify
+from rundir import METHODS, RunDir
+from stages import Stages
 
 # ----------------------------------------------------------------------------------------------------
 # Defaults: the embedded toy run. Every key can be overridden on the command line as --key value.
@@ -168,176 +165,63 @@ def parse_args(argv):
 def main(argv=None):
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
     rank, world, device = fsdp.init()
-    run = RunDir(cfg)  # out/: config.json, log.txt, settings.json, every stage's result (a rerun resumes)
-    run.log(f"LD-Align | preset={cfg['preset']} method={cfg['method']} T={cfg['T']} | {world} process(es) on {device}")
+    run = RunDir(cfg)
+    run.log(f"LD-Align | preset={cfg['preset']} method={cfg['method']} T={cfg['T']} | "
+            f"{world} process(es) on {device}")
     torch.manual_seed(cfg["seed"])
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # our own progress lines are enough
-
     # ------------------------------------------------------------------------------------------------
-    # Require: D = {(x_i, y_i)}, guide T = (phi, psi), LLM theta_0. Every record is read and checked now, before
-    # any compute: a bad line fails here, naming file:line.
+    # Require: D = {(x_i, y_i)}, guide T = (phi, psi), LLM theta_0. Every record is read and checked
+    # now, before any compute: a bad line fails here, naming file:line.
     # ------------------------------------------------------------------------------------------------
     data = dataset.load(cfg, run)
-    D, tok, gtok, methods = data.D, data.tok, data.gtok, cfg["method"].split(",")
-    run.check_settings(methods)  # does this folder's stored work fit these settings?
-    reward_model = (analysis.load_reward_model(cfg["reward_model"], device=torch.device("cpu"),
-                                               trust_remote_code=cfg["trust_remote_code"])
-                    if cfg["reward_model"] else None)  # loaded now: a wrong path fails before any compute
-    if cfg["policy"] == "tiny":  # the embedded default makes its theta_0: a tiny Llama SFT-ed on D (Section 3)
-        run.cached("sft", lambda: toy_theta0(data, cfg, device, run.log), save=lambda m, p: save_hf(m, tok, p),
-                   load=lambda p: None)
-    theta_0 = functools.cache(lambda: load_policy(run.policy_path("", 0), cfg, device))  # only if a stage needs it
-
-    def sample(policy, seed, what):  # y'_i ~ p_policy(.|x_i) for every x_i of D
-        return generate.sample_dataset(policy, [d["prompt_ids"] for d in D], tok, cfg, seed, device, log=run.log, what=what)
-
-    def triples(y_prime):  # (x_i, y_i, y'_i) in the guide's tokens
-        return dataset.guide_triples(D, tok, gtok, y_prime, cfg["guide_max_len"])
-    samples_io, distances_io = dataset.samples_file(D, tok, cfg), dataset.distances_file(D)  # their JSONL files
-
+    methods = cfg["method"].split(",")
+    run.check_settings(methods)
+    stages = Stages(run, data, cfg, device)
+    stages.theta_0()
     # ------------------------------------------------------------------------------------------------
-    # Algorithm 1, lines 1-3: for i = 1..N: generate y'_i ~ p_theta_0(.|x_i)   (printed y_i: README errata 3)
+    # Algorithm 1, lines 1-3: for i = 1..N: generate y'_i ~ p_theta_0(.|x_i)   (errata 3: printed y_i)
     # ------------------------------------------------------------------------------------------------
-    y0 = run.cached("iter0/samples.jsonl", lambda: sample(theta_0(), cfg["seed"], "y' ~ p_theta_0"), **samples_io,
-                    inputs=[run.policy_path("", 0)])  # (inputs: a stored result of other inputs is computed again)
+    y0 = stages.sample(0)
+    # ------------------------------------------------------------------------------------------------
+    # Algorithm 1, line 4: (phi, psi) = argmax sum_i log p_psi(y_i | x_i, phi(x_i, y_i))
+    #                                              + log p_psi(y'_i | x_i, phi(x_i, y'_i))     (Eq. 2)
+    # ------------------------------------------------------------------------------------------------
+    guide = stages.guide(y0)
+    stages.theta0_reports(guide)
 
-    # ------------------------------------------------------------------------------------------------
-    # Algorithm 1, line 4: (phi, psi) = argmax sum_i log p_psi(y_i|x_i, phi(x_i,y_i)) + log p_psi(y'_i|x_i, phi(x_i,y'_i))
-    # Eq. 2 over golden AND generated responses; trained once, then frozen for all T iterations (README errata 5).
-    # ------------------------------------------------------------------------------------------------
-    guide = run.cached("guide", lambda: guide_lib.fit(data.guide_src, triples(y0), cfg, gtok.eos_token_id, device,
-                                                      run.log),
-                       save=lambda g, path: guide_lib.save_gathered(g, path, data.guide_src),
-                       load=lambda path: guide_lib.place(guide_lib.load_guide(path), device),
-                       inputs=[run.path("iter0/samples.jsonl")])
-    guide_lib.freeze(guide)
-    analysis.theta0_reports(run, theta_0, guide, data, cfg, device, reward_model)  # held-out eval, Section 5.2 (2)
-    theta_0.cache_clear()  # free it: each method loads its own theta_{t-1}
-
-    for method in methods:  # ldalign, or a competitor of Section 5.1.4, each from the same theta_0 and guide
-        t_first, policy = resume(run, method, theta_0, data, cfg, device, reward_model)
+    # ldalign, or a competitor of Section 5.1.4, each from the same theta_0 and guide
+    for method in methods:
+        t_first = stages.resume(method)
         # --------------------------------------------------------------------------------------------
         # Algorithm 1, line 5: for t = 1..T
         # --------------------------------------------------------------------------------------------
         for t in range(t_first, cfg["T"] + 1):
             run.log(f"===== {method} iteration {t}/{cfg['T']}: theta_{t - 1} -> theta_{t} =====")
-            it = f"{method}/iter{t}"  # this iteration's folder
-            policy = policy if policy is not None else load_policy(run.policy_path(method, t - 1), cfg, device)
             y_prime = w = None
+            # dpo and sft train on other pairs: they sample only to measure S (--measure_S)
             if method in ("ldalign", "spin") or cfg["measure_S"]:
                 # ------------------------------------------------------------------------------------
-                # Algorithm 1, lines 6-7: for i = 1..N: generate y'_i ~ p_theta_{t-1}(.|x_i)   (printed theta_{T-1})
-                # (t = 1: theta_{t-1} = theta_0, whose samples lines 1-3 drew already)
+                # Algorithm 1, lines 6-7: for i = 1..N: generate y'_i ~ p_theta_{t-1}(.|x_i)
                 # ------------------------------------------------------------------------------------
-                reuse = t == 1 and cfg["reuse_line2_samples"]
-                y_prime = y0 if reuse else run.cached(
-                    f"{it}/samples.jsonl", lambda: sample(policy, cfg["seed"] + t, f"y' ~ p_theta_{t - 1}"), **samples_io,
-                    inputs=[run.policy_path(method, t - 1)])
+                y_prime = stages.sample(t - 1, method)
                 # ------------------------------------------------------------------------------------
                 # Algorithm 1, line 8: s_phi(x_i, y_i, y'_i) = ||phi(x_i, y_i) - phi(x_i, y'_i)||_2
                 # ------------------------------------------------------------------------------------
-                s = run.cached(f"{it}/distances.jsonl", lambda: guide_lib.distances(
-                    guide, triples(y_prime), cfg["guide_batch_size"], gtok.eos_token_id, device), **distances_io,
-                    inputs=[run.path("iter0/samples.jsonl" if reuse else f"{it}/samples.jsonl"), run.path("guide")])
+                s = stages.distances(guide, y_prime, method, t)
                 # ------------------------------------------------------------------------------------
-                # Algorithm 1, line 9: S_phi(D, p_theta_{t-1}) = (1/N) sum_i s_i, and the weights w_i = s_i / S
+                # Algorithm 1, line 9: S = (1/N) sum_i s_i; the weights w_i = s_i / S (SPIN: 1)
                 # ------------------------------------------------------------------------------------
-                w = dpo.latent_weights(s) if method == "ldalign" else torch.ones(len(s))  # SPIN: weights 1
-                analysis.record_distances(run, it, s, w, D, y_prime)  # distances.json (Section 5.2 (1))
+                w = dpo.latent_weights(s) if method == "ldalign" else torch.ones(len(s))
+                stages.record_distances(method, t, s, w, y_prime)
             # ----------------------------------------------------------------------------------------
-            # Algorithm 1, line 10: theta_t = argmax_theta sum_i w_i log sigma(beta log p_theta(y_i|x_i) / p_theta_{t-1}(y_i|x_i)
-            #                                                        - beta log p_theta(y'_i|x_i) / p_theta_{t-1}(y'_i|x_i))
+            # Algorithm 1, line 10: theta_t = argmax_theta sum_i w_i log sigma(
+            #     beta log p_theta(y_i|x_i) / p_theta_{t-1}(y_i|x_i) - beta log p_theta(y'_i|x_i) / ...)
             # ----------------------------------------------------------------------------------------
-            history = policy_update(method, policy, data, y_prime, w, run, t, cfg, device)
-            run.save_policy(policy, tok, method, t, history)
-            analysis.record_iteration(run, method, t, lambda: policy, data, cfg, device, reward_model)  # eval.json, metrics
+            stages.update(method, t, y_prime, w)
+            stages.evaluate(method, t)
         # Algorithm 1, lines 11-12: end for; theta_T is <method>/iter{T}/policy
-        policy = None
-    analysis.write_reports(run, methods, cfg)  # results.md, comparison.md, distances.png
+    stages.write_reports(methods)
     fsdp.finish()
-
-
-def policy_update(method, policy, data, y_prime, w, run, t, cfg, device):
-    """Algorithm 1, line 10 (Eq. 4), and the same budget spent by the competitors of Section 5.1.4:
-      ldalign  pairs (x, y, y'), weights s_i/S, reference theta_{t-1}
-      spin     the same loop with weights 1 (SPIN)
-      dpo      annotated pairs (--pref_data), weights 1, reference theta_0 fixed for every iteration
-      sft      continual SFT on D: the same epochs and batch spent on log p(y|x)
-    The reference log-probs are computed once, before the update (README errata 4). Returns the step log."""
-    def log_step(r):
-        extra = f"reward acc {r['reward_acc']:.2f} margin {r['reward_margin']:.3f} " if "reward_acc" in r else ""
-        run.log(f"  step {r['step']}/{r['steps']} loss {r['loss']:.4f} {extra}lr {r['lr']:.2e} | "
-                f"{r['elapsed_s']:.0f}s, eta {r['eta_s']:.0f}s")
-        if r["step"] * 2 >= r["steps"]:
-            run.kill_point(f"{method}/iter{t}/train")  # a kill half-way through the update
-
-    train_settings = dict(lr=cfg["lr"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-                          micro_batch_size=cfg["micro_batch_size"], device=device, optimizer=cfg["optimizer"],
-                          warmup_ratio=cfg["warmup_ratio"], max_grad_norm=cfg["max_grad_norm"],
-                          seed=cfg["seed"] + 1000 * t, log_every=cfg["log_every"], log_fn=log_step)
-    if method == "sft":
-        run.log(f"[sft] continual SFT: {cfg['epochs']} epoch(s) over {len(data.D)} pairs of D")
-        return dpo.sft_train(policy, [(d["prompt_ids"], d["response_ids"]) for d in data.D], **train_settings)
-    if method == "dpo":
-        # DPO's reference is theta_0 in every iteration: its log-probs are computed at t = 1, when the policy is
-        # theta_0, and stored; a later iteration's policy cannot stand in for it.
-        pairs, w = data.pref, torch.ones(len(data.pref))
-        path = run.path("dpo", "ref_logps_theta0.json")
-        if t > 1 and not os.path.exists(path):
-            raise FileNotFoundError(f"{path} is missing: DPO's reference is theta_0, and only iteration 1 can compute "
-                                    f"it; delete {run.path('dpo')} to rerun the DPO baseline from the start")
-        ref = run.cached("dpo/ref_logps_theta0.json", lambda: dict(zip(("chosen", "rejected"), (
-            v.tolist() for v in dpo.reference_logps(policy, pairs, cfg["micro_batch_size"], device)))),
-            inputs=[run.policy_path("", 0)])
-        ref_c, ref_r = torch.tensor(ref["chosen"]), torch.tensor(ref["rejected"])
-    else:
-        # The reference is theta_{t-1}, the policy right now: every pair scored once, then the policy moves.
-        pairs = [(d["prompt_ids"], d["response_ids"], yp) for d, yp in zip(data.D, y_prime)]
-        run.log("[line 10] reference log-probs under theta_{t-1} (computed once, before the update)")
-        ref_c, ref_r = dpo.reference_logps(policy, pairs, cfg["micro_batch_size"], device)
-    run.log(f"[line 10] {'weighted ' if method == 'ldalign' else ''}DPO ({method}): {cfg['epochs']} epoch(s) over "
-            f"{len(pairs)} pairs")
-    return dpo.dpo_train(policy, pairs, ref_c, ref_r, w, beta=cfg["beta"], **train_settings)
-
-
-def resume(run, method, theta_0, data, cfg, device, reward_model):
-    """Where `method` goes on: (t_first, policy). theta_t of every t < t_first is saved. A run killed between
-    saving theta_{t_first-1} and evaluating it is evaluated now (policy is then that model, else None)."""
-    analysis.record_iteration(run, method, 0, theta_0, data, cfg, device, reward_model)  # row 0 of metrics.jsonl: theta_0
-    t_first, policy = run.first_unsaved(method, cfg["T"]), None
-    if t_first > 1 and not analysis.recorded(run, method, t_first - 1):
-        run.log(f"[resume] iteration {t_first - 1} of {method} saved its policy but not its evaluation: evaluating it")
-        policy = load_policy(run.policy_path(method, t_first - 1), cfg, device)
-        analysis.record_iteration(run, method, t_first - 1, lambda: policy, data, cfg, device, reward_model)
-    if t_first <= cfg["T"]:
-        run.log(f"##### method {method}: iterations {t_first}..{cfg['T']}, from {run.policy_path(method, t_first - 1)}")
-    return t_first, policy
-
-
-def load_policy(path, cfg, device):
-    """theta_t from its checkpoint; the run's own checkpoints verified (manifest) and in exact fp32."""
-    if path != cfg["policy"]:
-        verify(path)
-    return fsdp.load_policy(path, device, exact_fp32=path != cfg["policy"], grad_ckpt=cfg["grad_ckpt"],
-                            compile=cfg["compile"], trust_remote_code=cfg["trust_remote_code"])
-
-
-def toy_theta0(data, cfg, device, log):
-    """theta_0 of the embedded default: a tiny Llama (dataset.tiny_policy_config) SFT-ed on all the records of
-    --data (the paper's theta_0, zephyr-7b-sft-full, is Mistral-7B SFT-ed on all of UltraChat 200k)."""
-    from transformers import AutoModelForCausalLM
-    log(f"[theta_0] SFT of a tiny Llama on all {len(data.sft_pairs)} records of {cfg['data']}: {cfg['sft_steps']} steps")
-    torch.manual_seed(cfg["seed"])  # every rank builds the same initial weights (FSDP2 does not broadcast them)
-    model = AutoModelForCausalLM.from_config(dataset.tiny_policy_config(data.tok, cfg["max_len"])).to(device)
-    if fsdp.world() > 1:
-        model = fsdp.parallelize(model, device)
-    epochs = -(-cfg["sft_steps"] * cfg["sft_batch_size"] // len(data.sft_pairs))
-    dpo.sft_train(model, data.sft_pairs, lr=cfg["sft_lr"], epochs=epochs, batch_size=cfg["sft_batch_size"],
-                  micro_batch_size=cfg["sft_batch_size"], device=device, optimizer="adamw", seed=cfg["seed"],
-                  log_every=50, max_steps=cfg["sft_steps"],
-                  log_fn=lambda r: log(f"  sft step {r['step']}/{r['steps']} nll/token {r['loss']:.3f}"))
-    return model
 
 
 if __name__ == "__main__":

@@ -1,30 +1,38 @@
-"""LD-Align, Algorithm 1 of arXiv 2404.06390, line for line: main() below, a banner per pseudocode line.
+"""LD-Align: Algorithm 1 of arXiv 2404.06390, line for line, in main() (a banner per pseudocode line).
 
-    python ldalign.py                                   # embedded default: toy sorting task, CPU, ~3 min
-    python ldalign.py --method ldalign,spin,dpo,sft     # the paper's competing methods, same epochs and batch
-    python ldalign.py --preset paper --data ultrachat_50k.jsonl --out runs/paper    # the paper's setting
-    torchrun --nproc_per_node=8 ldalign.py --preset paper ...                       # the same, FSDP2 on 8 GPUs
-    python ldalign.py --out runs/x --T 5                # any default below can be overridden as --key value
+    python ldalign.py                                # the embedded default: toy task, CPU, ~3 min
+    python ldalign.py --method ldalign,spin,dpo,sft  # the competing methods, same epochs and batch
+    python ldalign.py --preset paper --data ultrachat_50k.jsonl      # the paper's setting
+    torchrun --nproc_per_node=8 ldalign.py --preset paper ...         # the same, FSDP2 on 8 GPUs
+    python ldalign.py --out runs/x --T 5             # any default below, overridden as --key value
 
-Each stage writes its result under --out and a rerun reads back what is stored (kill it and start it again: it
-goes on from the last finished stage; rundir.py). The run folder:
+Each stage writes its result under --out and a rerun reads back what is stored (kill it and start it
+again: it goes on from the last finished stage). stages.py says which stage writes which file:
 
-    config.json, log.txt            the settings of this call, everything printed; lock.json while a run holds it
-    settings.json, stages.json      what the stored stages depend on (a rerun with other values stops) and the
-                                    digests of their inputs (a stage of changed inputs is computed again)
-    skipped.jsonl                   (--overlength skip) every over-length record, file:line and why
-    tokenizer/, sft/                (tiny preset) the BPE trained on the shipped data; theta_0, a tiny Llama SFT-ed on D
-    iter0/samples.jsonl             lines 1-3: y'_i ~ p_theta_0(.|x_i);   iter0/eval.json: theta_0 on held-out prompts
-    guide/                          line 4: T = (phi, psi) (HF safetensors, latent.safetensors, guide_config.json),
-                                    diagnostics.json (true / shuffled / same-prompt h), agreement.json (Section 5.2 (2))
-    M/iter{t}/samples.jsonl         line 7: y'_i ~ p_theta_{t-1}(.|x_i)   (M = ldalign, spin, dpo or sft; t = 1 reuses
-                                    iter0/samples.jsonl unless --reuse_line2_samples false)
-    M/iter{t}/distances.jsonl       line 8: s_i = ||phi(x_i, y_i) - phi(x_i, y'_i)||_2, one row per pair
-    M/iter{t}/distances.json        line 9: S = mean_i s_i, the weights s_i/S, the distribution (Section 5.2 (1))
-    M/iter{t}/policy/, train_metrics.jsonl   line 10: theta_t (HF safetensors), loss and rewards per optimizer step
-    M/iter{t}/eval.json             theta_t's greedy answers on held-out prompts: exact match, mean reward
-    M/metrics.jsonl, results.md     one row per iteration;  comparison.md when several methods ran
-    dpo/ref_logps_theta0.json       (dpo) the fixed reference's log-probs, computed in iteration 1
+    config.json, log.txt        this call's settings, everything printed; lock.json while a run
+                                holds the folder
+    settings.json, stages.json  the settings the stored stages depend on (a rerun with other
+                                values stops) and the digests of their inputs (a stage of changed
+                                inputs is computed again)
+    skipped.jsonl               (--overlength skip) every over-length record, file:line and why
+    tokenizer/, sft/            (tiny preset) the BPE trained on the shipped data; theta_0, a tiny
+                                Llama SFT-ed on D
+    iter0/samples.jsonl         lines 1-3: y'_i ~ p_theta_0(.|x_i)
+    iter0/eval.json             theta_0's greedy answers on the held-out prompts
+    guide/                      line 4: T = (phi, psi) (HF safetensors, latent.safetensors,
+                                guide_config.json); diagnostics.json (true / shuffled /
+                                same-prompt h), agreement.json (Section 5.2 (2))
+    M/iter{t}/samples.jsonl     line 7: y'_i ~ p_theta_{t-1}(.|x_i), M = ldalign, spin, dpo or sft
+                                (t = 1 reuses iter0/samples.jsonl, unless
+                                --reuse_line2_samples false)
+    M/iter{t}/distances.jsonl   line 8: s_i = ||phi(x_i, y_i) - phi(x_i, y'_i)||_2, one row per pair
+    M/iter{t}/distances.json    line 9: S = mean_i s_i, the weights s_i/S; the distribution of s
+                                (Section 5.2 (1))
+    M/iter{t}/policy/           line 10: theta_t (HF safetensors); train_metrics.jsonl: loss and
+                                rewards per optimizer step
+    M/iter{t}/eval.json         theta_t's greedy answers on held-out prompts: exact match, reward
+    M/metrics.jsonl, results.md one row per iteration; comparison.md when several methods ran
+    dpo/ref_logps_theta0.json   (dpo) the fixed reference's log-probs, computed in iteration 1
 """
 import math
 import os
@@ -39,76 +47,89 @@ from cli import read_overrides, report_errors
 from rundir import METHODS, RunDir
 from stages import Stages
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Defaults: the embedded toy run. Every key can be overridden on the command line as --key value.
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 DEFAULTS = dict(
-    preset="tiny",            # "tiny" (toy sorting task, builds everything from configs) or "paper"
+    # "tiny" (toy sorting task, builds everything from configs) or "paper"
+    preset="tiny",
     out="runs/tiny",          # run folder: every stage writes here, a rerun resumes from here
-    data="data/sort_train.jsonl",      # SFT set D, UltraChat-style JSONL: (x, y) = first user / assistant turn
+    # SFT set D, UltraChat-style JSONL: (x, y) = the first user / assistant turn
+    data="data/sort_train.jsonl",
     eval_data="data/sort_eval.jsonl",  # held-out prompts for greedy exact match ("" to skip)
-    max_examples=2000,        # Algorithm 1 runs on the first N records of --data (0 = all); the paper: 50k.
-                              # The tiny preset's SFT of theta_0 uses all records, as the paper's SFT uses
-                              # all of UltraChat 200k and LD-Align a 50k subset (Section 5.1.1).
+    # Algorithm 1 runs on the first N records of --data (0 = all); the paper: 50k. The tiny preset's
+    # SFT of theta_0 uses all records, as the paper's SFT uses all of UltraChat 200k and LD-Align a
+    # 50k subset (Section 5.1.1).
+    max_examples=2000,
     max_eval=200,             # held-out prompts scored per iteration
-    overlength="error",       # prompt/response longer than the limits: "error" (file:line) or "skip" (logged)
+    # prompt / response longer than the limits: "error" (file:line) or "skip" (listed)
+    overlength="error",
     seed=0,
-    # theta_0, the policy: "tiny" = SFT a tiny Llama on D from scratch, else any HF causal LM path/id
+    # theta_0, the policy: "tiny" = SFT a tiny Llama on D from scratch, else an HF causal LM path/id
     policy="tiny",
     max_len=64,               # prompt + response tokens
     max_prompt_len=32,        # prompt tokens (after the chat template)
-    max_new_tokens=32,        # length cap of sampled y' (max_prompt_len + max_new_tokens <= max_len)
+    # length cap of sampled y' (max_prompt_len + max_new_tokens <= max_len)
+    max_new_tokens=32,
     # tiny SFT of theta_0 (tiny preset only): a weak model, leaves room for alignment to help
     sft_steps=600, sft_lr=3e-3, sft_batch_size=32,
     # sampling y' ~ p_theta(.|x) (Algorithm 1, lines 2 and 7)
     temperature=1.0, top_p=1.0, top_k=0, gen_batch_size=128,
-    gen_static=False,         # generate.py with a StaticCache (fixed shapes) instead of a DynamicCache; same tokens
-    gen_compile=False,        # torch.compile the decode step (needs gen_static; CUDA graphs on GPU): compiles once
-                              # per sampling stage (tens of seconds), worth it when sampling thousands of prompts
-    reuse_line2_samples=True,  # iteration 1 samples from theta_0, like lines 1-3: reuse those samples
-    # guide T = (phi, psi) (Section 4.1): "tiny" = tiny GPT-2s from config, else a GPT-2 path/id ("gpt2")
+    # generate.py with a StaticCache (fixed shapes) instead of a DynamicCache; the same tokens
+    gen_static=False,
+    # torch.compile the decode step (needs gen_static; CUDA graphs on GPU): compiles once per
+    # sampling stage (tens of seconds), worth it when sampling thousands of prompts
+    gen_compile=False,
+    reuse_line2_samples=True,  # iteration 1 samples from theta_0 like lines 1-3: reuse those
+    # guide T = (phi, psi) (Section 4.1): "tiny" = tiny GPT-2s from config, else a GPT-2 path/id
     guide="tiny", latent_dim=32,
     guide_epochs=3, guide_lr=1e-3, guide_batch_size=32,
     # the LD-Align update (Algorithm 1, line 10, Eq. 4)
     T=3,                      # iterations; the paper reports LD-Align 0, 1, 2
-    # The method, or several separated by commas, run one after the other from the same theta_0 and guide, each
-    # T iterations of `epochs` epochs at the same batch (an equal budget when their pair sets are equally large;
-    # comparison.md lists each one's optimizer steps): the paper's table rows (Section 5.1.4).
-    #   ldalign  weights s/S, ref theta_{t-1}          spin  weights 1, same loop (SPIN)
+    # The method, or several separated by commas, run one after the other from the same theta_0
+    # and guide, each T iterations of `epochs` epochs at the same batch (an equal budget when their
+    # pair sets are equally large; comparison.md lists each one's optimizer steps): the paper's
+    # table rows (Section 5.1.4).
+    #   ldalign  weights s/S, ref theta_{t-1}     spin  weights 1, the same loop (SPIN)
     #   dpo      annotated pairs from --pref_data, ref theta_0 fixed     sft  continual SFT on D
     method="ldalign",
-    pref_data="data/sort_pairs.jsonl",  # for dpo: JSONL with prompt, chosen, rejected (UltraFeedback binarized)
-    measure_S=True,           # dpo / sft: also sample y' and compute S each iteration (a diagnostic only)
+    # for dpo: JSONL with prompt, chosen, rejected (UltraFeedback binarized)
+    pref_data="data/sort_pairs.jsonl",
+    measure_S=True,           # dpo / sft: also sample y' and compute S (a diagnostic only)
     beta=0.1,
-    # On the toy task AdamW at 1e-5 keeps held-out accuracy within the noise of theta_0; 3e-5 and above, or RMSprop
-    # at 1e-5, lower it (DPO pushes down the likelihood of y and y' alike and the tiny policy starts to drop
-    # numbers). A larger beta (1-2) holds the policy nearer theta_{t-1}: at lr 3e-5..1e-4 it no longer lowers a
-    # weaker theta_0, nor, over 5 seeds, raises it (README, "A weaker theta_0"). The paper preset keeps SPIN's
-    # RMSprop at 5e-7.
+    # On the toy task AdamW at 1e-5 keeps held-out accuracy within the noise of theta_0; 3e-5 and
+    # above, or RMSprop at 1e-5, lower it (DPO pushes down the likelihood of y and y' alike and the
+    # tiny policy starts to drop numbers). A larger beta (1-2) holds the policy nearer theta_{t-1}:
+    # at lr 3e-5..1e-4 it no longer lowers a weaker theta_0, nor, over 5 seeds, raises it
+    # (RESULTS.md, "A weaker theta_0"). The paper preset keeps SPIN's RMSprop at 5e-7.
     lr=1e-5, optimizer="adamw", warmup_ratio=0.1, max_grad_norm=1.0,
     epochs=2, batch_size=32, micro_batch_size=32,
     grad_ckpt=False,          # activation checkpointing of the policy (saves memory on 7B)
-    compile=False,            # torch.compile each transformer block of the policy (compile_blocks): faster steps
+    compile=False,            # torch.compile each transformer block of the policy: faster steps
     log_every=10,
-    # evaluation (Section 5.1.3) and the analyses of Section 5.2
-    reward_model="",          # any HF sequence-classification reward model (the paper: reward-model-deberta-v3-large-v2)
-    judge="toy",              # who judges the ranking-agreement analysis: "toy" (edit distance to y) or "reward"
-    agreement_n=200,          # prompts of D for the ranking-agreement analysis (two samples each; 0 = skip)
+    # evaluation (Section 5.1.3) and the analyses of Section 5.2:
+    # any HF sequence-classification reward model (the paper: reward-model-deberta-v3-large-v2)
+    reward_model="",
+    # who judges the ranking agreement: "toy" (edit distance to y) or "reward" (the reward model)
+    judge="toy",
+    agreement_n=200,          # prompts of D for the ranking agreement (two samples each; 0 = skip)
     trust_remote_code=False,  # passed to from_pretrained; only for checkpoints whose code you trust
 )
 
-# The range of every numeric setting, checked by parse_args before anything runs (NaN fails every comparison).
-POSITIVE_INT = ("max_len", "max_prompt_len", "max_new_tokens", "sft_steps", "sft_batch_size", "gen_batch_size",
-                "latent_dim", "guide_epochs", "guide_batch_size", "T", "epochs", "batch_size", "micro_batch_size",
-                "log_every")
+# The range of every numeric setting, checked by parse_args before anything runs (NaN fails every
+# comparison).
+POSITIVE_INT = ("max_len", "max_prompt_len", "max_new_tokens", "sft_steps", "sft_batch_size",
+                "gen_batch_size", "latent_dim", "guide_epochs", "guide_batch_size", "T", "epochs",
+                "batch_size", "micro_batch_size", "log_every")
 NONNEGATIVE_INT = ("max_examples", "max_eval", "top_k", "agreement_n")
 POSITIVE_FINITE = ("sft_lr", "guide_lr", "beta", "lr", "max_grad_norm")
 
 PRESETS = {
     "tiny": {},
-    # The paper's setting (Section 5.1): zephyr-7b-sft-full (Mistral-7B SFT on UltraChat 200k), a GPT-2
-    # guide, a 50k subset of UltraChat, beta 0.1, three iterations. What the paper leaves open follows SPIN
-    # (lr 5e-7, RMSprop, 2 epochs, global batch 64, max length 1024, prompt 512, 256 new tokens).
+    # The paper's setting (Section 5.1): zephyr-7b-sft-full (Mistral-7B SFT on UltraChat 200k), a
+    # GPT-2 guide, a 50k subset of UltraChat, beta 0.1, three iterations. What the paper leaves open
+    # follows SPIN (lr 5e-7, RMSprop, 2 epochs, global batch 64, max length 1024, prompt 512, 256
+    # new tokens).
     "paper": dict(
         out="runs/paper", policy="alignment-handbook/zephyr-7b-sft-full", guide="gpt2",
         data="data/ultrachat_50k.jsonl", eval_data="", max_examples=50000, overlength="skip",
@@ -116,15 +137,18 @@ PRESETS = {
         gen_static=True, gen_compile=True,
         latent_dim=64, guide_epochs=1, guide_lr=5e-5, guide_batch_size=32,
         T=3, beta=0.1, lr=5e-7, optimizer="rmsprop", epochs=2, batch_size=64, micro_batch_size=2,
-        grad_ckpt=True, log_every=10, pref_data="data/ultrafeedback_binarized.jsonl", measure_S=False,
-        judge="reward", reward_model="OpenAssistant/reward-model-deberta-v3-large-v2", agreement_n=500),
+        grad_ckpt=True, log_every=10, pref_data="data/ultrafeedback_binarized.jsonl",
+        measure_S=False, judge="reward", agreement_n=500,
+        reward_model="OpenAssistant/reward-model-deberta-v3-large-v2"),
 }
 
 
 def parse_args(argv):
-    """nanoGPT-style: defaults above, then the preset, then --key value pairs (typed like the default)."""
+    """nanoGPT-style: defaults above, then the preset, then --key value pairs (typed like the
+    default). Every setting is checked here, before anything runs."""
     src = open(os.path.abspath(__file__)).read()
-    help_text = __doc__ + "\n" + src[src.index("DEFAULTS = dict("):src.index("\n# The range of every")]
+    defaults_block = src[src.index("DEFAULTS = dict("):src.index("\n# The range of every")]
+    help_text = __doc__ + "\n" + defaults_block
     pairs = read_overrides(argv, DEFAULTS, help_text)
     preset = pairs.get("preset", DEFAULTS["preset"])
     if preset not in PRESETS:
@@ -133,16 +157,21 @@ def parse_args(argv):
     cfg.update(pairs)
     for m in cfg["method"].split(","):
         if m not in METHODS:
-            raise SystemExit(f"--method takes {', '.join(METHODS)} (or several, comma-separated), got {m!r}")
-    if cfg["judge"] not in ("toy", "reward") or (cfg["judge"] == "reward" and not cfg["reward_model"]):
+            raise SystemExit(f"--method takes {', '.join(METHODS)} (or several, comma-separated), "
+                             f"got {m!r}")
+    no_reward_model = cfg["judge"] == "reward" and not cfg["reward_model"]
+    if cfg["judge"] not in ("toy", "reward") or no_reward_model:
         raise SystemExit("--judge is 'toy' or 'reward' (which needs --reward_model)")
     if cfg["gen_compile"] and not cfg["gen_static"]:
-        raise SystemExit("--gen_compile true needs --gen_static true (a compiled decode step needs fixed shapes)")
+        raise SystemExit("--gen_compile true needs --gen_static true (a compiled decode step needs "
+                         "fixed shapes)")
     if cfg["overlength"] not in ("error", "skip"):
         raise SystemExit(f"--overlength is 'error' or 'skip', got {cfg['overlength']!r}")
     bad = [f"--{k} must be > 0, got {cfg[k]!r}" for k in POSITIVE_INT if not cfg[k] > 0]
-    bad += [f"--{k} must be >= 0, got {cfg[k]!r}" for k in NONNEGATIVE_INT if not cfg[k] >= 0]  # top_k -1: the argmin
-    bad += [f"--{k} must be a finite number > 0, got {cfg[k]!r}" for k in POSITIVE_FINITE if not 0 < cfg[k] < math.inf]
+    # (top_k -1 would keep the argmin)
+    bad += [f"--{k} must be >= 0, got {cfg[k]!r}" for k in NONNEGATIVE_INT if not cfg[k] >= 0]
+    bad += [f"--{k} must be a finite number > 0, got {cfg[k]!r}" for k in POSITIVE_FINITE
+            if not 0 < cfg[k] < math.inf]
     if not 0 <= cfg["temperature"] < math.inf:
         bad.append(f"--temperature must be >= 0 (0 = greedy), got {cfg['temperature']!r}")
     if not 0 < cfg["top_p"] <= 1:
@@ -154,11 +183,14 @@ def parse_args(argv):
     if bad:
         raise SystemExit("; ".join(bad))
     if cfg["max_prompt_len"] + cfg["max_new_tokens"] > cfg["max_len"]:
-        raise SystemExit("need max_prompt_len + max_new_tokens <= max_len (a sampled y' must fit in training)")
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's processes: the global batches are split between them
+        raise SystemExit("need max_prompt_len + max_new_tokens <= max_len (a sampled y' must fit in "
+                         "training)")
+    # torchrun's processes: the global batches are split between them
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     for k in ("batch_size", "guide_batch_size"):
         if cfg[k] % world:
-            raise SystemExit(f"--{k} {cfg[k]} must be a multiple of the number of processes ({world})")
+            raise SystemExit(f"--{k} {cfg[k]} must be a multiple of the number of processes "
+                             f"({world})")
     return cfg
 
 
@@ -169,54 +201,54 @@ def main(argv=None):
     run.log(f"LD-Align | preset={cfg['preset']} method={cfg['method']} T={cfg['T']} | "
             f"{world} process(es) on {device}")
     torch.manual_seed(cfg["seed"])
-    # ------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     # Require: D = {(x_i, y_i)}, guide T = (phi, psi), LLM theta_0. Every record is read and checked
     # now, before any compute: a bad line fails here, naming file:line.
-    # ------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     data = dataset.load(cfg, run)
     methods = cfg["method"].split(",")
     run.check_settings(methods)
     stages = Stages(run, data, cfg, device)
-    stages.theta_0()
-    # ------------------------------------------------------------------------------------------------
-    # Algorithm 1, lines 1-3: for i = 1..N: generate y'_i ~ p_theta_0(.|x_i)   (errata 3: printed y_i)
-    # ------------------------------------------------------------------------------------------------
+    stages.theta_0()  # the toy SFT-s its own; else --policy
+    # ----------------------------------------------------------------------------------------------
+    # Algorithm 1, lines 1-3: for i = 1..N: generate y'_i ~ p_theta_0(.|x_i)   (printed y_i: errata)
+    # ----------------------------------------------------------------------------------------------
     y0 = stages.sample(0)
-    # ------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     # Algorithm 1, line 4: (phi, psi) = argmax sum_i log p_psi(y_i | x_i, phi(x_i, y_i))
-    #                                              + log p_psi(y'_i | x_i, phi(x_i, y'_i))     (Eq. 2)
-    # ------------------------------------------------------------------------------------------------
+    #                                            + log p_psi(y'_i | x_i, phi(x_i, y'_i))   (Eq. 2)
+    # ----------------------------------------------------------------------------------------------
     guide = stages.guide(y0)
-    stages.theta0_reports(guide)
+    stages.theta0_reports(guide)  # theta_0 on held-out prompts; Section 5.2 (2)
 
-    # ldalign, or a competitor of Section 5.1.4, each from the same theta_0 and guide
-    for method in methods:
+    for method in methods:  # ldalign, or a competitor (Section 5.1.4), from the same theta_0 and guide
         t_first = stages.resume(method)
-        # --------------------------------------------------------------------------------------------
+        # ------------------------------------------------------------------------------------------
         # Algorithm 1, line 5: for t = 1..T
-        # --------------------------------------------------------------------------------------------
+        # ------------------------------------------------------------------------------------------
         for t in range(t_first, cfg["T"] + 1):
             run.log(f"===== {method} iteration {t}/{cfg['T']}: theta_{t - 1} -> theta_{t} =====")
             y_prime = w = None
             # dpo and sft train on other pairs: they sample only to measure S (--measure_S)
             if method in ("ldalign", "spin") or cfg["measure_S"]:
-                # ------------------------------------------------------------------------------------
+                # ----------------------------------------------------------------------------------
                 # Algorithm 1, lines 6-7: for i = 1..N: generate y'_i ~ p_theta_{t-1}(.|x_i)
-                # ------------------------------------------------------------------------------------
+                # ----------------------------------------------------------------------------------
                 y_prime = stages.sample(t - 1, method)
-                # ------------------------------------------------------------------------------------
+                # ----------------------------------------------------------------------------------
                 # Algorithm 1, line 8: s_phi(x_i, y_i, y'_i) = ||phi(x_i, y_i) - phi(x_i, y'_i)||_2
-                # ------------------------------------------------------------------------------------
+                # ----------------------------------------------------------------------------------
                 s = stages.distances(guide, y_prime, method, t)
-                # ------------------------------------------------------------------------------------
+                # ----------------------------------------------------------------------------------
                 # Algorithm 1, line 9: S = (1/N) sum_i s_i; the weights w_i = s_i / S (SPIN: 1)
-                # ------------------------------------------------------------------------------------
+                # ----------------------------------------------------------------------------------
                 w = dpo.latent_weights(s) if method == "ldalign" else torch.ones(len(s))
                 stages.record_distances(method, t, s, w, y_prime)
-            # ----------------------------------------------------------------------------------------
+            # --------------------------------------------------------------------------------------
             # Algorithm 1, line 10: theta_t = argmax_theta sum_i w_i log sigma(
-            #     beta log p_theta(y_i|x_i) / p_theta_{t-1}(y_i|x_i) - beta log p_theta(y'_i|x_i) / ...)
-            # ----------------------------------------------------------------------------------------
+            #     beta log p_theta(y_i|x_i) / p_theta_{t-1}(y_i|x_i)
+            #     - beta log p_theta(y'_i|x_i) / p_theta_{t-1}(y'_i|x_i))                 (Eq. 4)
+            # --------------------------------------------------------------------------------------
             stages.update(method, t, y_prime, w)
             stages.evaluate(method, t)
         # Algorithm 1, lines 11-12: end for; theta_T is <method>/iter{T}/policy

@@ -1,13 +1,14 @@
 """The run folder: settings, log, and the one "stored -> read back, else compute and write atomically".
 
-Every stage of a run writes its result under --out; a rerun (after a kill, a crash, or to add a method) reads
-back what is stored and computes only the rest. Everything about that lives here:
+Every stage of a run writes its result under --out; a rerun (after a kill, a crash, or to add a method)
+reads back what is stored and computes only the rest. How the run folder does that lives here; which stage
+writes which file lives in stages.py.
 
-    run = RunDir(cfg)                        # out/config.json, out/log.txt; run.log prints once (rank 0)
-    run.check_settings(methods)              # out/settings.json: a rerun with other settings stops, naming them
-    x = run.cached("iter0/samples.jsonl", compute)   # stored -> read back; else compute, write atomically, barrier
-    t_first = run.first_unsaved(method, T)   # resume point: the first iteration whose theta_t is not saved
-    run.save_policy(model, tok, "ldalign", 1, history)   # theta_1 as an HF checkpoint (safetensors), its step log
+    run = RunDir(cfg)                   # out/config.json, out/log.txt; run.log prints once (rank 0)
+    run.check_settings(methods)         # out/settings.json: a rerun with other settings stops, naming them
+    x = run.cached(name, compute, save, load, inputs)   # stored -> read back; else compute, write, barrier
+    t_first = run.first_unsaved(method, T)   # the first iteration whose theta_t is not saved
+    run.save_policy(model, tok, "ldalign", 1, history)   # theta_1 as an HF checkpoint, its step log
     run.kill_point("ldalign/iter1/train")    # the tests' crash hook (LDALIGN_KILL_AT)
 
 Written atomically means: into a sibling "<name>.tmp", then renamed over the name (atomic_path). A file or
@@ -17,7 +18,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 
 import cli
 import fsdp
@@ -81,8 +81,9 @@ def verify(folder):
     want, have = read_json(path), _sha256_of_files(folder)
     bad = [f for f, h in want.items() if have.get(f) != h]
     if bad:
-        raise UserError(f"{os.path.join(folder, bad[0])}: missing, truncated or corrupt (its sha256 is not the one in "
-                        f"{path}); delete {folder} to recompute it" + (f" ({len(bad)} files differ)" if len(bad) > 1 else ""))
+        more = f" ({len(bad)} files differ)" if len(bad) > 1 else ""
+        raise UserError(f"{os.path.join(folder, bad[0])}: missing, truncated or corrupt (its sha256 is not the one "
+                        f"in {path}); delete {folder} to recompute it{more}")
 
 
 def digest(path):
@@ -199,9 +200,9 @@ class RunDir:
                     if other.get("host") == me["host"] and not _alive(other.get("pid")):
                         os.remove(path)  # its holder is gone
                         continue
-                    held = (f"--out {self.out} is in use by another run (pid {other.get('pid')} on {other.get('host')}, "
-                            f"started {other.get('started')}); wait for it, use another --out, or delete {path} "
-                            "if that run is gone")
+                    held = (f"--out {self.out} is in use by another run (pid {other.get('pid')} on "
+                            f"{other.get('host')}, started {other.get('started')}); wait for it, use another "
+                            f"--out, or delete {path} if that run is gone")
                     break
                 with os.fdopen(fd, "w") as f:
                     json.dump(me, f)
@@ -239,7 +240,9 @@ class RunDir:
         """Record in settings.json what the stage `name` (about to be stored) depends on: the toy tokenizer, --data;
         a method's stage (<method>/...), the shared settings and that method's; any other stage, the shared ones."""
         method = name.split("/")[0] if name.split("/")[0] in METHODS else None
-        keys = {"shared": ("data",) if name == "tokenizer" else SHARED_KEYS, **({method: METHOD_KEYS} if method else {})}
+        keys = {"shared": ("data",) if name == "tokenizer" else SHARED_KEYS}
+        if method:
+            keys[method] = METHOD_KEYS
         path = self.path("settings.json")
         had = read_json(path) if os.path.exists(path) else {}
         new = {sec: dict(had.get(sec, {}), **{k: self.cfg[k] for k in ks}) for sec, ks in keys.items()}

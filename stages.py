@@ -44,9 +44,9 @@ class Stages:
         # The one policy in memory and the checkpoint folder it equals (None: none held).
         self.held, self.held_path = None, None
 
-    # ------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     # The policy in memory
-    # ------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     def policy(self, t, method=None):
         """theta_t of `method` (theta_0: method None, shared by every method), held or loaded."""
         path = self.run.policy_path(method or "", t)
@@ -56,9 +56,9 @@ class Stages:
             self.held, self.held_path = load_policy(path, self.cfg, self.device), path
         return self.held
 
-    # ------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     # Require: theta_0
-    # ------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     def theta_0(self):
         """The embedded default makes its theta_0: a tiny Llama SFT-ed on D, stored in out/sft. Otherwise
         theta_0 is the --policy checkpoint as given, read when a stage first needs it."""
@@ -67,9 +67,9 @@ class Stages:
             self.run.cached("sft", lambda: toy_theta0(self.data, self.cfg, self.device, self.log),
                             save=lambda model, path: save_hf(model, self.data.tok, path), load=lambda path: None)
 
-    # ------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     # Algorithm 1, lines 1-3 and 6-7: y'_i ~ p_theta_t(.|x_i) for every x_i of D
-    # ------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     def samples_name(self, t, method=None):
         """The file of theta_t's samples: iteration t + 1 trains on them. theta_0's are iter0/samples.jsonl, which
         iteration 1 of every method reuses unless --reuse_line2_samples false."""
@@ -101,9 +101,9 @@ class Stages:
     def _read_samples(self, path):
         return read_samples(path, self.data.D, self.cfg["data"])
 
-    # ------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     # Algorithm 1, line 4: the guide T = (phi, psi), Eq. 2 over golden and generated responses
-    # ------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     def guide(self, y0):
         """Trained once on (x, y) and (x, y') of theta_0's samples y0, then frozen for all T iterations."""
         data, cfg, device = self.data, self.cfg, self.device
@@ -126,9 +126,9 @@ class Stages:
         data = self.data
         return dataset.guide_triples(data.D, data.tok, data.gtok, y_prime, self.cfg["guide_max_len"])
 
-    # ------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     # Algorithm 1, line 8: s_i = ||phi(x_i, y_i) - phi(x_i, y'_i)||_2
-    # ------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     def distances(self, guide, y_prime, method, t):
         """s of iteration t, an (N,) tensor; stored as distances.jsonl, one row {where, s} per pair."""
         def compute():
@@ -155,9 +155,9 @@ class Stages:
                 "weights": {"mean": float(w.mean()), "min": float(w.min()), "max": float(w.max())},
                 "histogram": analysis.distance_histogram(s.tolist())})
 
-    # ------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     # Algorithm 1, line 10: theta_t from theta_{t-1}
-    # ------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     def update(self, method, t, y_prime, w):
         """theta_t = UPDATES[method](theta_{t-1}), trained in place, saved as an HF checkpoint with its step log."""
         policy = self.policy(t - 1, method)
@@ -185,9 +185,9 @@ class Stages:
                     warmup_ratio=cfg["warmup_ratio"], max_grad_norm=cfg["max_grad_norm"],
                     seed=cfg["seed"] + 1000 * t, log_every=cfg["log_every"], log_fn=log_step, on_step=on_step)
 
-    # ------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     # Resume, evaluation and reports (Sections 5.1.3 and 5.2)
-    # ------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     def resume(self, method):
         """Where `method` goes on: the first t whose theta_t is not saved. A run killed between saving
         theta_{t-1} and evaluating it is evaluated now."""
@@ -274,11 +274,11 @@ class Stages:
             self.log(f"{head}:\n{table}")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Algorithm 1, line 10, and the competitors of Section 5.1.4: method -> update of theta_{t-1} into theta_t.
 # Each function trains `policy` (theta_{t-1}) in place and returns its step log. The reference
 # log-probs are computed once, before the update (README errata 4).
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def weighted_dpo(stages, method, t, policy, y_prime, w):
     """ldalign (w = s/S) and spin (w = 1): Eq. 4 on (x, y, y'), reference theta_{t-1}."""
     pairs = [(d["prompt_ids"], d["response_ids"], yp) for d, yp in zip(stages.data.D, y_prime)]
@@ -327,9 +327,9 @@ def continual_sft(stages, method, t, policy, y_prime, w):
 UPDATES = {"ldalign": weighted_dpo, "spin": weighted_dpo, "dpo": dpo_baseline, "sft": continual_sft}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Policies and the per-pair files
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def load_policy(path, cfg, device):
     """theta_t from its checkpoint; the run's own checkpoints verified (manifest) and in exact fp32."""
     if path != cfg["policy"]:
@@ -361,8 +361,8 @@ def read_samples(path, D, data_name):
     """The y' ids of a samples.jsonl, after checking that its prompts are those of D."""
     rows = read_jsonl(path)
     if [r["x"] for r in rows] != [d["x"] for d in D]:
-        raise UserError(f"{path} holds samples for other prompts than the {len(D)} of {data_name} (was the file "
-                        "changed?); delete it, or use a new --out")
+        raise SystemExit(f"{path} holds samples for other prompts than the {len(D)} of {data_name} (was the "
+                         "file changed?); delete it, or use a new --out")
     return [r["y_prime_ids"] for r in rows]
 
 

@@ -79,6 +79,7 @@ import fsdp
 import generate as generate_module
 import ldalign
 import rundir
+import stages
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -502,12 +503,12 @@ def test_load_policy_keeps_this_runs_fp32_checkpoints_exact(tmp_path):
     c["dtype"] = "bfloat16"
     cfg_path.write_text(json.dumps(c))
     run_cfg = dict(policy="/models/zephyr-7b-sft-full", grad_ckpt=False, compile=False, trust_remote_code=False)
-    loaded = ldalign.load_policy(str(tmp_path / "theta1"), run_cfg, torch.device("cpu"))
+    loaded = stages.load_policy(str(tmp_path / "theta1"), run_cfg, torch.device("cpu"))
     for (n, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert b.dtype == torch.float32 and torch.equal(a, b), n
     # the same folder given as --policy (an outside theta_0) follows its config: bf16, then cast to fp32
-    outside = ldalign.load_policy(str(tmp_path / "theta1"), dict(run_cfg, policy=str(tmp_path / "theta1")),
-                                  torch.device("cpu"))
+    outside = stages.load_policy(str(tmp_path / "theta1"), dict(run_cfg, policy=str(tmp_path / "theta1")),
+                                 torch.device("cpu"))
     assert not torch.equal(outside.model.norm.weight, model.model.norm.weight)  # the check above is not vacuous
 
 
@@ -1992,9 +1993,9 @@ def test_a_resume_with_other_settings_or_data_stops(tmp_path):
     # stored samples of other prompts (the data file edited in place) are not silently reused or overwritten
     path = str(tmp_path / "samples.jsonl")
     rundir.write_jsonl(path, [{"x": "a", "y_prime_ids": [1]}])
-    assert dataset.samples_file([dict(x="a")], None, cfg)["load"](path) == [[1]]
+    assert stages.read_samples(path, [dict(x="a")], cfg["data"]) == [[1]]
     with pytest.raises(SystemExit, match="other prompts"):
-        dataset.samples_file([dict(x="b")], None, cfg)["load"](path)
+        stages.read_samples(path, [dict(x="b")], cfg["data"])
 
 
 @pytest.mark.parametrize("stage", ["sft", "iter0/samples.jsonl", "guide", "ldalign/iter1/train", "ldalign/iter2/train",
@@ -2172,7 +2173,8 @@ def test_run_folder_lock(tmp_path):
 
 
 def test_no_pickle_checkpoints_and_no_remote_code_by_default():
-    for name in ("ldalign.py", "dpo.py", "guide.py", "generate.py", "dataset.py", "rundir.py", "fsdp.py", "analysis.py"):
+    for name in ("ldalign.py", "stages.py", "dpo.py", "guide.py", "generate.py", "dataset.py", "rundir.py", "fsdp.py",
+                 "analysis.py"):
         src = open(os.path.join(HERE, name)).read()
         assert "torch.load(" not in src or "weights_only=True" in src
         assert "trust_remote_code=True" not in src

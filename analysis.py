@@ -215,10 +215,13 @@ def evaluate(model, data, cfg, device, reward_model, log):
                                   what="greedy eval answers")
     answers = [tok.decode(y, skip_special_tokens=True).strip() for y in ids]
     hits = [a == d["y"].strip() for a, d in zip(answers, held_out)]
-    rewards = score_rewards(reward_model, [d["x"] for d in held_out], answers, device).tolist() if reward_model else None
+    rewards = None
+    if reward_model:
+        rewards = score_rewards(reward_model, [d["x"] for d in held_out], answers, device).tolist()
     return {"exact_match": sum(hits) / len(hits), "reward": None if rewards is None else sum(rewards) / len(rewards),
             "n": len(hits), "examples": [
-                {"x": d["x"], "golden": d["y"], "answer": a, "correct": h, "reward": None if rewards is None else rewards[i]}
+                {"x": d["x"], "golden": d["y"], "answer": a, "correct": h,
+                 "reward": None if rewards is None else rewards[i]}
                 for i, (d, a, h) in enumerate(list(zip(held_out, answers, hits))[:20])]}
 
 
@@ -227,8 +230,8 @@ def agreement(policy, guide, data, cfg, device, reward_model, log):
     space is ranked lower; a judge ranks them too; how often do the two rankings agree? The paper's judge is
     GPT-4; here "toy" = closeness to the golden answer (toy_judge), or "reward" = the reward model."""
     sub, tok = data.D[:cfg["agreement_n"]], data.tok
-    ya, yb = (generate.sample_dataset(policy, [d["prompt_ids"] for d in sub], tok, cfg, cfg["seed"] + k, device, log=log,
-                                      what=f"y'_{ab}") for k, ab in ((7, "a"), (8, "b")))
+    ya, yb = (generate.sample_dataset(policy, [d["prompt_ids"] for d in sub], tok, cfg, cfg["seed"] + k, device,
+                                      log=log, what=f"y'_{ab}") for k, ab in ((7, "a"), (8, "b")))
     sa, sb = (guide_lib.distances(guide, dataset.guide_triples(sub, tok, data.gtok, y, cfg["guide_max_len"]),
                                   cfg["guide_batch_size"], data.gtok.eos_token_id, device) for y in (ya, yb))
     ta = [tok.decode(y, skip_special_tokens=True).strip() for y in ya]
@@ -312,15 +315,18 @@ def seeds_report(folder):
                 diffs[f"{m} - theta_0 iter {t}"] = mean_interval(d) if d else None
         d = paired(em.get(("ldalign", t), {}), em.get(("spin", t), {}))
         diffs[f"ldalign - spin iter {t}"] = mean_interval(d) if d else None
-    cell = lambda v: "-" if v is None else f"{v[0]:.3f} +- {v[1]:.3f}" if v[1] is not None else f"{v[0]:.3f}"
+
+    def ci_cell(v):
+        return "-" if v is None else f"{v[0]:.3f} +- {v[1]:.3f}" if v[1] is not None else f"{v[0]:.3f}"
+
     lines = [f"Held-out greedy exact match over {len(runs)} seeds: mean +- half-width of the 95% interval.", "",
              "| iteration | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    lines += [f"| {t} | " + " | ".join(cell(stats.get(f"{m} iter {t}")) for m in methods) + " |" for t in iters]
+    lines += [f"| {t} | " + " | ".join(ci_cell(stats.get(f"{m} iter {t}")) for m in methods) + " |" for t in iters]
     lines += ["", "The same, as differences paired by seed (each seed's own theta_0, samples and guide):", "",
               "| iteration | " + " | ".join(f"{m} - theta_0" for m in methods) + " | ldalign - spin |",
               "|---|" + "---|" * (len(methods) + 1)]
-    lines += [f"| {t} | " + " | ".join(cell(diffs.get(f"{m} - theta_0 iter {t}")) for m in methods) +
-              f" | {cell(diffs[f'ldalign - spin iter {t}'])} |" for t in iters if t > 0]
+    lines += [f"| {t} | " + " | ".join(ci_cell(diffs.get(f"{m} - theta_0 iter {t}")) for m in methods) +
+              f" | {ci_cell(diffs[f'ldalign - spin iter {t}'])} |" for t in iters if t > 0]
     write_atomic(os.path.join(folder, "seeds.md"), "\n".join(lines) + "\n")
     write_atomic(os.path.join(folder, "seeds.json"), json.dumps(
         {"seeds": runs, "mean_and_halfwidth": stats, "paired_mean_and_halfwidth": diffs}, indent=1))

@@ -17,6 +17,7 @@ import fsdp
 from cli import UserError
 from rundir import atomic_path, write_jsonl
 
+
 # ----------------------------------------------------------------------------------------------------
 # Require: everything a run reads, checked before any compute
 # ----------------------------------------------------------------------------------------------------
@@ -70,21 +71,24 @@ def check_model_source(option, name):
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise UserError(f"--{option} {name}: a folder without config.json, not a Hugging Face checkpoint folder")
         return
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name) or os.sep != "/" and os.sep in name:
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
+            or os.sep != "/" and os.sep in name):
         raise UserError(f"--{option} {name}: no such folder (read as a local path; a hub id looks like 'org/model')")
     from huggingface_hub import constants, try_to_load_from_cache
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return  # downloaded before
     where = f"--{option} {name}: not a local folder, and not in the Hugging Face cache"
     if constants.HF_HUB_OFFLINE:
-        raise UserError(f"{where}; HF_HUB_OFFLINE is set, so nothing is downloaded (download it first, or give its folder)")
+        raise UserError(f"{where}; HF_HUB_OFFLINE is set, so nothing is downloaded "
+                        "(download it first, or give its folder)")
     import socket
     from urllib.parse import urlparse
     host = urlparse(constants.ENDPOINT).hostname
     try:
         socket.getaddrinfo(host, 443)  # offline: fail now, not after the hub client's retries
     except OSError:
-        raise UserError(f"{where}, and {host} cannot be reached (offline?): download it first, or give its folder") from None
+        raise UserError(f"{where}, and {host} cannot be reached (offline?): "
+                        "download it first, or give its folder") from None
     from huggingface_hub import hf_hub_download
     try:
         hf_hub_download(name, "config.json")
@@ -128,8 +132,8 @@ def _hub_records(path, what):
     try:
         import datasets
     except ImportError:
-        raise UserError(f"{what} {path}: a hub data set (name:split) needs the datasets package (pip install datasets); "
-                        "or give a local JSONL or Parquet file") from None
+        raise UserError(f"{what} {path}: a hub data set (name:split) needs the datasets package "
+                        "(pip install datasets); or give a local JSONL or Parquet file") from None
     try:
         rows = datasets.load_dataset(name, split=split)
     except Exception as e:  # noqa: BLE001 (offline, no such data set or split: the library's own words)
@@ -249,7 +253,8 @@ def tokenize_pref(records, tok, cfg, skipped):
     """Policy tokens of (x, chosen, rejected), with the same length checks as tokenize_data."""
     kept = []
     for r in records:
-        px, pc, pr = prompt_ids(tok, r["x"]), response_ids(tok, r["x"], r["chosen"]), response_ids(tok, r["x"], r["rejected"])
+        px = prompt_ids(tok, r["x"])
+        pc, pr = response_ids(tok, r["x"], r["chosen"]), response_ids(tok, r["x"], r["rejected"])
         if not too_long(r["where"], length_problems(px, [pc, pr], cfg), cfg, skipped):
             kept.append((px, pc, pr))
     if not kept:

@@ -136,7 +136,10 @@ def parallelize(model, device):
 
     mesh = init_device_mesh(device.type, (world(),))
     bf16 = device.type == "cuda"
-    block_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    if bf16:
+        block_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        block_mp = MixedPrecisionPolicy()
     root_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                    output_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for m in transformer_blocks(model):
@@ -171,7 +174,9 @@ def load_policy(path, device, *, exact_fp32, grad_ckpt=False, compile=False, tru
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if exact_fp32 else "auto",
                                              trust_remote_code=trust_remote_code)
     if grad_ckpt:
-        m.gradient_checkpointing_enable()  # recompute activations in backward; HF turns the cache off in training only
+        # Recompute each decoder block's activations in backward (HF's activation checkpointing, per
+        # block; it keeps FSDP2's hooks outside the checkpoint). HF turns the cache off in training only.
+        m.activation_checkpointing_enable()
     if compile:
         compile_blocks(m)
     if world() > 1:

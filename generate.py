@@ -1,14 +1,17 @@
 """Hand-written batched sampling with a KV cache (Algorithm 1, lines 2 and 7: y' ~ p_theta(.|x)).
 
-Works on any Hugging Face causal LM (Llama, GPT-2, Mistral, ...): the only things used are the standard
-forward arguments input_ids / attention_mask / position_ids / past_key_values / use_cache and `.logits`.
+Works on any Hugging Face causal LM (Llama, GPT-2, Mistral, ...): the only things used are the
+standard forward arguments input_ids / attention_mask / position_ids / past_key_values (`cache` in
+transformers 5.2x) / use_cache and `.logits`.
 
-    ids, mask = pad_sequences(prompts, pad_id, side="left")          # (B, T), (B, T)
-    new = generate(model, ids, mask, 128, eos_id, pad_id, temperature=1.0, top_p=0.9)   # (B, n), n <= 128
+    ids, mask = pad_sequences(prompts, pad_id, side="left")  # (B, T), (B, T)
+    # (B, n), n <= 128
+    new = generate(model, ids, mask, 128, eos_id, pad_id, temperature=1.0, top_p=0.9)
 
-`generate` never changes the model's mode (the caller puts it in eval mode: dropout off). `sample_dataset`
-samples one response per prompt of a whole data set, the work shared by every rank, in eval mode.
-The tests compare `generate` with a cache-free path and with transformers' own `generate`.
+`generate` never changes the model's mode (the caller puts it in eval mode: dropout off).
+`sample_dataset` samples one response per prompt of a whole data set, the work shared by every
+rank, in eval mode. The tests compare `generate` with a cache-free path and with transformers' own
+`generate`.
 """
 import contextlib
 import inspect
@@ -25,8 +28,9 @@ import fsdp
 def pad_sequences(seqs, pad_id, side="left", width=0):
     """Pad a list of token-id lists into one tensor.
 
-    Generation wants LEFT padding (every prompt ends at the last column, so the next token of every row
-    is predicted from column -1); training wants RIGHT padding (positions 0..n-1 stay where they are).
+    Generation wants LEFT padding (every prompt ends at the last column, so the next token of every
+    row is predicted from column -1); training wants RIGHT padding (positions 0..n-1 stay where they
+    are).
     Returns input_ids (B, T) long and attention_mask (B, T) long, 1 on real tokens and 0 on padding;
     T is the longest sequence, or `width` if that is larger.
     """
@@ -50,7 +54,8 @@ def pad_sequences(seqs, pad_id, side="left", width=0):
 # Sampling one token from (B, V) logits
 # ----------------------------------------------------------------------------------------------------
 def apply_top_k(logits, k):
-    """Keep the k largest logits of each row, set the rest to -inf. (B, V) -> (B, V); k <= 0 means off."""
+    """Keep the k largest logits of each row, set the rest to -inf. (B, V) -> (B, V); k <= 0 means
+    off."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
     kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest logit of each row
@@ -60,21 +65,23 @@ def apply_top_k(logits, k):
 def sample_categorical(probs, generator):
     """One draw per row: (B, V) probs -> (B,) token ids, without a GPU->CPU sync.
 
-    argmax_v p_v / E_v with E_v ~ Exp(1) picks v with probability p_v (the "exponential race"). It is what
-    torch.multinomial itself computes for one draw, so the same generator gives the same tokens; but multinomial
-    first validates its input on the host (.item() calls), which on a GPU stalls the CPU at every decode step
-    and defeats the CUDA-graph replay. What is lost is only that check: NaN logits would give a garbage token
-    instead of an error (a policy that far gone already stops training at its NaN loss, dpo._train_loop).
+    argmax_v p_v / E_v with E_v ~ Exp(1) picks v with probability p_v (the "exponential race"). It
+    is what torch.multinomial itself computes for one draw, so the same generator gives the same
+    tokens; but multinomial first validates its input on the host (.item() calls), which on a GPU
+    stalls the CPU at every decode step and defeats the CUDA-graph replay. What is lost is only that
+    check: NaN logits would give a garbage token instead of an error (a policy that far gone already
+    stops training at its NaN loss, dpo._train_loop).
     """
     e = torch.empty_like(probs).exponential_(1, generator=generator)  # (B, V), E_v ~ Exp(1)
     return (probs / e).argmax(dim=-1)
 
 
 def apply_top_p(logits, p):
-    """Nucleus filter, (B, V) -> (B, V): the definition of transformers' TopPLogitsWarper, step for step, so the
-    kept set is the same on ties and on a prefix whose mass equals p exactly. Sort ascending, drop the tokens whose
-    cumulative probability is <= 1 - p (the least likely ones, holding at most 1 - p together), always keep the
-    most likely token (p -> 0 is greedy); the rest become -inf."""
+    """Nucleus filter, (B, V) -> (B, V): the definition of transformers' TopPLogitsWarper, step for
+    step, so the kept set is the same on ties and on a prefix whose mass equals p exactly. Sort
+    ascending, drop the tokens whose cumulative probability is <= 1 - p (the least likely ones,
+    holding at most 1 - p together), always keep the most likely token (p -> 0 is greedy); the rest
+    become -inf."""
     sorted_logits, sorted_idx = torch.sort(logits, descending=False)  # (B, V)
     cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
     drop = cum <= (1 - p)
@@ -83,7 +90,8 @@ def apply_top_p(logits, p):
 
 
 def sample_next(logits, temperature, top_p, top_k, generator):
-    """(B, V) float32 logits -> (B,) token ids. temperature == 0 means greedy argmax (top_p / top_k unused)."""
+    """(B, V) float32 logits -> (B,) token ids. temperature == 0 means greedy argmax (top_p / top_k
+    unused)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = apply_top_k(logits / temperature, top_k)
@@ -95,28 +103,31 @@ def sample_next(logits, temperature, top_p, top_k, generator):
 # ----------------------------------------------------------------------------------------------------
 # The decode loop
 # ----------------------------------------------------------------------------------------------------
-SYNC_EVERY = 16  # decode steps between two "is every row finished?" checks (each check is a GPU->CPU sync)
+# decode steps between two "is every row finished?" checks (each check is a GPU->CPU sync)
+SYNC_EVERY = 16
 
 
 def _all_finished(finished):
     """True when every row is finished, on THIS rank and, under torch.distributed, on ALL ranks.
 
-    With FSDP every forward is a collective (parameters are all-gathered layer by layer), so all ranks must
-    run the same number of decode steps: a rank whose rows all hit EOS early keeps stepping (emitting pad)
-    until every rank is done, otherwise the others would wait forever in their next all-gather.
-    generate() calls this at the same steps on every rank (every SYNC_EVERY steps), so the ranks agree.
+    With FSDP every forward is a collective (parameters are all-gathered layer by layer), so all
+    ranks must run the same number of decode steps: a rank whose rows all hit EOS early keeps
+    stepping (emitting pad) until every rank is done, otherwise the others would wait forever in
+    their next all-gather. generate() calls this at the same steps on every rank (every SYNC_EVERY
+    steps), so the ranks agree.
     """
     done = torch.tensor([int(bool(finished.all()))], device=finished.device)
     return bool(fsdp.all_reduce(done, "min").item())  # 1 only if every rank reports 1
 
 
 def forward_names(model):
-    """The keyword names this model's forward takes, looked up once per generate() call (not per token).
+    """The keyword names this model's forward takes, looked up once per generate() call (not per
+    token): the name of its KV cache argument, and whether it takes `logits_to_keep`.
 
-    transformers 5.2x renamed `past_key_values` to `cache` (the old name still works, with a warning).
-    `logits_to_keep` (recent HF: Llama, GPT-2, Mistral, ...) makes the model skip the lm_head on every
-    position but the last: (B, T, V) logits of a long prompt and a large vocabulary are big (dpo.sequence_logps
-    uses it too, to skip the prompt positions).
+    transformers 5.2x renamed `past_key_values` to `cache` (the old name still works, with a
+    warning). `logits_to_keep` (recent HF: Llama, GPT-2, Mistral, ...) makes the model skip the
+    lm_head on every position but the last: (B, T, V) logits of a long prompt and a large vocabulary
+    are big (dpo.sequence_logps checks for it too, to skip the prompt positions).
     """
     params = inspect.signature(model.forward).parameters
     return ("cache" if "cache" in params else "past_key_values"), ("logits_to_keep" in params)
@@ -125,7 +136,8 @@ def forward_names(model):
 def _last_logits(model, input_ids, attention_mask, position_ids, cache, cache_name, keep_last):
     """One forward, (B, t) new tokens -> float32 logits of the last position, (B, V).
 
-    Sampling is done in float32 whatever the model's dtype (bf16 softmax/cumsum is too coarse for top_p).
+    Sampling is done in float32 whatever the model's dtype (bf16 softmax/cumsum is too coarse for
+    top_p).
     This is the function that `compile=True` hands to torch.compile for the decode step.
     """
     kwargs = {cache_name: cache, "logits_to_keep": 1} if keep_last else {cache_name: cache}
@@ -134,41 +146,48 @@ def _last_logits(model, input_ids, attention_mask, position_ids, cache, cache_na
     return out.logits[:, -1].float()  # (B, V)
 
 
-_COMPILED = {}  # torch.compile'd decode steps, one per (mode, fullgraph): made once per process, reused
+# torch.compile'd decode steps, one per (mode, fullgraph): made once per process, reused
+_COMPILED = {}
 
 
 def _compiled_step(device, fullgraph):
-    """The decode step under torch.compile. On CUDA, mode="reduce-overhead" records the whole forward
-    (every layer's kernels) as one CUDA graph and replays it each token. Why it pays: a decode step reads
-    the weights once (about 1 ms for 2 GB of bf16 at H100 bandwidth), while eager mode issues hundreds of
-    small kernels from Python per step, which can take several times longer than the GPU work itself.
-    A graph needs fixed shapes and fixed addresses, hence the static KV cache and the full-length mask."""
+    """The decode step under torch.compile. On CUDA, mode="reduce-overhead" records the whole
+    forward (every layer's kernels) as one CUDA graph and replays it each token. Why it pays: a
+    decode step reads the weights once (about 1 ms for 2 GB of bf16 at H100 bandwidth), while eager
+    mode issues hundreds of small kernels from Python per step, which can take several times longer
+    than the GPU work itself. A graph needs fixed shapes and fixed addresses, hence the static KV
+    cache and the full-length mask."""
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     if (mode, fullgraph) not in _COMPILED:
-        # Each (batch, cache length) pair is its own graph; prompt widths are bucketed (PAD_MULTIPLE), but
-        # a long run still sees more shapes than dynamo's default limit of 8 recompilations.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _COMPILED[mode, fullgraph] = torch.compile(_last_logits, mode=mode, fullgraph=fullgraph, dynamic=False)
+        # Each (batch, cache length) pair is its own graph; prompt widths are bucketed (PAD_MULTIPLE),
+        # but a long run still sees more shapes than dynamo's default limit of 8 recompilations.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _COMPILED[mode, fullgraph] = torch.compile(_last_logits, mode=mode, fullgraph=fullgraph,
+                                                   dynamic=False)
     return _COMPILED[mode, fullgraph]
 
 
-PAD_MULTIPLE = 64  # static cache: prompt widths are left-padded up to a multiple of this (few distinct shapes)
+# static cache: prompt widths are left-padded up to a multiple of this (few distinct shapes)
+PAD_MULTIPLE = 64
 
 
 def static_width(n):
-    """The prompt width a static-cache decode uses for prompts of up to n tokens: n rounded up to PAD_MULTIPLE."""
+    """The prompt width a static-cache decode uses for prompts of up to n tokens: n rounded up to
+    PAD_MULTIPLE."""
     return -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
 def new_static_cache(model, length):
-    """A transformers StaticCache for `length` positions; its (B, H, length, D) buffers are made at the prefill."""
+    """A transformers StaticCache for `length` positions; its (B, H, length, D) buffers are made at
+    the prefill."""
     import copy
+
     from transformers import StaticCache
     config = model.config
     if getattr(config, "sliding_window", None) is not None and config.sliding_window >= length:
-        # The window never slides inside this cache (Mistral / zephyr: 4096 positions): full-attention layers attend
-        # the same way and keep their position in a tensor, while a sliding layer keeps it in a Python int that
-        # torch.compile guards on (one recompilation per decoded token).
+        # The window never slides inside this cache (Mistral / zephyr: 4096 positions): full-attention
+        # layers attend the same way and keep their position in a tensor, while a sliding layer keeps
+        # it in a Python int that torch.compile guards on (one recompilation per decoded token).
         config = copy.copy(config)
         config.sliding_window = None
     return StaticCache(config=config, max_cache_len=length)
@@ -180,104 +199,121 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
     """Sample up to max_new_tokens tokens after LEFT-padded prompts (Algorithm 1, lines 2 and 7).
 
     input_ids, attention_mask: (B, T), left padded (pad_sequences(..., side="left")).
-    Returns the new tokens only, (B, n) long with n <= max_new_tokens: after a row emits eos_token_id,
-    the rest of that row is pad_token_id; n stops at the step where every row is finished.
+    Returns the new tokens only, (B, n) long with n <= max_new_tokens: after a row emits
+    eos_token_id, the rest of that row is pad_token_id; n stops at the step where every row is
+    finished.
 
-    The KV cache holds each layer's keys and values of everything already read, so each decode step feeds
-    one token per row instead of the whole sequence (generate_naive):
-      static=False  DynamicCache: grows by one column per step (a torch.cat per layer per step). Simple.
-      static=True   StaticCache: allocated once at its final length T + max_new_tokens and written in
-                    place; every decode step has the same shapes and buffers, which is what
-                    compile=True (torch.compile; CUDA graphs on GPU) needs. Same tokens as static=False in fp32
-                    (in bf16 the masked extra columns change the attention sums' rounding: near-ties may flip).
-                    `cache`: a StaticCache of this batch size and at least T + max_new_tokens positions
-                    (T rounded up to PAD_MULTIPLE) to reuse; it is reset here (see sample_responses for why).
+    The KV cache holds each layer's keys and values of everything already read, so each decode step
+    feeds one token per row instead of the whole sequence (generate_naive):
+      static=False  DynamicCache: grows by one column per step (a torch.cat per layer per step).
+                    Simple.
+      static=True   StaticCache: allocated once at its final length T + max_new_tokens and written
+                    in place; every decode step has the same shapes and buffers, which is what
+                    compile=True (torch.compile; CUDA graphs on GPU) needs. Same tokens as
+                    static=False in fp32 (in bf16 the masked extra columns change the attention
+                    sums' rounding: near-ties may flip).
+                    `cache`: a StaticCache of this batch size and at least T + max_new_tokens
+                    positions (T rounded up to PAD_MULTIPLE) to reuse; it is reset here (see
+                    sample_responses for why).
     """
     if compile and not static:
         raise ValueError("compile=True needs static=True: a compiled decode step needs fixed shapes")
     cache_name, keep_last = forward_names(model)
     if static:
-        # Extra left padding up to a multiple of PAD_MULTIPLE: masked, so the output is unchanged, and the
-        # compiled step sees a handful of cache lengths instead of one per batch.
+        # Extra left padding up to a multiple of PAD_MULTIPLE: masked, so the output is unchanged,
+        # and the compiled step sees a handful of cache lengths instead of one per batch.
         extra = static_width(input_ids.shape[1]) - input_ids.shape[1]
         input_ids = torch.nn.functional.pad(input_ids, (extra, 0), value=pad_token_id)
         attention_mask = torch.nn.functional.pad(attention_mask, (extra, 0), value=0)
     B, T = input_ids.shape
-    # Positions count real tokens only, so a left-padded prompt gets the same positions 0..len-1 as
-    # the same prompt unpadded (HF generate does the same). Pad columns get 0; they are masked anyway.
+    # Positions count real tokens only, so a left-padded prompt gets the same positions 0..len-1
+    # as the same prompt unpadded (HF generate does the same). Pad columns get 0; they are masked anyway.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     if static:
         if cache is None:
             cache = new_static_cache(model, T + max_new_tokens)
-        # Full-attention layers hold every position: T + max_new_tokens, or more for a reused cache. Sliding-window
-        # layers (Mistral with a window shorter than that) hold the last `window` positions only, by design.
+        # Full-attention layers hold every position: T + max_new_tokens, or more for a reused cache.
+        # Sliding-window layers (Mistral with a window shorter than that) hold the last `window`
+        # positions only, by design.
         full = [layer.max_cache_len for layer in cache.layers if not layer.is_sliding]
         L = max(full) if full else T + max_new_tokens
         if L < T + max_new_tokens:
             raise ValueError(f"the StaticCache holds {L} positions; this call needs {T} + {max_new_tokens}")
         cache.reset()  # zero length; the same buffers
-        # The mask is allocated at full length once: column T + s (the token of step s) is 1 from the start,
-        # which is harmless because causal masking hides every column after the current position.
+        # The mask is allocated at full length once: column T + s (the token of step s) is 1 from
+        # the start, which is harmless: causal masking hides every column after the current position.
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, L - T)], dim=-1)  # (B, L)
     else:
-        cache = DynamicCache()  # filled by the model in place: one (B, H, t, D) key and value per layer
+        # filled by the model in place: one (B, H, t, D) key and value per layer
+        cache = DynamicCache()
     if compile:
-        # FSDP2's per-module hooks cannot be traced into one graph: under FSDP the step is compiled in
-        # pieces (one per block, the hooks run eagerly between them; with gathered_weights they do nothing).
+        # FSDP2's per-module hooks cannot be traced into one graph: under FSDP the step is compiled
+        # in pieces (one per block, the hooks run eagerly between them; with gathered_weights they
+        # do nothing).
         step_fn = _compiled_step(input_ids.device, fullgraph=not fsdp.is_fsdp(model))
     else:
         step_fn = _last_logits
     # Prefill: one forward over the whole prompt fills the cache and gives the first token's logits.
     # Always eager: its shape changes with every batch, and it runs once per batch.
-    logits = _last_logits(model, input_ids, attention_mask, position_ids, cache, cache_name, keep_last)  # (B, V)
+    logits = _last_logits(model, input_ids, attention_mask, position_ids, cache, cache_name,
+                          keep_last)  # (B, V)
     position_ids = position_ids[:, -1:]  # (B, 1): the last prompt position of each row
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # (B,)
     new_tokens = []
     for step in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_p, top_k, generator)  # (B,)
-        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)  # finished rows emit padding
+        # finished rows emit padding
+        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
         new_tokens.append(tok)
         if eos_token_id is not None:
             finished |= tok == eos_token_id
         if step == max_new_tokens - 1:
             break
-        # Checking `finished` reads a GPU value on the CPU (a sync that stalls the launch queue), so it is
-        # done every SYNC_EVERY steps; the few extra steps only emit padding and are cut off below.
+        # Checking `finished` reads a GPU value on the CPU (a sync that stalls the launch queue),
+        # so it is done every SYNC_EVERY steps; the few extra steps only emit padding and are cut
+        # off below.
         if eos_token_id is not None and (step + 1) % SYNC_EVERY == 0 and _all_finished(finished):
             break
         # Decode: feed only the new token; the cache holds the keys/values of everything before it.
         if not static:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=-1)  # (B, T+step+1)
+            ones = attention_mask.new_ones(B, 1)
+            attention_mask = torch.cat([attention_mask, ones], dim=-1)  # (B, T+step+1)
         position_ids = position_ids + 1  # (B, 1)
         if compile and input_ids.is_cuda:
-            torch.compiler.cudagraph_mark_step_begin()  # one token = one replay of the recorded graph
-        logits = step_fn(model, tok[:, None], attention_mask, position_ids, cache, cache_name, keep_last)  # (B, V)
+            # one token = one replay of the recorded graph
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = step_fn(model, tok[:, None], attention_mask, position_ids, cache, cache_name,
+                         keep_last)  # (B, V)
     if not new_tokens:
         return input_ids.new_zeros(B, 0)
     out = torch.stack(new_tokens, dim=1)  # (B, n)
     if eos_token_id is not None:
         is_eos = out == eos_token_id  # (B, n)
-        if bool(is_eos.any(1).all()):  # every row finished: cut the columns after the last row's EOS
-            out = out[:, :int(is_eos.float().argmax(1).max()) + 1]  # (what stopping at once would give)
+        # every row finished: cut the columns after the last row's EOS (what stopping at once
+        # would give)
+        if bool(is_eos.any(1).all()):
+            out = out[:, :int(is_eos.float().argmax(1).max()) + 1]
     return out
 
 
 def sample_responses(model, prompts, *, batch_size, max_new_tokens, eos_token_id, pad_token_id,
                      temperature, top_p, top_k, seed, device, static=False, compile=False, progress=None,
                      offsets=None, width=None):
-    """One response per prompt (lists of token ids in, lists of token ids out), batch_size prompts at a time.
+    """One response per prompt (lists of token ids in, lists of token ids out), batch_size prompts
+    at a time.
 
-    The batch starting at prompt b draws from a generator seeded with seed + b (seed + offsets[j] for the j-th
-    batch, when the batches are some of a larger set's: sample_dataset): the same seed gives the same samples, and
-    a batch's samples do not depend on the batches before it. Each response keeps its EOS token at the end if one
-    was produced; what follows (pad) is dropped. progress(done, total) after each batch.
+    The batch starting at prompt b draws from a generator seeded with seed + b (seed + offsets[j]
+    for the j-th batch, when the batches are some of a larger set's: sample_dataset): the same seed
+    gives the same samples, and a batch's samples do not depend on the batches before it. Each
+    response keeps its EOS token at the end if one was produced; what follows (pad) is dropped.
+    progress(done, total) after each batch.
 
-    static / compile: see generate(). With static=True every batch is left-padded to one width (the longest
-    prompt, rounded up to PAD_MULTIPLE) and a short last batch is filled up with copies of its first prompt
-    (their answers are dropped), so all batches share ONE StaticCache: the compiled decode step then keeps
-    its buffers (a new cache per batch would mean a recompilation or a re-recorded CUDA graph per batch).
-    Greedy answers are the same in both modes; sampled ones too, except in a filled-up last batch (the
-    fill-up rows draw from the same generator).
+    static / compile: see generate(). With static=True every batch is left-padded to one width (the
+    longest prompt, rounded up to PAD_MULTIPLE) and a short last batch is filled up with copies of
+    its first prompt (their answers are dropped), so all batches share ONE StaticCache: the compiled
+    decode step then keeps its buffers (a new cache per batch would mean a recompilation or a
+    re-recorded CUDA graph per batch). Greedy answers are the same in both modes; sampled ones too,
+    except in a filled-up last batch (the fill-up rows draw from the same generator).
     """
     B = batch_size
     width = width or (static_width(max([len(p) for p in prompts] + [1])) if static else 0)
@@ -290,9 +326,9 @@ def sample_responses(model, prompts, *, batch_size, max_new_tokens, eos_token_id
             batch = batch + [batch[0]] * (B - n_real)  # fill-up rows: same shapes for every batch
         ids, mask = pad_sequences(batch, pad_token_id, side="left", width=width)  # (B, T)
         generator = torch.Generator(device).manual_seed(seed + (offsets[j] if offsets else b))
-        new = generate(model, ids.to(device), mask.to(device), max_new_tokens, eos_token_id, pad_token_id,
-                       temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
-                       static=static, compile=compile, cache=cache)  # (B, n)
+        new = generate(model, ids.to(device), mask.to(device), max_new_tokens, eos_token_id,
+                       pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k,
+                       generator=generator, static=static, compile=compile, cache=cache)  # (B, n)
         for row in new[:n_real].tolist():
             if eos_token_id is not None and eos_token_id in row:
                 row = row[:row.index(eos_token_id) + 1]  # keep the EOS, drop the padding after it
@@ -303,34 +339,43 @@ def sample_responses(model, prompts, *, batch_size, max_new_tokens, eos_token_id
 
 
 def sample_dataset(model, prompts, tok, cfg, seed, device, greedy=False, log=None, what="y'"):
-    """Algorithm 1, lines 2 / 7 (and greedy evaluation): one response per prompt (token-id lists) from the
-    current policy, every rank returning all of them in order.
+    """Algorithm 1, lines 2 / 7 (and greedy evaluation): one response per prompt (token-id lists)
+    from the current policy, every rank returning all of them in order.
 
-    The batches are global: batch k holds prompts k*B .. k*B + B - 1 and draws from a generator seeded by its first
-    prompt's index, and the ranks share out whole batches; so N processes sample exactly what one process does."""
+    The batches are global: batch k holds prompts k*B .. k*B + B - 1 and draws from a generator
+    seeded by its first prompt's index, and the ranks share out whole batches; so N processes sample
+    exactly what one process does."""
     bs, t0 = min(cfg["gen_batch_size"], max(1, len(prompts))), time.time()
     starts = list(range(0, len(prompts), bs))  # the global batches, by their first prompt
     n_batches = math.ceil(len(starts) / fsdp.world())
-    width = static_width(max([len(p) for p in prompts] + [1])) if cfg["gen_static"] else None  # one for all ranks
+    # one width for all ranks
+    width = static_width(max([len(p) for p in prompts] + [1])) if cfg["gen_static"] else None
+    temperature = 0.0 if greedy else cfg["temperature"]
     model.eval()
 
     def progress(done_local, _):  # at about 25/50/75/100%
         k = math.ceil(done_local / bs)
         if log and (k == n_batches or k % max(1, n_batches // 4) == 0):
-            log(f"  sampling {what}: {min(done_local * fsdp.world(), len(prompts))}/{len(prompts)} prompts, "
-                f"{time.time() - t0:.0f}s")
+            done = min(done_local * fsdp.world(), len(prompts))
+            log(f"  sampling {what}: {done}/{len(prompts)} prompts, {time.time() - t0:.0f}s")
 
-    def sample_share(share):  # this rank's batches, by their first prompt -> their responses, one list per batch
+    # this rank's batches, by their first prompt -> their responses, one list per batch
+    def sample_share(share):
         batches = [prompts[k:k + bs] for k in share]  # the last one may be short
         out = iter(sample_responses(
             model, [p for b in batches for p in b], batch_size=bs, max_new_tokens=cfg["max_new_tokens"],
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=0.0 if greedy else
-            cfg["temperature"], top_p=cfg["top_p"], top_k=cfg["top_k"], seed=seed * 100003, device=device,
-            static=cfg["gen_static"], compile=cfg["gen_compile"], progress=progress, offsets=share, width=width))
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=temperature,
+            top_p=cfg["top_p"], top_k=cfg["top_k"], seed=seed * 100003, device=device,
+            static=cfg["gen_static"], compile=cfg["gen_compile"], progress=progress, offsets=share,
+            width=width))
         return [list(itertools.islice(out, len(b))) for b in batches]
-    # --compile compiles the blocks for training; decoding into a DynamicCache changes their input shapes at every
-    # token (a recompilation each time), so unless the decode step itself is compiled (--gen_compile, fixed
-    # shapes) the sampler runs the blocks eagerly.
-    eager = torch.compiler.set_stance("force_eager") if cfg["compile"] and not cfg["gen_compile"] else contextlib.nullcontext()
+
+    # --compile compiles the blocks for training; decoding into a DynamicCache changes their input
+    # shapes at every token (a recompilation each time), so unless the decode step itself is compiled
+    # (--gen_compile, fixed shapes) the sampler runs the blocks eagerly.
+    if cfg["compile"] and not cfg["gen_compile"]:
+        eager = torch.compiler.set_stance("force_eager")
+    else:
+        eager = contextlib.nullcontext()
     with fsdp.gathered_weights(model), fsdp.autocast(device, model), eager:
         return [y for batch in fsdp.shard_gather(starts, sample_share) for y in batch]

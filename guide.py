@@ -1,16 +1,16 @@
 """The guiding model T = (phi, psi) of LD-Align (arXiv 2404.06390, Section 4.1).
 
 A *conditional autoencoder* built from two GPT-2s:
-  encoder phi(x, y) -> h in R^d           : what is it about this response y (to prompt x)?
-  decoder psi(y | x, h)                    : reconstruct y from the prompt x and the latent h.
-It is trained with Eq. 2 (Algorithm 1, line 4) on golden pairs (x, y) from the SFT set AND on generated pairs
-(x, y') from the current policy, and then used only through its encoder:
-  s_phi(x, y, y') = || phi(x, y) - phi(x, y') ||_2                     (Section 4.2.2, Algorithm 1, line 8)
+  encoder phi(x, y) -> h in R^d   : what is it about this response y (to prompt x)?
+  decoder psi(y | x, h)           : reconstruct y from the prompt x and the latent h.
+It is trained with Eq. 2 (Algorithm 1, line 4) on golden pairs (x, y) from the SFT set AND on
+generated pairs (x, y') from the current policy, and then used only through its encoder:
+  s_phi(x, y, y') = || phi(x, y) - phi(x, y') ||_2          (Section 4.2.2, Algorithm 1, line 8)
 which becomes the per-example weight of the DPO loss (Eq. 3/4, elsewhere in the project).
 
-Deliberately NOT a VAE: Eq. 2 is a plain reconstruction objective with no KL / prior term, so phi is a
-deterministic encoder and h is a point, not a distribution. (Adding a KL would also shrink all distances
-towards each other, which is not what the paper's s_phi is meant to measure.)
+Deliberately NOT a VAE: Eq. 2 is a plain reconstruction objective with no KL / prior term, so phi
+is a deterministic encoder and h is a point, not a distribution. (Adding a KL would also shrink all
+distances towards each other, which is not what the paper's s_phi is meant to measure.)
 """
 import json
 import math
@@ -30,49 +30,69 @@ from rundir import atomic_path
 class GuideModel(nn.Module):
     def __init__(self, encoder: GPT2LMHeadModel, decoder: GPT2LMHeadModel, latent_dim: int):
         super().__init__()
-        self.encoder = encoder  # phi's backbone; only encoder.transformer (GPT2Model) is used, lm_head is tied/idle
+        # phi's backbone; only encoder.transformer (GPT2Model) is used, lm_head is tied/idle
+        self.encoder = encoder
         self.decoder = decoder  # psi: a full GPT-2 LM
         self.latent_dim = latent_dim
-        self.to_latent = nn.Linear(encoder.config.n_embd, latent_dim)  # pooled hidden state -> h   (n_embd -> d)
-        self.from_latent = nn.Linear(latent_dim, decoder.config.n_embd)  # h -> W_h h, added to token embeddings
+        # pooled hidden state -> h (n_embd -> d)
+        self.to_latent = nn.Linear(encoder.config.n_embd, latent_dim)
+        # h -> W_h h, added to the token embeddings (d -> n_embd)
+        self.from_latent = nn.Linear(latent_dim, decoder.config.n_embd)
 
     # ---------------------------------------------------------------- phi
     def encode(self, input_ids, attention_mask, response_mask):
-        """phi(x, y) -> h (B, d). input_ids = [x ; y] right-padded, response_mask = 1 on the y positions."""
-        hid = self.encoder.transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, n_embd)
-        # Mean-pool over the RESPONSE tokens only. x is identical in y and y' (same prompt), so pooling over x
-        # would add a shared component that dilutes s_phi = ||phi(x,y) - phi(x,y')||; pooling over y makes the
-        # distance measure the responses. h is still conditioned on x: with causal attention every response
-        # position attends to all of x. (Mean rather than last token: no dependence on where EOS/padding sits.)
+        """phi(x, y) -> h (B, d). input_ids = [x ; y] right-padded, response_mask = 1 on the y
+        positions.
+
+        Mean-pool over the RESPONSE tokens only. x is identical in y and y' (same prompt), so pooling
+        over x would add a shared component that dilutes s_phi = ||phi(x,y) - phi(x,y')||; pooling
+        over y makes the distance measure the responses. h is still conditioned on x: with causal
+        attention every response position attends to all of x. (Mean rather than last token: no
+        dependence on where EOS/padding sits.)
+        """
+        hid = self.encoder.transformer(input_ids=input_ids, attention_mask=attention_mask,
+                                       use_cache=False).last_hidden_state  # (B, T, n_embd)
         m = (response_mask * attention_mask).unsqueeze(-1).to(hid.dtype)  # (B, T, 1)
-        pooled = (hid * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, n_embd); clamp guards an empty response
+        # clamp guards an empty response
+        pooled = (hid * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, n_embd)
         return self.to_latent(pooled)  # (B, d)
 
     # ---------------------------------------------------------------- psi
     def recon_nll(self, input_ids, attention_mask, response_mask, h):
-        """-log p_psi(y | x, h): summed NLL over response tokens (B,) and the number of those tokens (B,)."""
+        """-log p_psi(y | x, h): summed NLL over response tokens (B,) and the number of those tokens
+        (B,).
+
+        Latent injection = "embedding injection" (Optimus, Li et al. 2020): W_h h is added to EVERY
+        token embedding, so every position sees h directly (no need to route it through attention),
+        and positions, labels and masks stay exactly those of the plain LM. The alternative would be
+        a soft prefix (h mapped to k extra "virtual token" embeddings prepended to x), which shifts
+        positions and needs masks/labels padded. GPT2Model adds its own position embeddings
+        wpe(position_ids) to inputs_embeds; right padding means the default position_ids = arange(T)
+        are correct.
+        """
         wte = self.decoder.get_input_embeddings()
-        # Latent injection = "embedding injection" (Optimus, Li et al. 2020): W_h h is added to EVERY token
-        # embedding, so every position sees h directly (no need to route it through attention), and positions,
-        # labels and masks stay exactly those of the plain LM. The alternative would be a soft prefix (h mapped to
-        # k extra "virtual token" embeddings prepended to x), which shifts positions and needs masks/labels padded.
-        # GPT2Model adds its own position embeddings wpe(position_ids) to inputs_embeds; right padding means the
-        # default position_ids = arange(T) are correct.
-        emb = wte(input_ids) + self.from_latent(h).to(wte.weight.dtype).unsqueeze(1)  # (B, T, n_embd) + (B, 1, n_embd)
-        logits = self.decoder(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
-        # Next-token shift: logits at position j predict token j+1. So logits[:, :-1] are scored against
-        # input_ids[:, 1:], and a target counts iff it is a (real, non-pad) response token. The first response
-        # token y_1 is therefore predicted from the LAST prompt position (x must be non-empty for it to count).
-        logits = logits[:, :-1].float()  # (B, T-1, V) in fp32 for a stable log-softmax under bf16 autocast
+        # (B, T, n_embd) + (B, 1, n_embd)
+        emb = wte(input_ids) + self.from_latent(h).to(wte.weight.dtype).unsqueeze(1)
+        logits = self.decoder(inputs_embeds=emb, attention_mask=attention_mask,
+                              use_cache=False).logits  # (B, T, V)
+        # Next-token shift: logits at position j predict token j+1. So logits[:, :-1] are scored
+        # against input_ids[:, 1:], and a target counts iff it is a (real, non-pad) response token.
+        # The first response token y_1 is therefore predicted from the LAST prompt position (x must
+        # be non-empty for it to count). fp32 for a stable log-softmax under bf16 autocast.
+        logits = logits[:, :-1].float()  # (B, T-1, V)
         targets = input_ids[:, 1:]  # (B, T-1)
-        tmask = (response_mask[:, 1:] * attention_mask[:, 1:]).to(logits.dtype)  # (B, T-1): prompt and padding masked
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1) per-token -log p
+        # (B, T-1): prompt and padding masked
+        tmask = (response_mask[:, 1:] * attention_mask[:, 1:]).to(logits.dtype)
+        # (B, T-1) per-token -log p
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         return (nll * tmask).sum(1), tmask.sum(1)  # (B,), (B,)
 
     def forward(self, input_ids, attention_mask, response_mask, shuffle_h=False):
-        """One Eq. 2 term per row: -log p_psi(y | x, phi(x, y)). Rows can be golden (x, y) or generated (x, y')."""
+        """One Eq. 2 term per row: -log p_psi(y | x, phi(x, y)). Rows can be golden (x, y) or
+        generated (x, y')."""
         h = self.encode(input_ids, attention_mask, response_mask)  # (B, d)
-        if shuffle_h:  # diagnostic: give each row its neighbour's latent; a decoder that uses h must get worse
+        # diagnostic: give each row its neighbour's latent; a decoder that uses h must get worse
+        if shuffle_h:
             h = h.roll(1, dims=0)
         return self.recon_nll(input_ids, attention_mask, response_mask, h)  # (B,), (B,)
 
@@ -90,13 +110,16 @@ def build_guide(model_name_or_config, latent_dim) -> GuideModel:
 
 
 def save_guide(guide, out_dir):
-    """out_dir/{encoder,decoder}/ (HF safetensors), out_dir/latent.safetensors, out_dir/guide_config.json,
-    written atomically (rundir.atomic_path): a crash never leaves a half-written guide."""
+    """out_dir/{encoder,decoder}/ (HF safetensors), out_dir/latent.safetensors,
+    out_dir/guide_config.json, written atomically (rundir.atomic_path): a crash never leaves a
+    half-written guide."""
     with atomic_path(out_dir) as tmp:
         guide.encoder.save_pretrained(os.path.join(tmp, "encoder"))
         guide.decoder.save_pretrained(os.path.join(tmp, "decoder"))
-        latent = {f"{name}.{k}": v.detach().cpu().contiguous()  # safetensors needs contiguous CPU tensors
-                  for name in ("to_latent", "from_latent") for k, v in getattr(guide, name).state_dict().items()}
+        # safetensors needs contiguous CPU tensors
+        latent = {f"{name}.{k}": v.detach().cpu().contiguous()
+                  for name in ("to_latent", "from_latent")
+                  for k, v in getattr(guide, name).state_dict().items()}
         save_file(latent, os.path.join(tmp, "latent.safetensors"))
         with open(os.path.join(tmp, "guide_config.json"), "w") as f:
             json.dump({"latent_dim": guide.latent_dim, "encoder_n_embd": guide.encoder.config.n_embd,
@@ -114,15 +137,18 @@ def load_guide(out_dir) -> GuideModel:
     dec = GPT2LMHeadModel.from_pretrained(os.path.join(out_dir, "decoder"))
     guide = GuideModel(enc, dec, cfg["latent_dim"])
     state = load_file(os.path.join(out_dir, "latent.safetensors"))
-    guide.to_latent.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("to_latent.")})
-    guide.from_latent.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("from_latent.")})
+    for name in ("to_latent", "from_latent"):
+        getattr(guide, name).load_state_dict(
+            {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(name + ".")})
     return guide
 
 
 # ==================================================================== data
 def collate_guide(examples, pad_id):
-    """examples: list of (x_ids, y_ids). Sequence = x ; y, RIGHT padded (positions 0..n-1 stay put)."""
-    ids, attn = pad_sequences([list(x) + list(y) for x, y in examples], pad_id, side="right")  # (B, T), (B, T)
+    """examples: list of (x_ids, y_ids). Sequence = x ; y, RIGHT padded (positions 0..n-1 stay
+    put)."""
+    # (B, T), (B, T)
+    ids, attn = pad_sequences([list(x) + list(y) for x, y in examples], pad_id, side="right")
     resp = torch.zeros_like(attn)  # (B, T)
     for i, (x, y) in enumerate(examples):
         resp[i, len(x):len(x) + len(y)] = 1
@@ -136,20 +162,23 @@ def _to(batch, device):
 # ==================================================================== Eq. 2 training (Algorithm 1, line 4)
 def train_guide(guide, examples, *, epochs, batch_size, lr, pad_id, seed, device, warmup_frac=0.1,
                 weight_decay=0.0, log_every=10, log_fn=print):
-    """Minimise L_guide (Eq. 2) over `examples` = golden (x, y) AND generated (x, y') pairs, mixed: each row is
-    reconstructed from its OWN latent, so the two expectation terms of Eq. 2 are just two kinds of rows.
-    The optimised loss is the per-token mean NLL over response tokens in the batch (sum NLL / #tokens), i.e. Eq. 2
-    up to length normalisation, so long responses do not dominate the step size.
-    `examples` is this rank's shard; the caller makes shards equal-size (same #steps on every rank). If the guide
-    is wrapped with FSDP2 fully_shard (the whole GuideModel as root, so wte/from_latent are unsharded inside
-    forward), gradients are averaged across ranks by FSDP itself; nothing distributed happens here.
+    """Minimise L_guide (Eq. 2) over `examples` = golden (x, y) AND generated (x, y') pairs, mixed:
+    each row is reconstructed from its OWN latent, so the two expectation terms of Eq. 2 are just
+    two kinds of rows. The optimised loss is the per-token mean NLL over response tokens in the
+    batch (sum NLL / #tokens), i.e. Eq. 2 up to length normalisation, so long responses do not
+    dominate the step size.
+    `examples` is this rank's shard; the caller makes shards equal-size (same #steps on every
+    rank). If the guide is wrapped with FSDP2 fully_shard (the whole GuideModel as root, so
+    wte/from_latent are unsharded inside forward), gradients are averaged across ranks by FSDP
+    itself; nothing distributed happens here.
     The guide must already be on `device`. Returns one metrics dict per optimiser step."""
     guide.train()
     n = len(examples)
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
     warmup = max(1, int(warmup_frac * total))
-    opt = torch.optim.AdamW([p for p in guide.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    params = [p for p in guide.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     def lr_lambda(step):  # linear warmup, then cosine decay to 0
         if step < warmup:
@@ -162,43 +191,54 @@ def train_guide(guide, examples, *, epochs, batch_size, lr, pad_id, seed, device
         g = torch.Generator().manual_seed(seed + epoch)  # reproducible, different order every epoch
         perm = torch.randperm(n, generator=g).tolist()
         for b in range(0, n, batch_size):
-            batch = _to(collate_guide([examples[i] for i in perm[b:b + batch_size]], pad_id), device)
+            batch = collate_guide([examples[i] for i in perm[b:b + batch_size]], pad_id)
+            batch = _to(batch, device)
             with fsdp.autocast(device, guide):
                 nll_sum, n_tok = guide(**batch)  # (B,), (B,)
-            loss = nll_sum.sum() / n_tok.sum().clamp(min=1.0)  # per-token mean NLL (the Eq. 2 objective we optimise)
+            loss = nll_sum.sum() / n_tok.sum().clamp(min=1.0)  # per-token mean NLL: Eq. 2 as optimised
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(guide.parameters(), 1.0)
             opt.step()
             sched.step()
             step += 1
-            rec = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
-                   "grad_norm": float(gnorm), "n_tokens": int(n_tok.sum().item())}
+            rec = {"step": step, "epoch": epoch, "loss": loss.item(),
+                   "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
+                   "n_tokens": int(n_tok.sum().item())}
             history.append(rec)
             if log_fn is not None and (step % log_every == 0 or step == 1 or step == total):
-                log_fn(f"[guide] step {step}/{total} epoch {epoch} loss {rec['loss']:.4f} lr {rec['lr']:.2e}")
+                log_fn(f"[guide] step {step}/{total} epoch {epoch} loss {rec['loss']:.4f} "
+                       f"lr {rec['lr']:.2e}")
     return history
 
 
 # ==================================================================== diagnostics and s_phi
 @torch.no_grad()
 def eval_guide(guide, examples, *, batch_size, pad_id, device, partner=None):
-    """Per-token NLL of the reconstruction with the TRUE latent vs. with a SHUFFLED latent (h rolled by 1 over the
-    whole example list, so a last batch of size 1 still gets someone else's h). If the decoder ignores h (posterior
-    collapse: it just models p(y|x)), the two are equal; a useful guide has nll_shuffled_h clearly > nll_true_h.
+    """Per-token NLL of the reconstruction with the TRUE latent vs. with a SHUFFLED latent (h rolled
+    by 1 over the whole example list, so a last batch of size 1 still gets someone else's h). If the
+    decoder ignores h (posterior collapse: it just models p(y|x)), the two are equal; a useful guide
+    has nll_shuffled_h clearly > nll_true_h.
 
-    A shuffled h usually comes from another prompt, so that gap also counts what h knows about x. partner[i] = the
-    index of an example with the same prompt and another response (y' for y, y for y'), or None: then
-    nll_same_prompt_h reconstructs example i from its partner's h, and its gap over nll_true_h is what h knows
-    about the response itself, the part that s_phi = ||phi(x, y) - phi(x, y')|| measures."""
+    A shuffled h usually comes from another prompt, so that gap also counts what h knows about x.
+    partner[i] = the index of an example with the same prompt and another response (y' for y, y for
+    y'), or None: then nll_same_prompt_h reconstructs example i from its partner's h, and its gap
+    over nll_true_h is what h knows about the response itself, the part that
+    s_phi = ||phi(x, y) - phi(x, y')|| measures."""
     was_training = guide.training
     guide.eval()
-    batches = [collate_guide(examples[b:b + batch_size], pad_id) for b in range(0, len(examples), batch_size)]
+    batches = [collate_guide(examples[b:b + batch_size], pad_id)
+               for b in range(0, len(examples), batch_size)]
     with fsdp.autocast(device, guide):
         H = torch.cat([guide.encode(**_to(bt, device)).float() for bt in batches])  # (N, d)
         Hs = H.roll(1, dims=0)  # (N, d): example i gets example i-1's latent
-        has = torch.tensor([p is not None for p in partner]) if partner else torch.zeros(len(examples), dtype=torch.bool)
-        Hp = H[torch.tensor([i if p is None else p for i, p in enumerate(partner)])] if partner else H  # (N, d)
+        # has: (N,) rows with a same-prompt partner; Hp: (N, d) each row's partner's latent
+        if partner:
+            has = torch.tensor([p is not None for p in partner])
+            Hp = H[torch.tensor([i if p is None else p for i, p in enumerate(partner)])]
+        else:
+            has = torch.zeros(len(examples), dtype=torch.bool)
+            Hp = H
         tot = {"true": 0.0, "shuf": 0.0, "pair_true": 0.0, "pair_swap": 0.0, "pair_tok": 0.0}
         ntok, off = 0.0, 0
         for bt in batches:
@@ -228,27 +268,29 @@ def eval_guide(guide, examples, *, batch_size, pad_id, device, partner=None):
 
 @torch.no_grad()
 def latent_distances(guide, triples, *, batch_size, pad_id, device):
-    """s_i = || phi(x_i, y_i) - phi(x_i, y'_i) ||_2  (Section 4.2.2; Algorithm 1, line 8). Returns (N,) float32.
-    y and y' of a chunk are encoded in ONE forward pass (2B rows, same padded length), so an identical pair
-    gives an (up to kernel round-off) zero distance."""
+    """s_i = || phi(x_i, y_i) - phi(x_i, y'_i) ||_2  (Section 4.2.2; Algorithm 1, line 8).
+    Returns (N,) float32. y and y' of a chunk are encoded in ONE forward pass (2B rows, same padded
+    length), so an identical pair gives an (up to kernel round-off) zero distance."""
     was_training = guide.training
     guide.eval()  # no dropout: phi must be a deterministic function
     out = []
     for b in range(0, len(triples), batch_size):
         chunk = triples[b:b + batch_size]
         B = len(chunk)
-        batch = _to(collate_guide([(x, y) for x, y, _ in chunk] + [(x, yp) for x, _, yp in chunk], pad_id), device)
+        # the y rows, then the y' rows
+        rows = [(x, y) for x, y, _ in chunk] + [(x, yp) for x, _, yp in chunk]
+        batch = _to(collate_guide(rows, pad_id), device)
         with fsdp.autocast(device, guide):
             h = guide.encode(**batch).float()  # (2B, d)
-        out.append(torch.linalg.vector_norm(h[:B] - h[B:], dim=-1).cpu())  # (B,)
+        out.append(torch.linalg.vector_norm(h[:B] - h[B:], dim=-1).cpu())  # (B,) Algorithm 1, line 8
     guide.train(was_training)
     return torch.cat(out).float() if out else torch.zeros(0)
 
 
 # ==================================================================== the stages of Algorithm 1 (lines 4 and 8)
 def place(guide, device):
-    """Move the guide to the device; under torchrun shard it like the policy. encode / recon_nll are called
-    directly (not through forward), so FSDP2 is told to all-gather around them too."""
+    """Move the guide to the device; under torchrun shard it like the policy. encode / recon_nll are
+    called directly (not through forward), so FSDP2 is told to all-gather around them too."""
     guide = guide.to(device)
     if fsdp.world() > 1:
         from torch.distributed.fsdp import register_fsdp_forward_method
@@ -259,37 +301,46 @@ def place(guide, device):
 
 
 def fit(src, triples, cfg, pad_id, device, log):
-    """Algorithm 1, line 4: a new guide (build_guide(src)) trained with Eq. 2 on golden (x, y) AND generated
-    (x, y') pairs, triples = [(x, y, y')] in the guide's tokens; each rank trains on its share with its share of
-    the global batch --guide_batch_size (FSDP2 averages the gradients). Then the diagnostic: does the decoder use
-    h? (guide.diagnostics, saved with the guide)."""
-    log("[Algorithm 1, line 4] training the guide T = (phi, psi) on golden and generated responses (Eq. 2)")
-    torch.manual_seed(cfg["seed"])  # every rank builds the same initial weights (FSDP2 does not broadcast them)
+    """Algorithm 1, line 4: a new guide (build_guide(src)) trained with Eq. 2 on golden (x, y) AND
+    generated (x, y') pairs, triples = [(x, y, y')] in the guide's tokens; each rank trains on its
+    share with its share of the global batch --guide_batch_size (FSDP2 averages the gradients).
+    Then the diagnostic: does the decoder use h? (guide.diagnostics, saved with the guide)."""
+    log("[Algorithm 1, line 4] training the guide T = (phi, psi) on golden and generated responses "
+        "(Eq. 2)")
+    # every rank builds the same initial weights (FSDP2 does not broadcast them)
+    torch.manual_seed(cfg["seed"])
     guide = place(build_guide(src, cfg["latent_dim"]), device)
-    examples = [(gx, gy) for gx, gy, _ in triples] + [(gx, gyp) for gx, _, gyp in triples]  # y and y'
-    idx, _ = fsdp.shard_indices(len(examples), fsdp.rank(), fsdp.world())  # the same steps whatever the world size
-    train_guide(guide, [examples[i] for i in idx], epochs=cfg["guide_epochs"], batch_size=cfg["guide_batch_size"] //
-                fsdp.world(), lr=cfg["guide_lr"], pad_id=pad_id, seed=cfg["seed"], device=device,
-                log_every=cfg["log_every"] * 5, log_fn=lambda m: log("  " + m))
-    # Reconstruct (training) examples with the true latent, another example's, and (for pairs with y' != y) the
-    # same prompt's other response's: that last gap is what s_phi can see.
+    # the y rows, then the y' rows
+    examples = [(gx, gy) for gx, gy, _ in triples] + [(gx, gyp) for gx, _, gyp in triples]
+    # the same steps whatever the world size
+    idx, _ = fsdp.shard_indices(len(examples), fsdp.rank(), fsdp.world())
+    train_guide(guide, [examples[i] for i in idx], epochs=cfg["guide_epochs"],
+                batch_size=cfg["guide_batch_size"] // fsdp.world(), lr=cfg["guide_lr"], pad_id=pad_id,
+                seed=cfg["seed"], device=device, log_every=cfg["log_every"] * 5,
+                log_fn=lambda m: log("  " + m))
+    # Reconstruct (training) examples with the true latent, another example's, and (for pairs with
+    # y' != y) the same prompt's other response's: that last gap is what s_phi can see.
     differ = [i for i, (_, gy, gyp) in enumerate(triples) if gy != gyp]
     pick = torch.randperm(len(differ), generator=torch.Generator().manual_seed(0))[:512].tolist()
-    pick = [differ[k] for k in pick] or list(range(min(512, len(triples))))  # (every y' == y: no pairs)
+    # (every y' == y: no pairs)
+    pick = [differ[k] for k in pick] or list(range(min(512, len(triples))))
     n = len(pick)
-    guide.diagnostics = eval_guide(guide, [examples[i] for i in pick] + [examples[len(triples) + i] for i in pick],
-                                   batch_size=cfg["guide_batch_size"], pad_id=pad_id, device=device,
-                                   partner=[k + n for k in range(n)] + list(range(n)) if differ else None)
+    # the picked y rows, then their y' rows: row k's partner is row k + n and the other way round
+    picked = [examples[i] for i in pick] + [examples[len(triples) + i] for i in pick]
+    partner = [k + n for k in range(n)] + list(range(n)) if differ else None
+    guide.diagnostics = eval_guide(guide, picked, batch_size=cfg["guide_batch_size"], pad_id=pad_id,
+                                   device=device, partner=partner)
     d = guide.diagnostics
-    log(f"  guide reconstruction NLL/token: true h {d['nll_true_h']:.3f} vs shuffled h {d['nll_shuffled_h']:.3f} "
-        f"(shuffled must be worse, or the decoder ignores h) vs the same prompt's other response's h "
-        f"{d.get('nll_same_prompt_h', float('nan')):.3f} (the part of h that s_phi measures)")
+    log(f"  guide reconstruction NLL/token: true h {d['nll_true_h']:.3f} "
+        f"vs shuffled h {d['nll_shuffled_h']:.3f} (shuffled must be worse, or the decoder ignores h) "
+        f"vs the same prompt's other response's h {d.get('nll_same_prompt_h', float('nan')):.3f} "
+        f"(the part of h that s_phi measures)")
     return guide
 
 
 def save_gathered(guide, path, src):
-    """save_guide by rank 0; under FSDP2 every rank joins the gather of the full state dict, which rank 0 loads
-    into a plain, unsharded copy (build_guide(src)) to save."""
+    """save_guide by rank 0; under FSDP2 every rank joins the gather of the full state dict, which
+    rank 0 loads into a plain, unsharded copy (build_guide(src)) to save."""
     sd, plain = fsdp.full_state_dict(guide), guide
     if fsdp.rank() == 0:
         if sd is not None:
@@ -300,7 +351,8 @@ def save_gathered(guide, path, src):
 
 
 def freeze(guide):
-    """phi is frozen after line 4: the weights s_i/S are constants of the policy update (README, errata)."""
+    """phi is frozen after line 4: the weights s_i/S are constants of the policy update (README,
+    errata)."""
     guide.eval()
     for p in guide.parameters():
         p.requires_grad_(False)
@@ -308,8 +360,10 @@ def freeze(guide):
 
 
 def distances(guide, triples, batch_size, pad_id, device):
-    """Algorithm 1, line 8 over a data set: s_i for triples = [(x, y, y')] in the guide's tokens, every rank
-    encoding its share (fsdp.shard_gather). Returns (N,) float32 on every rank."""
+    """Algorithm 1, line 8 over a data set: s_i for triples = [(x, y, y')] in the guide's tokens,
+    every rank encoding its share (fsdp.shard_gather). Returns (N,) float32 on every rank."""
+    def share_distances(share):
+        return latent_distances(guide, share, batch_size=batch_size, pad_id=pad_id, device=device)
+
     with fsdp.gathered_weights(guide):
-        return fsdp.shard_gather(triples, lambda share: latent_distances(guide, share, batch_size=batch_size,
-                                                                         pad_id=pad_id, device=device))
+        return fsdp.shard_gather(triples, share_distances)

@@ -146,7 +146,8 @@ PRESETS = {
 def parse_args(argv):
     """nanoGPT-style: defaults above, then the preset, then --key value pairs (typed like the
     default). Every setting is checked here, before anything runs."""
-    src = open(os.path.abspath(__file__)).read()
+    with open(os.path.abspath(__file__)) as f:
+        src = f.read()
     defaults_block = src[src.index("DEFAULTS = dict("):src.index("\n# The range of every")]
     help_text = __doc__ + "\n" + defaults_block
     pairs = read_overrides(argv, DEFAULTS, help_text)

@@ -1,8 +1,12 @@
 """Tests of the LD-Align reference implementation (CPU, tiny models built from configs, no downloads).
 
-    python -m pytest -q test_ldalign.py
+    python -m pytest -q -m "not slow"     # fast: every equation and every line of Algorithm 1, ~90 s on 2 cores
+    python -m pytest -q                   # all (~10 min on 2 cores); CI runs all
 
-The file follows the paper (arXiv 2404.06390) in its order, then the engineering around it.
+Slow (@pytest.mark.slow): the multi-process tests (gloo, torchrun), the end-to-end runs of ldalign.py and train.sh,
+kill / resume, bench.py, and the inductor compile of the decode step. The file follows the paper (arXiv 2404.06390)
+in its order, then the engineering around it; the fixture builders and shared helpers (tiny models, data, tokenizers,
+HF folders, the helpers that run ldalign.py) are in conftest.py.
 
 Equation / Algorithm 1 line -> tests
     Eq. 1, log p(y|x) (sequence log-probs, the shift)
@@ -25,13 +29,16 @@ Equation / Algorithm 1 line -> tests
         test_nan_loss_stops_with_clear_message, test_train_loop_stops_on_a_nonfinite_gradient_with_a_finite_loss,
         test_bf16_autocast_training_sees_updated_weights, test_load_policy_keeps_this_runs_fp32_checkpoints_exact,
         test_compiled_blocks_compile_once_for_scoring_and_once_for_training
-    Algorithm 1 end to end (lines 1-12 on the toy task, ldalign.py)
-        test_end_to_end_tiny_run_then_resume, test_end_to_end_two_processes_fsdp2,
+    Algorithm 1 end to end (lines 1-12 on the toy task, ldalign.py): lines 1-3 and 7 (y' from theta_0, then from
+    theta_{t-1}), 4, 8, 9, 10 (trained from theta_{t-1}, its reference), and the loop over t (lines 5, 11, 12)
+        fast: test_algorithm_1_loop_on_a_minimal_slice
+        slow: test_end_to_end_tiny_run_then_resume, test_end_to_end_two_processes_fsdp2,
         test_compare_four_methods_with_reward_model, test_lm_eval_harness_scores_what_our_evaluation_scores,
         test_agreement_with_toy_judge_and_histogram_numbers
     Algorithm 1 end to end, the paper path (--preset paper on tiny HF folders: Mistral + zephyr's template, GPT-2 guide)
-        test_prompt_and_golden_tokens_follow_zephyr_template, test_paper_preset_one_process,
-        test_paper_preset_two_processes_fsdp2, test_compiled_decode_of_a_sliding_window_policy_compiles_once,
+        fast: test_prompt_and_golden_tokens_follow_zephyr_template,
+        test_compiled_decode_of_a_sliding_window_policy_compiles_once
+        slow: test_paper_preset_one_process, test_paper_preset_two_processes_fsdp2,
         test_heldout_prompts_are_not_filtered_by_the_guides_context, test_guide_steps_do_not_depend_on_the_process_count
 
 Engineering
@@ -56,7 +63,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -65,12 +71,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-from generate import (apply_top_k, apply_top_p, generate, pad_sequences, sample_categorical, sample_next,
-                      sample_responses)
-from guide import (GuideModel, build_guide, collate_guide, eval_guide, latent_distances, load_guide,
-                   save_guide, train_guide)
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import analysis
 import dataset
@@ -80,18 +81,66 @@ import generate as generate_module
 import ldalign
 import rundir
 import stages
-
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def tiny_llama(vocab=64, seed=0, **kw):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(**dict(dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                  bos_token_id=1, eos_token_id=2, pad_token_id=0), **kw))
-    return LlamaForCausalLM(cfg).eval()
+from conftest import (
+    G_EOS,
+    G_PAD,
+    GEN_PAD,
+    GEN_VOCAB,
+    GOOD,
+    HERE,
+    MIXED_LEN,
+    MODELS,
+    N_EVAL,
+    PAPER_T,
+    QA,
+    RM_PROMPTS,
+    RM_RESPONSES,
+    SAME_LEN,
+    TINY_RUN,
+    ZEPHYR_TEMPLATE,
+    ScriptedLM,
+    _by_hand,
+    _check_dpo_reference_uses_template_tokens,
+    _check_paper_run,
+    _check_run_folder,
+    _cli,
+    _cli_start,
+    _cli_wait,
+    _deberta_tokenizer,
+    _gpt2_tokenizer,
+    _paper_args,
+    _paper_run,
+    _read_jsonl,
+    _run,
+    _template_tokens,
+    _tiny_deberta,
+    _tiny_gpt2,
+    _tiny_reward_model,
+    _toy_tok,
+    _toy_tok_dir,
+    _train_sh,
+    _train_under_outer_autocast,
+    _write,
+    gen_gpt2,
+    gen_llama,
+    gen_prompts,
+    generate_naive,
+    save_mistral_tokenizer,
+    save_tiny_gpt2,
+    synthetic_examples,
+    tiny_guide,
+    tiny_llama,
+)
+from generate import (
+    apply_top_k,
+    apply_top_p,
+    generate,
+    pad_sequences,
+    sample_categorical,
+    sample_next,
+    sample_responses,
+)
+from guide import GuideModel, collate_guide, eval_guide, latent_distances, load_guide, save_guide
 
 
 # ====================================================================================================
@@ -148,45 +197,6 @@ def test_collate_masks_prompt_and_padding():
 # ====================================================================================================
 # Eq. 2: the guide T = (phi, psi) (guide.py), trained in Algorithm 1, line 4
 # ====================================================================================================
-G_PAD, G_EOS = 0, 3
-
-
-def tiny_config():
-    # bos/eos set inside the tiny vocab (transformers 5 warns about the default 50256 otherwise); no dropout so
-    # the tiny runs are deterministic and converge fast.
-    return GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=G_EOS,
-                      eos_token_id=G_EOS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-
-
-def tiny_guide(seed=0, latent_dim=8):
-    torch.manual_seed(seed)
-    return build_guide(tiny_config(), latent_dim)
-
-
-def synthetic_examples():
-    """8 prompts x 4 variations. y is a deterministic function of (x, v): given x alone the decoder can only guess
-    v (>= log 4 nats on the first token), given h = phi(x, y) it can recover v, so it must use h.
-    Ordered so that rolling by 1 always hands a row a latent with a different v."""
-    ex = []
-    for a in range(8):
-        x = [1, 10 + a, 20 + (3 * a) % 8]
-        for v in range(4):
-            y = [30 + v, 40 + (a + v) % 8, 50 + (a * v) % 8, G_EOS]
-            ex.append((x, y))
-    return ex
-
-
-@pytest.fixture(scope="module")
-def trained():
-    guide = tiny_guide(seed=0)
-    ex = synthetic_examples()
-    before = eval_guide(guide, ex, batch_size=8, pad_id=G_PAD, device="cpu")
-    hist = train_guide(guide, ex, epochs=40, batch_size=8, lr=3e-3, pad_id=G_PAD, seed=0, device="cpu",
-                       log_every=40, log_fn=lambda s: None)
-    after = eval_guide(guide, ex, batch_size=8, pad_id=G_PAD, device="cpu")
-    return guide, ex, hist, before, after
-
-
 # the Eq. 2 loss goes down
 def test_guide_loss_decreases(trained):
     _, _, hist, before, after = trained
@@ -208,7 +218,8 @@ def test_decoder_uses_latent(trained):
 # response mask + next-token shift of the Eq. 2 reconstruction term, checked against cross_entropy by hand
 def test_recon_nll_matches_hand_computation():
     guide = tiny_guide(seed=2).eval()
-    examples = [([1, 11, 12], [30, 31, G_EOS]), ([1, 13], [32, 33, 34, 35, 36, G_EOS]), ([1, 14, 15, 16, 17], [37, G_EOS])]
+    examples = [([1, 11, 12], [30, 31, G_EOS]), ([1, 13], [32, 33, 34, 35, 36, G_EOS]),
+                ([1, 14, 15, 16, 17], [37, G_EOS])]
     batch = collate_guide(examples, G_PAD)
     ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     assert ids.shape == (3, 8) and attn.sum(1).tolist() == [6, 8, 7] and resp.sum(1).tolist() == [3, 6, 2]
@@ -476,20 +487,6 @@ def test_bf16_autocast_training_sees_updated_weights(monkeypatch):
     assert losses[-1] < 0.5 * losses[0]
 
 
-def _train_under_outer_autocast(device, outer):
-    """DPO on 8 toy pairs with fsdp.autocast, inside a caller's own bf16 autocast block if `outer`.
-    Returns the logged losses and the final weights."""
-    pairs = [([1, 5 + i % 3], [7, 8, 2], [9, 9, 2]) for i in range(8)]
-    model = tiny_llama().to(device)
-    with fsdp.autocast(device, model):  # micro-batch 2 as in training (same shapes)
-        rc, rr = dpo.reference_logps(model, pairs, 2, device)
-    # (not `enabled=outer`: even a disabled autocast block keeps the cache alive until it exits)
-    with torch.autocast(device.type, dtype=torch.bfloat16) if outer else contextlib.nullcontext():
-        hist = dpo.dpo_train(model, pairs, rc, rr, torch.ones(8), beta=0.5, lr=1e-2, epochs=3, batch_size=4,
-                             micro_batch_size=2, device=device, optimizer="adamw")
-    return [h["loss"] for h in hist], model.state_dict()
-
-
 def test_load_policy_keeps_this_runs_fp32_checkpoints_exact(tmp_path):
     """theta_t is saved with fp32 master weights; loading it back through bf16 (a way to
     halve CPU memory) would erase updates smaller than bf16's spacing. Its config may say bfloat16 (zephyr's
@@ -534,47 +531,86 @@ def test_compiled_blocks_compile_once_for_scoring_and_once_for_training():
 # Algorithm 1 end to end (ldalign.py on a slice of the toy task): its files, a rerun that resumes, 2 processes,
 # the competing methods at equal budget with a reward model, and the Section 5.2 numbers
 # ====================================================================================================
-TINY_RUN = ["--max_examples", "64", "--max_eval", "16", "--sft_steps", "30", "--T", "2", "--epochs", "1",
-            "--batch_size", "16", "--micro_batch_size", "8", "--guide_epochs", "1", "--gen_batch_size", "32",
-            "--lr", "1e-4"]
+# A minimal slice (the fast tier's run of Algorithm 1): 16 pairs, T = 2, one optimizer step per iteration (a global
+# batch of all 16 pairs), lr 1e-3 so that theta_1 is visibly not theta_0. --data is the first 64 records of the shipped
+# data: the toy SFT of theta_0 and its tokenizer read all of --data (of data/sort_train.jsonl, 2/3 of the run's time).
+MINIMAL_RUN = ["--max_examples", "16", "--max_eval", "4", "--sft_steps", "5", "--T", "2", "--epochs", "1",
+               "--batch_size", "16", "--micro_batch_size", "8", "--guide_epochs", "1", "--gen_batch_size", "16",
+               "--agreement_n", "0", "--lr", "1e-3"]
 
 
-def _run(args, nproc=1):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    f"--nproc_per_node={nproc}"]
-    p = subprocess.run(launcher + [os.path.join(HERE, "ldalign.py")] + args, cwd=HERE, env=env, timeout=600,
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout
+def test_algorithm_1_loop_on_a_minimal_slice(tmp_path):
+    """Algorithm 1, lines 1-12, in seconds: ldalign.py as a user runs it, checked through the run folder's files only.
+      lines 1-3   iter0/samples.jsonl: a y' for every x_i, computed from theta_0 (stages.json names each stage's inputs)
+      line 4      guide/: T = (phi, psi), trained once on y and y'
+      lines 5-12  for t = 1..T, in order: ldalign/iter{t}/ with theta_t, and a metrics row per iteration
+      line 7      the y' of iteration t computed from theta_{t-1} (t = 1 reuses theta_0's, lines 1-3)
+      lines 8-9   one s_i >= 0 per pair, S = mean s, weights s/S of mean 1
+      line 10     theta_t trained from theta_{t-1} with theta_{t-1} as the reference: at step 1 the implicit rewards
+                  are 0 and the loss is log 2 (policy == reference, the weights average 1 over the batch of all pairs),
+                  and the logged gradient norm is that of Eq. 4's loss at theta_{t-1}, recomputed here from the saved
+                  theta_{t-1}, the y' and the distances (and not the one at theta_{t-2})"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out, T, n = str(tmp_path / "run"), 2, 16
+    with open(os.path.join(HERE, "data", "sort_train.jsonl")) as f:
+        (tmp_path / "train.jsonl").write_text("".join(f.readlines()[:64]))
+    _run(["--out", out, "--data", str(tmp_path / "train.jsonl")] + MINIMAL_RUN,
+         env_extra={"CUDA_VISIBLE_DEVICES": ""})  # on the CPU, in fp32: the numbers below
+    beta = json.load(open(os.path.join(out, "config.json")))["beta"]  # the settings of the run
+    stages = json.load(open(os.path.join(out, "stages.json")))  # stage -> {input: digest}
+    theta = ["sft"] + [f"ldalign/iter{t}/policy" for t in range(1, T + 1)]  # theta_0 (the toy SFT), theta_1, ...
+    assert list(stages["iter0/samples.jsonl"]) == [theta[0]]  # lines 1-3
+    assert len(_read_jsonl(os.path.join(out, "iter0", "samples.jsonl"))) == n
+    assert os.path.exists(os.path.join(out, "guide", "latent.safetensors"))  # line 4
+    assert [r["iter"] for r in _read_jsonl(os.path.join(out, "ldalign", "metrics.jsonl"))] == list(range(T + 1))
+    assert sorted(os.listdir(os.path.join(out, "ldalign"))) == ["iter1", "iter2", "metrics.jsonl", "results.md"]
 
+    def eq4_grad_norm(policy, rows, w):
+        """||grad of mean_i -w_i log sigma(z_i)|| at the reference (z = 0), computed by hand from a checkpoint."""
+        tok = AutoTokenizer.from_pretrained(policy)
+        model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
 
-def _check_run_folder(out, T=2, method="ldalign"):
-    from transformers import AutoModelForCausalLM
-    mdir = os.path.join(out, method)
+        def logp(x, y):
+            ids = torch.tensor([x + y])
+            lp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            return lp[len(x) - 1:].gather(1, ids[0, len(x):, None]).sum()
+        loss = 0
+        for r, wi in zip(rows, w):
+            x = dataset.prompt_ids(tok, r["x"])
+            ly, lyp = logp(x, dataset.response_ids(tok, r["x"], r["y"])), logp(x, r["y_prime_ids"])
+            z = beta * ((ly - ly.detach()) - (lyp - lyp.detach()))  # 0, with the gradient of Eq. 5
+            loss = loss - wi * F.logsigmoid(z) / len(rows)
+        loss.backward()
+        return math.sqrt(sum((p.grad ** 2).sum().item() for p in model.parameters() if p.grad is not None))
+
     for t in range(1, T + 1):
-        it = os.path.join(mdir, f"iter{t}")
-        if method in ("ldalign", "spin"):
-            rows = [json.loads(l) for l in open(os.path.join(it, "distances.jsonl"))]
-            summary = json.load(open(os.path.join(it, "distances.json")))
-            s = torch.tensor([r["s"] for r in rows])
-            assert len(rows) == 64 and (s >= 0).all()
-            assert summary["S"] == pytest.approx(s.mean().item(), rel=1e-5)  # Algorithm 1, line 9
-            assert sum(summary["histogram"]["counts"]) == 64  # Section 5.2 (1), as numbers
-            assert summary["weights"]["mean"] == pytest.approx(1.0, rel=1e-4)  # s/S averages to 1 (and is 1 for SPIN)
-        assert os.path.exists(os.path.join(it, "policy", "model.safetensors"))
-        assert not any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(os.path.join(it, "policy")))
-        assert json.load(open(os.path.join(it, "policy", "config.json")))["architectures"] == ["LlamaForCausalLM"]
-    samples = [json.loads(l) for l in open(os.path.join(out, "iter0", "samples.jsonl"))]
-    assert len(samples) == 64 and all({"x", "y", "y_prime", "y_prime_ids", "where"} <= r.keys() for r in samples)
-    assert os.path.exists(os.path.join(out, "guide", "latent.safetensors"))
-    metrics = [json.loads(l) for l in open(os.path.join(mdir, "metrics.jsonl"))]
-    assert [m["iter"] for m in metrics] == list(range(T + 1))
-    assert os.path.exists(os.path.join(mdir, "results.md"))
-    # theta_T is a plain HF checkpoint: any HF tool loads it
-    return AutoModelForCausalLM.from_pretrained(os.path.join(mdir, f"iter{T}", "policy"))
+        it = os.path.join(out, "ldalign", f"iter{t}")
+        # line 7: this iteration's y' (iteration 1: theta_0's, lines 1-3), sampled from theta_{t-1}
+        [samples] = [k for k in stages[f"ldalign/iter{t}/distances.jsonl"] if k != "guide"]
+        assert samples == ("iter0/samples.jsonl" if t == 1 else f"ldalign/iter{t}/samples.jsonl")
+        assert list(stages[samples]) == [theta[t - 1]]
+        rows = _read_jsonl(os.path.join(out, samples))
+        # lines 8-9
+        dist = _read_jsonl(os.path.join(it, "distances.jsonl"))
+        assert [d["where"] for d in dist] == [r["where"] for r in rows] and len(rows) == n
+        s = torch.tensor([d["s"] for d in dist])
+        summary = json.load(open(os.path.join(it, "distances.json")))
+        assert (s >= 0).all() and summary["S"] == pytest.approx(s.mean().item(), rel=1e-5)
+        assert summary["weights"]["mean"] == pytest.approx(1.0, rel=1e-4)
+        # line 10
+        assert os.path.exists(os.path.join(out, theta[t], "model.safetensors"))
+        assert os.path.exists(os.path.join(it, "eval.json"))
+        [step] = _read_jsonl(os.path.join(it, "train_metrics.jsonl"))
+        assert step["reward_chosen"] == pytest.approx(0, abs=1e-5)  # beta (log p_theta - log p_ref) of y ...
+        assert step["reward_rejected"] == pytest.approx(0, abs=1e-5)  # ... and of y': 0 at the reference
+        assert step["loss"] == pytest.approx(math.log(2), rel=1e-5)
+        w = s / s.mean()
+        assert step["grad_norm"] == pytest.approx(eq4_grad_norm(os.path.join(out, theta[t - 1]), rows, w), rel=1e-4)
+        if t > 1:  # the check is not vacuous: theta_{t-2}, one update behind, gives another gradient (~1% off)
+            assert step["grad_norm"] != pytest.approx(eq4_grad_norm(os.path.join(out, theta[t - 2]), rows, w), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_end_to_end_tiny_run_then_resume(tmp_path):
     import shutil
     out = str(tmp_path / "run")
@@ -601,6 +637,7 @@ def test_end_to_end_tiny_run_then_resume(tmp_path):
         assert torch.equal(v, m2.state_dict()[k]), k
 
 
+@pytest.mark.slow
 def test_end_to_end_two_processes_fsdp2(tmp_path):
     """torchrun with 2 CPU processes: FSDP2 over gloo for SFT, sampling, guide, DPO and saving; no hang."""
     out = str(tmp_path / "run2")
@@ -609,18 +646,7 @@ def test_end_to_end_two_processes_fsdp2(tmp_path):
     _check_run_folder(out)
 
 
-def _tiny_reward_model(path):
-    """A tiny GPT-2 sequence classifier (num_labels=1) with the toy tokenizer, saved as an HF checkpoint."""
-    from transformers import GPT2ForSequenceClassification
-    tok = _toy_tok()
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=128, num_labels=1,
-                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    GPT2ForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
+@pytest.mark.slow
 def test_compare_four_methods_with_reward_model(tmp_path):
     out = str(tmp_path / "cmp")
     rm = _tiny_reward_model(str(tmp_path / "rm"))
@@ -630,7 +656,7 @@ def test_compare_four_methods_with_reward_model(tmp_path):
     log = _run(args)
     for m in ("ldalign", "spin", "dpo", "sft"):
         _check_run_folder(out, T=1, method=m)
-        rows = [json.loads(l) for l in open(os.path.join(out, m, "metrics.jsonl"))]
+        rows = [json.loads(line) for line in open(os.path.join(out, m, "metrics.jsonl"))]
         assert all(isinstance(r["reward"], float) for r in rows)  # Section 5.1.3: mean reward per method
         assert rows[1]["S"] is not None  # dpo and sft report S too (measure_S)
     spin_w = json.load(open(os.path.join(out, "spin", "iter1", "distances.json")))["weights"]
@@ -644,6 +670,7 @@ def test_compare_four_methods_with_reward_model(tmp_path):
     assert agr["judge"] == "reward" and agr["n"] == 32 and 0 <= agr["n_decided"] <= 32
 
 
+@pytest.mark.slow
 def test_lm_eval_harness_scores_what_our_evaluation_scores(tmp_path):
     """bash train.sh eval (harness.py) cross-checked with the field's standard tool: a local lm-eval task (generation
     + exact match over the run's held-out prompts) through the harness, on theta_0 and theta_1, gives the answers
@@ -659,10 +686,12 @@ def test_lm_eval_harness_scores_what_our_evaluation_scores(tmp_path):
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "toy_sort.yaml").write_text(
         f"task: toy_sort\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {held_out}\ntest_split: test\n"
-        "output_type: generate_until\ndoc_to_text: \"{{messages[0].content}}\"\ndoc_to_target: \"{{messages[1].content}}\"\n"
+        "output_type: generate_until\ndoc_to_text: \"{{messages[0].content}}\"\n"
+        "doc_to_target: \"{{messages[1].content}}\"\n"
         "generation_kwargs:\n  until: [\"<|end|>\"]\n  do_sample: false\n  max_gen_toks: 32\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
-    p = _train_sh(["eval", out, "--tasks", "Sort=toy_sort:0:exact_match,none", "--include_path", str(tmp_path / "tasks")],
+    p = _train_sh(["eval", out, "--tasks", "Sort=toy_sort:0:exact_match,none",
+                   "--include_path", str(tmp_path / "tasks")],
                   {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     table = json.load(open(os.path.join(out, "table1.json")))
@@ -675,6 +704,7 @@ def test_lm_eval_harness_scores_what_our_evaluation_scores(tmp_path):
     assert "| SFT (theta_0) |" in open(os.path.join(out, "table1.md")).read()
 
 
+@pytest.mark.slow
 def test_agreement_with_toy_judge_and_histogram_numbers(tmp_path):
     out = str(tmp_path / "run")
     args = ["--out", out, "--agreement_n", "32"] + TINY_RUN
@@ -694,497 +724,9 @@ def test_agreement_with_toy_judge_and_histogram_numbers(tmp_path):
 # (sliding window 4096) with a Llama-style SentencePiece tokenizer and zephyr's chat template; a GPT-2 guide with
 # its own byte-level BPE (no pad token); UltraChat-style multi-turn records, a held-out file, UltraFeedback-style
 # preference records; a DeBERTa-v2 reward model. `ldalign.py --preset paper --method ldalign,dpo` runs on them
-# with small overrides, in 1 process and in 2 (torchrun, FSDP2 over gloo).
+# with small overrides, in 1 process and in 2 (torchrun, FSDP2 over gloo). The builders, the runs (fixtures
+# paper_inputs, one_process_run, two_process_run) and the checks of their run folders are in conftest.py.
 # ====================================================================================================
-# zephyr-7b-sft-full's (and zephyr-7b-beta's) tokenizer_config.json "chat_template", verbatim. transformers
-# renders it with trim_blocks / lstrip_blocks: a newline right after a {% %} tag is dropped, the one after }} kept,
-# so [user x] + generation prompt is "<|user|>\nx</s>\n<|assistant|>\n".
-ZEPHYR_TEMPLATE = (
-    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
-    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
-    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
-    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
-
-# ----------------------------------------------------------------------------------------------------
-# Data: short UltraChat-like conversations (first turn: what ldalign reads; second turn: what it must ignore)
-# ----------------------------------------------------------------------------------------------------
-QA = [
-    ("How do I make a good cup of tea?",
-     "Boil fresh water, pour it over the tea leaves and let them steep for three to five minutes. Remove the "
-     "leaves, then add milk or lemon if you like."),
-    ("What are the benefits of regular exercise?",
-     "Regular exercise strengthens the heart, improves sleep and mood, helps control weight and lowers the risk "
-     "of many chronic diseases."),
-    ("Can you explain what photosynthesis is?",
-     "Photosynthesis is the process plants use to turn sunlight, water and carbon dioxide into sugar and oxygen. "
-     "It happens mainly in the leaves."),
-    ("Write a short poem about the sea.",
-     "The sea rolls in with silver light,\nit hums a song into the night;\nthe waves return, the waves depart,\n"
-     "and carry secrets from the heart."),
-    ("What is the capital of France?",
-     "The capital of France is Paris, a city known for its museums, its cafés and the Eiffel Tower."),
-    ("Give me three tips for studying better.",
-     "1. Study in short sessions with breaks.\n2. Test yourself instead of rereading.\n3. Sleep well before an "
-     "exam."),
-    ("How does a rainbow form?",
-     "A rainbow forms when sunlight enters raindrops, bends, reflects inside them and splits into its colours "
-     "on the way out."),
-    ("Summarize the plot of Romeo and Juliet in two sentences.",
-     "Two young lovers from feuding families in Verona marry in secret. A chain of misunderstandings leads to "
-     "both of their deaths, which finally reconciles the families."),
-    ("What should I pack for a weekend hiking trip?",
-     "Pack sturdy shoes, a rain jacket, warm layers, a map, water, snacks, a first aid kit and a headlamp."),
-    ("Why is the sky blue?",
-     "Air molecules scatter short blue wavelengths of sunlight much more than red ones, so blue light reaches "
-     "our eyes from every direction of the sky."),
-    ("How can I reduce stress at work?",
-     "Plan your day, take short breaks, say no to tasks you cannot finish, and talk to your manager when the "
-     "workload is too high."),
-    ("Translate 'good morning' into Spanish.",
-     "'Good morning' in Spanish is 'buenos días'."),
-    ("What is a healthy breakfast?",
-     "A healthy breakfast combines protein, fibre and fruit, for example oatmeal with nuts and berries, or eggs "
-     "with whole grain toast."),
-    ("Explain the difference between weather and climate.",
-     "Weather is what the atmosphere does on a given day. Climate is the average weather of a place over many "
-     "years."),
-    ("How do vaccines work?",
-     "Vaccines show the immune system a harmless piece or copy of a germ, so it learns to recognise and fight "
-     "the real germ quickly later."),
-    ("Write a haiku about autumn.",
-     "Red leaves drift and fall,\ncool wind whispers through the trees,\nthe year breathes slowly."),
-    ("What are some good ways to save money?",
-     "Track your spending, cook at home, cancel unused subscriptions and move a fixed amount to savings every "
-     "month."),
-    ("Who wrote Pride and Prejudice?",
-     "Pride and Prejudice was written by Jane Austen and published in 1813."),
-    ("How do I start learning to play the guitar?",
-     "Start with a few basic chords, practise switching between them for ten minutes a day, and learn simple "
-     "songs that use them."),
-    ("What causes the seasons on Earth?",
-     "The seasons are caused by the tilt of the Earth's axis, which changes how directly sunlight hits each "
-     "hemisphere during the year."),
-    ("Give me a simple recipe for pancakes.",
-     "Mix one cup of flour, one egg, one cup of milk and a pinch of salt. Cook small ladles of batter in a hot "
-     "pan until golden on both sides."),
-    ("Why do cats purr?",
-     "Cats purr when they are content, but also to calm themselves when they are stressed or hurt."),
-    ("What is machine learning?",
-     "Machine learning is a way of building computer programs that learn patterns from examples instead of "
-     "following rules written by hand."),
-    ("How can I improve my writing?",
-     "Read widely, write every day, cut unnecessary words and ask others for honest feedback on your drafts."),
-    ("What is the tallest mountain in the world?",
-     "Mount Everest is the tallest mountain above sea level, at about 8,849 metres."),
-    ("Describe a typical day of a nurse.",
-     "A nurse checks on patients, gives medicine, records vital signs, talks with doctors and families, and "
-     "often works long shifts."),
-    ("How do plants drink water?",
-     "Roots absorb water from the soil, and it rises through thin tubes in the stem to the leaves, where it "
-     "evaporates."),
-    ("What is the best way to learn a new language?",
-     "Practise a little every day, speak with native speakers as early as possible, and listen to music or "
-     "podcasts in the language."),
-    ("Why is sleep important?",
-     "Sleep lets the body repair itself and the brain store memories. Without enough sleep, focus and mood "
-     "suffer."),
-    ("Suggest a name for a small bakery.",
-     "How about 'The Golden Crust'? It sounds warm and friendly and is easy to remember."),
-    ("How do airplanes stay in the air?",
-     "The wings are shaped so that air flows faster over the top, which creates lift that balances the weight "
-     "of the plane."),
-    ("What are the main causes of air pollution?",
-     "The main causes are traffic, factories, burning coal for power, and fires in homes and fields."),
-    ("Explain what a budget is.",
-     "A budget is a plan that lists how much money you expect to earn and how you will spend and save it."),
-    ("Give two examples of renewable energy.",
-     "Solar power and wind power are two examples of renewable energy."),
-    ("How do I care for a houseplant?",
-     "Water it when the top of the soil is dry, give it bright indirect light and feed it a little fertiliser "
-     "in spring."),
-    ("What is the boiling point of water?",
-     "At sea level, water boils at 100 degrees Celsius, or 212 degrees Fahrenheit."),
-    ("Write one sentence to welcome new students.",
-     "Welcome to our school: we are glad you are here and we cannot wait to learn with you!"),
-    ("Why do leaves change colour in autumn?",
-     "As days get shorter, trees stop making green chlorophyll, and the yellow and red pigments in the leaves "
-     "become visible."),
-    ("How can I be more productive in the morning?",
-     "Wake up at the same time, avoid your phone for the first hour, and start with your most important task."),
-    ("What is the role of the heart?",
-     "The heart pumps blood through the body, carrying oxygen and nutrients to the organs and removing waste."),
-    ("Recommend a classic novel for a teenager.",
-     "'To Kill a Mockingbird' by Harper Lee is a classic that many teenagers enjoy and learn from."),
-    ("How does recycling help the environment?",
-     "Recycling saves raw materials and energy, and it keeps waste out of landfills and the oceans."),
-    ("What is the difference between a virus and a bacterium?",
-     "Bacteria are living single cells that can grow on their own; viruses are much smaller and can only "
-     "multiply inside the cells of a host."),
-    ("Describe the taste of a lemon.",
-     "A lemon tastes very sour, with a fresh, bright and slightly bitter flavour."),
-]
-FOLLOW_UPS = ["Can you say more about that?", "Thanks! Could you give an example?", "Why is that?",
-              "Can you make it shorter?"]
-N_TRAIN, N_EVAL, N_PREF = 36, 8, 16
-
-
-def _conversation(i, q, a):
-    """An UltraChat 200k record: prompt, prompt_id and a four-turn conversation."""
-    follow = FOLLOW_UPS[i % len(FOLLOW_UPS)]
-    return {"prompt": q, "prompt_id": f"{i:064x}",
-            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a},
-                         {"role": "user", "content": follow},
-                         {"role": "assistant", "content": "Of course. " + a.split(".")[0] + "."}]}
-
-
-def _preference(i, q, a):
-    """An UltraFeedback-binarized record: chosen / rejected conversations; the answer is the last assistant turn."""
-    bad = "I am not sure. " + " ".join(a.split()[:6]) + "."
-    return {"prompt": q, "prompt_id": f"{i:064x}",
-            "chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-            "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": bad}],
-            "score_chosen": 8.0, "score_rejected": 3.0}
-
-
-def _corpus():
-    texts = []
-    for q, a in QA:
-        texts += [q, a]
-    return texts + FOLLOW_UPS + ["I am not sure. Of course."]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizers, trained with `tokenizers` on the texts above
-# ----------------------------------------------------------------------------------------------------
-def _trained_bpe(texts, vocab_size, pre_tokenizer, **trainer_kw):
-    """(vocab, merges) of a BPE trained on `texts` with the given pre-tokenizer."""
-    from tokenizers import Tokenizer, models, trainers
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizer
-    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, **trainer_kw))
-    model = json.loads(tk.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return model["vocab"], merges
-
-
-def _llama_vocab():
-    """A SentencePiece-like BPE vocabulary laid out like Llama's / Mistral's: <unk>=0 <s>=1 </s>=2, the 256 byte
-    tokens <0x00>..<0xFF> next (so "\\n" is <0x0A> = 13, as in Mistral's), then the learned pieces. Trained like
-    SentencePiece (pieces never cross a word boundary; "\u2581" marks a word start) on texts with no newline, so
-    that a newline, as in Mistral's vocabulary, only exists as its byte token."""
-    from tokenizers import pre_tokenizers
-    texts = [t.replace("\n", " ") for t in _corpus()]
-    learned, merges = _trained_bpe(texts, 700, pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always"))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for b in range(256):
-        vocab[f"<0x{b:02X}>"] = len(vocab)
-    for piece in sorted(learned, key=learned.get):
-        vocab.setdefault(piece, len(vocab))
-    return vocab, merges
-
-
-def save_mistral_tokenizer(path, style="legacy"):
-    """Save a zephyr-7b-sft-full-like tokenizer into `path`: tokenizer.json plus a tokenizer_config.json with
-    zephyr's settings (LlamaTokenizer, add_bos_token, no pad token, model_max_length 2048) and chat template.
-
-    style "legacy": the tokenizer.json of Mistral-7B-v0.1 / zephyr (normalizer Prepend("\u2581") + Replace(" ",
-        "\u2581"), no pre-tokenizer), which transformers 5 loads as it is (TokenizersBackend, for model_type
-        mistral). Every text piece between special tokens gets a "\u2581": "</s>\\n<|assistant|>" is
-        </s> \u2581 <0x0A> ..., as in zephyr's own SFT data.
-    style "metaspace": what transformers 5's LlamaTokenizer builds (Metaspace, prepend_scheme "first")."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
-    vocab, merges = _llama_vocab()
-    if style == "legacy":
-        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-        tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-        tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                        decoders.Strip(" ", 1, 0)])
-        tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in ("<unk>", "<s>", "</s>")])
-        tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                          special_tokens=[("<s>", 1)])
-        tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    else:
-        tok = LlamaTokenizer(vocab=vocab, merges=merges, add_prefix_space=True, legacy=False, add_bos_token=True)
-    tok.save_pretrained(path)
-    # As on the hub: the template inside tokenizer_config.json (no chat_template.jinja), zephyr's other settings.
-    tc_path = os.path.join(path, "tokenizer_config.json")
-    tc = json.load(open(tc_path))
-    tc.update(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False, legacy=style == "legacy",
-              model_max_length=2048, chat_template=ZEPHYR_TEMPLATE)
-    tc.pop("pad_token", None)
-    json.dump(tc, open(tc_path, "w"), indent=2)
-    if os.path.exists(os.path.join(path, "chat_template.jinja")):
-        os.remove(os.path.join(path, "chat_template.jinja"))
-
-
-def gpt2_tokenizer():
-    """Like GPT-2's: byte-level BPE, <|endoftext|> is bos, eos and unk; no pad token; no template."""
-    from tokenizers import pre_tokenizers
-    from transformers import GPT2Tokenizer
-    vocab, merges = _trained_bpe(_corpus(), 600, pre_tokenizers.ByteLevel(add_prefix_space=False),
-                                 special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    return GPT2Tokenizer(vocab=vocab, merges=merges)
-
-
-def deberta_like_tokenizer():
-    """A WordLevel tokenizer with DeBERTa's pair template, [CLS] x [SEP] y [SEP] (as test_ldalign.py's)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train_from_iterator(_corpus(), trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
-    tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", tk.token_to_id("[CLS]")), ("[SEP]", tk.token_to_id("[SEP]"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]")
-
-
-# ----------------------------------------------------------------------------------------------------
-# The folders and files of the paper's setting, tiny
-# ----------------------------------------------------------------------------------------------------
-def save_tiny_mistral(path, vocab_size):
-    """A tiny zephyr: MistralForCausalLM (GQA, sliding_window 4096 as Mistral-7B-v0.1), stored in bf16."""
-    from transformers import MistralConfig, MistralForCausalLM
-    torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
-                        sliding_window=4096, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    MistralForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
-
-
-def save_tiny_gpt2(path, n_positions):
-    """The guide's backbone: a tiny GPT2LMHeadModel and its own byte-level tokenizer (not the policy's)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    gtok = gpt2_tokenizer()
-    torch.manual_seed(1)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(gtok), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
-                               bos_token_id=gtok.bos_token_id, eos_token_id=gtok.eos_token_id)).save_pretrained(path)
-    gtok.save_pretrained(path)
-
-
-def build_paper_inputs(root, guide_positions=256):
-    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2ForSequenceClassification
-    os.makedirs(root, exist_ok=True)
-    p = {k: os.path.join(root, k) for k in ("policy", "guide", "rm")}
-    p.update(data=os.path.join(root, "ultrachat_train.jsonl"), eval_data=os.path.join(root, "ultrachat_test.jsonl"),
-             pref_data=os.path.join(root, "ultrafeedback_binarized.jsonl"))
-
-    save_mistral_tokenizer(p["policy"], "legacy")
-    save_tiny_mistral(p["policy"], len(AutoTokenizer.from_pretrained(p["policy"])))
-    save_tiny_gpt2(p["guide"], guide_positions)
-
-    rtok = deberta_like_tokenizer()  # the paper's RM is reward-model-deberta-v3-large-v2: a tiny DeBERTa-v2 here
-    torch.manual_seed(2)
-    rm_cfg = DebertaV2Config(vocab_size=len(rtok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=64, max_position_embeddings=512, type_vocab_size=0,
-                             relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"],
-                             position_buckets=16, max_relative_positions=-1, norm_rel_ebd="layer_norm",
-                             share_att_key=True, num_labels=1, pad_token_id=rtok.pad_token_id, initializer_range=0.2)
-    DebertaV2ForSequenceClassification(rm_cfg).save_pretrained(p["rm"])
-    rtok.save_pretrained(p["rm"])
-
-    def dump(path, recs):
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in recs)
-    dump(p["data"], [_conversation(i, q, a) for i, (q, a) in enumerate(QA[:N_TRAIN])])
-    dump(p["eval_data"], [_conversation(i, q, a) for i, (q, a) in enumerate(QA[N_TRAIN:N_TRAIN + N_EVAL], N_TRAIN)])
-    dump(p["pref_data"], [_preference(i, q, a) for i, (q, a) in enumerate(QA[:N_PREF])])
-    return p
-
-
-# ----------------------------------------------------------------------------------------------------
-# Running ldalign.py
-# ----------------------------------------------------------------------------------------------------
-PAPER_T = 2
-MAX_EXAMPLES = 32
-AGREEMENT_N = 8
-# The paper preset, shrunk to seconds on 2 CPU cores. What is left of the preset: RMSprop, grad_ckpt, a static
-# KV cache for sampling (gen_static), overlength "skip", judge "reward", measure_S false, the policy / guide /
-# reward model read from HF folders. --gen_compile false: the preset's compiled decode step costs minutes of
-# inductor compiles on a CPU (and see test_compiled_decode_of_a_sliding_window_policy_compiles_once).
-PAPER_RUN = ["--max_examples", str(MAX_EXAMPLES), "--max_len", "96", "--max_prompt_len", "48", "--max_new_tokens", "24",
-             "--T", str(PAPER_T), "--epochs", "1", "--batch_size", "8", "--micro_batch_size", "4", "--gen_batch_size", "16",
-             "--agreement_n", str(AGREEMENT_N), "--lr", "1e-4", "--guide_epochs", "1", "--guide_batch_size", "16",
-             "--gen_compile", "false"]
-TIMES = {}  # wall seconds per ldalign.py run, printed as each one ends (pytest -s)
-
-
-def _paper_args(inputs, out, method="ldalign,dpo"):
-    return ["--preset", "paper", "--out", out, "--policy", inputs["policy"], "--guide", inputs["guide"],
-            "--data", inputs["data"], "--eval_data", inputs["eval_data"], "--pref_data", inputs["pref_data"],
-            "--reward_model", inputs["rm"], "--method", method] + PAPER_RUN
-
-
-def _paper_run(args, nproc=1, name=None, expect_rc=0, env_extra=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env_extra or {}))
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    f"--nproc_per_node={nproc}"]
-    t0 = time.time()
-    p = subprocess.run(launcher + [os.path.join(HERE, "ldalign.py")] + args, cwd=HERE, env=env, timeout=600,
-                       capture_output=True, text=True)
-    if name:
-        TIMES[name] = time.time() - t0
-        print(f"[timing] {name}: {TIMES[name]:.1f}s", flush=True)
-    assert p.returncode == expect_rc, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout
-
-
-def _read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _first_turns(path):
-    """file:line -> (first user turn, first assistant turn), read here independently of ldalign."""
-    return {f"{path}:{i}": (r["messages"][0]["content"], r["messages"][1]["content"])
-            for i, r in enumerate(_read_jsonl(path), 1)}
-
-
-def _template_tokens(tok, x, y):
-    """(prompt ids, golden response ids) straight from zephyr's template on the whole first exchange:
-    BOS + tokens of "<|user|>\\nx</s>\\n<|assistant|>\\ny</s>\\n", split where the templated prompt ends, the
-    response running up to and including the </s> after y (how the SFT data of zephyr was tokenized)."""
-    prompt = tok.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False)
-    full = tok.apply_chat_template([{"role": "user", "content": x}, {"role": "assistant", "content": y}],
-                                   tokenize=False)
-    assert full.startswith(prompt) and full[len(prompt):] == y + tok.eos_token + "\n"
-    p = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
-    f = [tok.bos_token_id] + tok(full, add_special_tokens=False)["input_ids"]
-    assert f[:len(p)] == p, "the templated prompt's tokens are not a prefix of the conversation's"
-    end = f.index(tok.eos_token_id, len(p))
-    return p, f[len(p):end + 1]
-
-
-def _check_paper_run(out, inputs, methods=("ldalign", "dpo")):
-    """The run folder of a paper-preset run: what every process count must produce."""
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    cfg = json.load(open(os.path.join(out, "config.json")))
-    assert cfg["preset"] == "paper" and cfg["optimizer"] == "rmsprop" and cfg["grad_ckpt"] and cfg["gen_static"]
-    assert cfg["judge"] == "reward" and cfg["overlength"] == "skip" and cfg["measure_S"] is False
-
-    # D = the first MAX_EXAMPLES records (their first user / assistant turns), minus the listed over-length ones
-    turns = _first_turns(inputs["data"])
-    skipped = _read_jsonl(os.path.join(out, "skipped.jsonl")) if os.path.exists(os.path.join(out, "skipped.jsonl")) else []
-    skipped_train = {s["where"] for s in skipped if s["where"].startswith(inputs["data"] + ":")}
-    kept = [w for w in list(turns)[:MAX_EXAMPLES] if w not in skipped_train]
-    assert len(kept) >= MAX_EXAMPLES - 4, skipped  # most records fit the limits
-    samples = _read_jsonl(os.path.join(out, "iter0", "samples.jsonl"))
-    assert [s["where"] for s in samples] == kept
-    for s in samples:  # x is the FIRST user turn, y the first assistant turn (not the later turns)
-        assert (s["x"], s["y"]) == turns[s["where"]]
-        assert 1 <= len(s["y_prime_ids"]) <= 24 and isinstance(s["y_prime"], str)
-
-    # the guide: trained from the GPT-2 folder (its architecture and context), frozen, with its analyses
-    g = os.path.join(out, "guide")
-    for part in ("encoder", "decoder"):
-        gc = json.load(open(os.path.join(g, part, "config.json")))
-        src = json.load(open(os.path.join(inputs["guide"], "config.json")))
-        assert gc["model_type"] == "gpt2" and gc["n_positions"] == src["n_positions"]
-        assert gc["vocab_size"] == src["vocab_size"]
-        assert os.path.exists(os.path.join(g, part, "model.safetensors"))
-    assert os.path.exists(os.path.join(g, "latent.safetensors"))
-    diag = json.load(open(os.path.join(g, "diagnostics.json")))
-    assert all(math.isfinite(diag[k]) for k in ("nll_true_h", "nll_shuffled_h"))
-    agr = json.load(open(os.path.join(g, "agreement.json")))
-    assert agr["judge"] == "reward" and agr["n"] == AGREEMENT_N
-
-    ref_tok = AutoTokenizer.from_pretrained(inputs["policy"])
-    for method in methods:
-        mdir = os.path.join(out, method)
-        rows = _read_jsonl(os.path.join(mdir, "metrics.jsonl"))
-        assert [r["iter"] for r in rows] == list(range(PAPER_T + 1))
-        assert all(isinstance(r["reward"], float) and math.isfinite(r["reward"]) for r in rows)  # Section 5.1.3
-        for t in range(1, PAPER_T + 1):
-            it = os.path.join(mdir, f"iter{t}")
-            if method in ("ldalign", "spin"):
-                dist = _read_jsonl(os.path.join(it, "distances.jsonl"))
-                assert [d["where"] for d in dist] == kept  # one s_i per pair of D
-                s = torch.tensor([d["s"] for d in dist])
-                assert (s >= 0).all() and torch.isfinite(s).all()
-                summary = json.load(open(os.path.join(it, "distances.json")))
-                assert summary["n"] == len(kept) and summary["S"] == pytest.approx(s.mean().item(), rel=1e-5)
-                assert rows[t]["S"] == pytest.approx(summary["S"], rel=1e-6)
-                assert summary["weights"]["mean"] == pytest.approx(1.0, rel=1e-4)
-            else:
-                assert rows[t]["S"] is None  # the preset's measure_S false
-            ev = json.load(open(os.path.join(it, "eval.json")))
-            assert ev["n"] == N_EVAL and isinstance(ev["reward"], float)
-            # theta_t: an HF checkpoint of the policy's architecture, with the policy's tokenizer and template
-            pol = os.path.join(it, "policy")
-            conf = json.load(open(os.path.join(pol, "config.json")))
-            assert conf["architectures"] == ["MistralForCausalLM"] and conf["model_type"] == "mistral"
-            assert conf["sliding_window"] == 4096 and conf["num_key_value_heads"] == 2
-            assert os.path.exists(os.path.join(pol, "model.safetensors"))
-            assert not any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(pol))
-            with safe_open(os.path.join(pol, "model.safetensors"), "pt") as f:  # fp32 master weights, not bf16
-                assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
-            tok = AutoTokenizer.from_pretrained(pol)
-            assert tok.chat_template == ZEPHYR_TEMPLATE
-            conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
-            assert tok.apply_chat_template(conv, tokenize=False) == "<|user|>\nHi</s>\n<|assistant|>\nHello!</s>\n"
-            assert tok.eos_token == "</s>" and tok.bos_token == "<s>"
-            text = QA[0][1] + "\n" + QA[3][1]
-            assert tok(text)["input_ids"] == ref_tok(text)["input_ids"]  # the same tokenizer as theta_0's
-        model = AutoModelForCausalLM.from_pretrained(os.path.join(mdir, f"iter{PAPER_T}", "policy"))
-        assert type(model).__name__ == "MistralForCausalLM"
-        assert os.path.exists(os.path.join(mdir, "results.md"))
-    if len(methods) > 1:
-        assert os.path.exists(os.path.join(out, "comparison.md"))
-
-
-def _check_dpo_reference_uses_template_tokens(out, inputs):
-    """DPO's cached reference log-probs (theta_0, fixed) are those of the golden responses tokenized the way
-    zephyr's template puts them after the prompt: recompute them here from _template_tokens."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(inputs["policy"])
-    model = AutoModelForCausalLM.from_pretrained(inputs["policy"], dtype=torch.bfloat16).float().eval()
-    skipped = {s["where"] for s in _read_jsonl(os.path.join(out, "skipped.jsonl"))} \
-        if os.path.exists(os.path.join(out, "skipped.jsonl")) else set()
-    recs = [(f"{inputs['pref_data']}:{i}", r) for i, r in enumerate(_read_jsonl(inputs["pref_data"]), 1)][:MAX_EXAMPLES]
-    recs = [r for w, r in recs if w not in skipped]
-    ref = json.load(open(os.path.join(out, "dpo", "ref_logps_theta0.json")))
-    assert len(ref["chosen"]) == len(recs) == len(ref["rejected"])
-
-    def logp(prompt, response):
-        ids = torch.tensor([prompt + response])
-        with torch.no_grad():
-            lp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-        return lp[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum().item()
-    for r, c, j in zip(recs, ref["chosen"], ref["rejected"]):
-        px, pc = _template_tokens(tok, r["prompt"], r["chosen"][-1]["content"])
-        _, pr = _template_tokens(tok, r["prompt"], r["rejected"][-1]["content"])
-        assert logp(px, pc) == pytest.approx(c, abs=1e-3)
-        assert logp(px, pr) == pytest.approx(j, abs=1e-3)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Fixtures
-# ----------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def paper_inputs(tmp_path_factory):
-    return build_paper_inputs(str(tmp_path_factory.mktemp("paper_inputs")))
-
-
-@pytest.fixture(scope="module")
-def one_process_run(paper_inputs, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("paper_run1") / "run")
-    log = _paper_run(_paper_args(paper_inputs, out), name="1 process, ldalign,dpo")
-    return out, log
-
-
-@pytest.fixture(scope="module")
-def two_process_run(paper_inputs, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("paper_run2") / "run")
-    log = _paper_run(_paper_args(paper_inputs, out), nproc=2, name="2 processes (torchrun, FSDP2/gloo), ldalign,dpo")
-    return out, log
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tests
-# ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("style", ["legacy", "metaspace"])
 def test_prompt_and_golden_tokens_follow_zephyr_template(tmp_path, style):
     """dataset.prompt_ids / response_ids on a zephyr-style tokenizer: the prompt is BOS + the templated user turn
@@ -1193,7 +735,8 @@ def test_prompt_and_golden_tokens_follow_zephyr_template(tmp_path, style):
     from transformers import AutoTokenizer
     path = str(tmp_path / "tok")
     save_mistral_tokenizer(path, style)
-    json.dump({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, open(os.path.join(path, "config.json"), "w"))
+    json.dump({"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
+              open(os.path.join(path, "config.json"), "w"))
     tok = AutoTokenizer.from_pretrained(path)
     assert tok.pad_token is None and tok.chat_template == ZEPHYR_TEMPLATE  # as zephyr's: no pad token
     assert tok.convert_ids_to_tokens([13]) == ["<0x0A>"]  # a newline is Mistral's byte token 13
@@ -1212,6 +755,7 @@ def test_prompt_and_golden_tokens_follow_zephyr_template(tmp_path, style):
         assert tok.convert_ids_to_tokens(px[i:i + 3]) == ["</s>", "\u2581", "<0x0A>"]
 
 
+@pytest.mark.slow
 def test_paper_preset_one_process(one_process_run, paper_inputs):
     out, log = one_process_run
     assert "preset=paper" in log and "1 process(es)" in log and "[Algorithm 1, line 4]" in log
@@ -1225,11 +769,13 @@ def test_paper_preset_one_process(one_process_run, paper_inputs):
     assert "training the guide" not in log and "=====" not in log
     shutil.rmtree(os.path.join(out, "ldalign", f"iter{PAPER_T}"))
     log = _paper_run(_paper_args(paper_inputs, out), name="1 process, resume at iteration 2")
-    assert f"ldalign iteration {PAPER_T}/{PAPER_T}" in log and "ldalign iteration 1/" not in log and "training the guide" not in log
+    assert f"ldalign iteration {PAPER_T}/{PAPER_T}" in log and "ldalign iteration 1/" not in log
+    assert "training the guide" not in log
     assert open(pol, "rb").read() == before
     _check_paper_run(out, paper_inputs)
 
 
+@pytest.mark.slow
 def test_paper_preset_two_processes_fsdp2(paper_inputs, one_process_run, two_process_run):
     """torchrun, 2 CPU processes: FSDP2 over gloo for the bf16-stored Mistral policy (sharded, then cast to fp32
     master weights) and the GPT-2 guide. DPO on the fixed preference pairs samples nothing, so its theta_t must
@@ -1260,33 +806,39 @@ def test_compiled_decode_of_a_sliding_window_policy_compiles_once(paper_inputs, 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(
         fn, backend="eager", fullgraph=kw.get("fullgraph", False), dynamic=kw.get("dynamic")))
     monkeypatch.setattr(generate_module, "_COMPILED", {})
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
     torch._dynamo.reset()
     counters.clear()
+    # sample_responses raises dynamo's recompile limit; torch's own config.patch puts it back on exit (monkeypatch
+    # would undo it with a delete, which torch 2.14's config module takes as hiding the key from later tests)
     try:
-        out = generate_module.sample_responses(model, prompts, batch_size=4, max_new_tokens=8, eos_token_id=-1,
-                                        pad_token_id=tok.eos_token_id, temperature=0.0, top_p=1.0, top_k=0, seed=0,
-                                        device=torch.device("cpu"), static=True, compile=True)
-        graphs = counters["stats"]["unique_graphs"]
+        with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
+            out = generate_module.sample_responses(model, prompts, batch_size=4, max_new_tokens=8, eos_token_id=-1,
+                                                   pad_token_id=tok.eos_token_id, temperature=0.0, top_p=1.0, top_k=0,
+                                                   seed=0, device=torch.device("cpu"), static=True, compile=True)
+            graphs = counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()
     assert graphs == 1, f"{graphs} graphs compiled for 8 decoded tokens of one batch shape"
     assert [len(r) for r in out] == [8] * 4
 
 
+@pytest.mark.slow
 def test_heldout_prompts_are_not_filtered_by_the_guides_context(paper_inputs, tmp_path):
     """A guide backbone with a short context (64 positions) must not change which held-out prompts are scored."""
     short = dict(paper_inputs, guide=str(tmp_path / "gpt2_64"))
     save_tiny_gpt2(short["guide"], n_positions=64)
     out = str(tmp_path / "run")
-    # theta_0's evaluation (iter0/eval.json) comes before the agreement analysis; stop the run there (the resume tests' hook)
-    _paper_run(_paper_args(short, out, method="ldalign"), name="held-out vs guide context (killed after theta_0's evaluation)",
+    # theta_0's evaluation (iter0/eval.json) comes before the agreement analysis; stop the run there (the resume
+    # tests' hook)
+    _paper_run(_paper_args(short, out, method="ldalign"),
+               name="held-out vs guide context (killed after theta_0's evaluation)",
          expect_rc=137, env_extra={"LDALIGN_KILL_AT": "guide/agreement.json"})
     ev = json.load(open(os.path.join(out, "iter0", "eval.json")))
     skipped = [s for s in _read_jsonl(os.path.join(out, "skipped.jsonl")) if s["where"].startswith(short["eval_data"])]
     assert ev["n"] == N_EVAL, f"{N_EVAL - ev['n']} held-out prompts dropped: {skipped}"
 
 
+@pytest.mark.slow
 def test_guide_steps_do_not_depend_on_the_process_count(one_process_run, two_process_run):
     import re
 
@@ -1303,63 +855,6 @@ def test_guide_steps_do_not_depend_on_the_process_count(one_process_run, two_pro
 # ====================================================================================================
 # The sampler (generate.py): the KV-cache sampler vs a cache-free oracle and vs transformers' generate
 # ====================================================================================================
-GEN_VOCAB = 96
-GEN_PAD = 0
-
-
-def gen_llama(init=0.2, seed=0):
-    # init=0.2 (10x HF's default) spreads the logits, so greedy argmax is not decided by float near-ties.
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=GEN_VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      initializer_range=init, bos_token_id=1, eos_token_id=2, pad_token_id=GEN_PAD)
-    return LlamaForCausalLM(cfg).float().eval()
-
-
-def gen_gpt2(init=0.2, seed=0):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=GEN_VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=128,
-                     initializer_range=init, bos_token_id=1, eos_token_id=2, pad_token_id=GEN_PAD)
-    return GPT2LMHeadModel(cfg).float().eval()
-
-
-@torch.no_grad()
-def generate_naive(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-                   temperature=1.0, top_p=1.0, top_k=0, generator=None):
-    """Cache-free reference for `generate` (the tests' oracle): re-runs the full sequence at every step.
-
-    Same arguments, same result, same use of `generator`; O(n^2) instead of O(n) work per row.
-    """
-    B = input_ids.shape[0]
-    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    new_tokens = []
-    for step in range(max_new_tokens):
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T + step)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).logits[:, -1].float()  # (B, V)
-        tok = sample_next(logits, temperature, top_p, top_k, generator)
-        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
-        new_tokens.append(tok)
-        if eos_token_id is not None:
-            finished |= tok == eos_token_id
-        if eos_token_id is not None and generate_module._all_finished(finished):
-            break
-        input_ids = torch.cat([input_ids, tok[:, None]], dim=-1)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=-1)
-    if not new_tokens:
-        return input_ids.new_zeros(B, 0)
-    return torch.stack(new_tokens, dim=1)
-
-
-def gen_prompts(lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, GEN_VOCAB, (n,), generator=g).tolist() for n in lengths]
-
-
-MODELS = {"llama": gen_llama, "gpt2": gen_gpt2}
-SAME_LEN, MIXED_LEN = [7, 7, 7], [3, 9, 6, 1]
-
-
 # ----------------------------------------------------------------------------------------------------
 # KV cache == no cache (greedy and sampled), with and without left padding
 # ----------------------------------------------------------------------------------------------------
@@ -1386,6 +881,7 @@ def test_cache_matches_naive_sampling(static):
     assert torch.equal(fast, slow)
 
 
+@pytest.mark.slow
 def test_compiled_static_decode_matches_naive():
     # torch.compile of the decode step (fullgraph: no graph break inside the model; on CUDA the same code
     # path records a CUDA graph). On the CPU it is slow to compile (~20 s) but checks the traced step.
@@ -1447,7 +943,8 @@ def test_apply_top_k_and_sample_top_p():
     assert torch.equal(apply_top_k(logits, 0), logits)  # off
     g = torch.Generator().manual_seed(0)
     probs = torch.tensor([[0.1, 0.4, 0.35, 0.15]]).repeat(200, 1)
-    sample_top_p = lambda probs, p, g: sample_categorical(torch.softmax(apply_top_p(probs.log(), p), -1), g)
+    def sample_top_p(probs, p, g):
+        return sample_categorical(torch.softmax(apply_top_p(probs.log(), p), -1), g)
     ids = sample_top_p(probs, 0.5, g)  # nucleus = {1, 2} (0.4 < 0.5, 0.4 + 0.35 >= 0.5)
     assert set(ids.tolist()) == {1, 2}
     assert set(sample_top_p(probs, 0.3, g).tolist()) == {1}
@@ -1510,24 +1007,6 @@ def test_seeding():
 # ----------------------------------------------------------------------------------------------------
 # EOS: padding after it, early stop, stripping in sample_responses
 # ----------------------------------------------------------------------------------------------------
-class ScriptedLM(torch.nn.Module):
-    """A fake causal LM with a known greedy output: row b emits 10, 11, 12, ... and EOS (=2) after
-    stop_after[b] tokens (counted from the row's prompt length, read off position_ids). Counts forwards."""
-
-    def __init__(self, prompt_lens, stop_after, vocab=16):
-        super().__init__()
-        self.prompt_lens, self.stop_after, self.vocab, self.calls = prompt_lens, stop_after, vocab, 0
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
-        self.calls += 1
-        B, T = input_ids.shape
-        k = position_ids[:, -1] + 1 - torch.tensor(self.prompt_lens)  # tokens generated so far per row
-        nxt = torch.where(k >= torch.tensor(self.stop_after), 2, 10 + k)
-        logits = torch.zeros(B, T, self.vocab)
-        logits[torch.arange(B), -1, nxt] = 5.0
-        return SimpleNamespace(logits=logits)
-
-
 @pytest.mark.parametrize("sync_every, calls", [(1, 3), (4, 4), (16, 10)])
 def test_eos_padding_and_early_stop(monkeypatch, sync_every, calls):
     lens, stop = [2, 4, 3], [0, 2, 1]  # row 0 emits EOS first, row 1 after two tokens, row 2 after one
@@ -1652,10 +1131,12 @@ def _fsdp_worker(out_prefix):
         sd = model.state_dict()
     if rank == 0:
         save_file({k: v.contiguous() for k, v in sd.items()}, out_prefix + ".safetensors")
-        json.dump({"loss": [h["loss"] for h in hist], "ref": ref_c.tolist() + ref_r.tolist()}, open(out_prefix + ".json", "w"))
+        json.dump({"loss": [h["loss"] for h in hist], "ref": ref_c.tolist() + ref_r.tolist()},
+                  open(out_prefix + ".json", "w"))
     fsdp.finish()
 
 
+@pytest.mark.slow
 def test_fsdp2_two_processes_equal_one_process(tmp_path):
     from safetensors.torch import load_file
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -1712,6 +1193,7 @@ def _sample_dataset_worker(rank, results):
         results[rank, static, "fsdp"] = _sample_dataset(fsdp.parallelize(gen_llama(), torch.device("cpu")), static)
 
 
+@pytest.mark.slow
 def test_two_processes_sample_what_one_process_samples():
     """The sampling batches are global (same prompts, same seed per batch whatever the number of processes), so
     2 processes, plain or FSDP2-sharded, sample exactly the y' that 1 process does."""
@@ -1748,6 +1230,7 @@ def _gather_count_worker(rank, results):
     results[rank, "train"] = sum(e.name == "fsdp::all_gather_copy_in" for e in prof.events())
 
 
+@pytest.mark.slow
 def test_fsdp_generation_gathers_weights_once():
     # Generation under FSDP must not all-gather the weights at every token. 12 tokens = 12 forwards.
     results = _run_gloo(_gather_count_worker)
@@ -1768,6 +1251,7 @@ def _steps_worker(rank, results):
     results[rank] = (out.tolist(), model.calls)
 
 
+@pytest.mark.slow
 def test_distributed_same_number_of_steps():
     results = _run_gloo(_steps_worker)
     assert results[0] == ([[2]], 4)  # kept stepping (emitting pad, cut off on return) for rank 1
@@ -1777,24 +1261,18 @@ def test_distributed_same_number_of_steps():
 # ====================================================================================================
 # Data (dataset.py): bad input names file:line, before any compute
 # ====================================================================================================
-def _write(tmp_path, lines):
-    p = tmp_path / "d.jsonl"
-    p.write_text("\n".join(lines) + "\n")
-    return str(p)
-
-
-GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
-
-
 @pytest.mark.parametrize("bad, msg", [
     ('{"messages": [', "not valid JSON"),
     ('{"text": "no messages"}', "missing field 'messages'"),
     ('[1, 2]', "expected a JSON object"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "'messages' must be a list starting with"),
     (json.dumps({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}), "roles"),
-    (json.dumps({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "b"}]}), "prompt .* is empty"),
-    (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}), "response .* is empty"),
-    (json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}]}), "must be a string"),
+    (json.dumps({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "b"}]}),
+     "prompt .* is empty"),
+    (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}),
+     "response .* is empty"),
+    (json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}]}),
+     "must be a string"),
 ])
 def test_malformed_jsonl_rejected_with_file_and_line(tmp_path, bad, msg):
     path = _write(tmp_path, [GOOD, "", bad, GOOD])
@@ -1840,13 +1318,15 @@ def test_parquet_and_hub_data_as_downloaded(tmp_path):
     naming file:row; a hub data set name:split without the datasets package says what is missing."""
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
-    turn = lambda role, text: {"content": text, "role": role}
+    def turn(role, text):
+        return {"content": text, "role": role}
     chat = [{"prompt": f"sort: {i} 1", "prompt_id": str(i), "messages": [turn("user", f"sort: {i} 1"),
              turn("assistant", f"1 {i}"), turn("user", "why?"), turn("assistant", "ascending")]} for i in (3, 5)]
     pq.write_table(pa.Table.from_pylist(chat), tmp_path / "train_sft.parquet")
     recs = dataset.load_sft_jsonl(str(tmp_path / "train_sft.parquet"))
-    assert [(r["x"], r["y"], r["where"]) for r in recs] == [("sort: 3 1", "1 3", f"{tmp_path}/train_sft.parquet:row 1"),
-                                                             ("sort: 5 1", "1 5", f"{tmp_path}/train_sft.parquet:row 2")]
+    assert [(r["x"], r["y"], r["where"]) for r in recs] == [
+        ("sort: 3 1", "1 3", f"{tmp_path}/train_sft.parquet:row 1"),
+        ("sort: 5 1", "1 5", f"{tmp_path}/train_sft.parquet:row 2")]
     chat[1]["messages"][1]["content"] = " "
     pq.write_table(pa.Table.from_pylist(chat), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match=f"{tmp_path}/bad.parquet:row 2: response .* is empty"):
@@ -1864,12 +1344,6 @@ def test_parquet_and_hub_data_as_downloaded(tmp_path):
             dataset.load_sft_jsonl("HuggingFaceH4/ultrachat_200k:train_sft")
 
 
-def _toy_tok_dir(tmp_path):
-    path = str(tmp_path / "toy_tok")
-    _toy_tok().save_pretrained(path)
-    return path
-
-
 def test_jsonl_reads_first_turn_and_prompt_response_form(tmp_path):
     multi = json.dumps({"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
                                      {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]})
@@ -1881,7 +1355,8 @@ def test_jsonl_reads_first_turn_and_prompt_response_form(tmp_path):
 def test_pref_jsonl_errors_name_file_and_line(tmp_path):
     p = tmp_path / "p.jsonl"
     good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
-    p.write_text(good + "\n" + json.dumps({"prompt": "q", "chosen": [{"role": "user", "content": "q"}], "rejected": "b"}) + "\n")
+    p.write_text(good + "\n" + json.dumps({"prompt": "q", "chosen": [{"role": "user", "content": "q"}],
+                                          "rejected": "b"}) + "\n")
     with pytest.raises(ValueError, match=f"{p}:2: 'chosen' has no assistant message"):
         dataset.load_pref_jsonl(str(p))
     p.write_text(good + "\n" + json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
@@ -1901,11 +1376,6 @@ def test_pref_jsonl_errors_name_file_and_line(tmp_path):
     skipped = []
     kept = dataset.tokenize_pref(dataset.load_pref_jsonl(str(p)), _toy_tok(), dict(cfg, overlength="skip"), skipped)
     assert len(kept) == 1 and skipped[0]["where"] == f"{p}:2"
-
-
-def _toy_tok():
-    recs = dataset.load_sft_jsonl(os.path.join(HERE, "data", "sort_train.jsonl"), 300)
-    return dataset.train_toy_tokenizer([t for r in recs for t in (r["x"], r["y"])])
 
 
 def test_overlength_rejected_with_file_and_line_or_skipped(tmp_path):
@@ -1964,8 +1434,8 @@ def test_shipped_data_is_reproducible_and_disjoint(tmp_path):
     import random
     rng, seen = random.Random(0), set()
     ev, tr = mod.make_records(200, rng, seen), mod.make_records(8000, rng, seen)
-    assert ev == [json.loads(l) for l in open(os.path.join(HERE, "data", "sort_eval.jsonl"))]
-    assert tr == [json.loads(l) for l in open(os.path.join(HERE, "data", "sort_train.jsonl"))]
+    assert ev == [json.loads(line) for line in open(os.path.join(HERE, "data", "sort_eval.jsonl"))]
+    assert tr == [json.loads(line) for line in open(os.path.join(HERE, "data", "sort_train.jsonl"))]
     assert not {r["prompt"] for r in ev} & {r["prompt"] for r in tr}
 
 
@@ -1975,7 +1445,8 @@ def test_shipped_data_is_reproducible_and_disjoint(tmp_path):
 def test_a_resume_with_other_settings_or_data_stops(tmp_path):
     cfg = dict(ldalign.DEFAULTS, out=str(tmp_path))
     p = str(tmp_path / "settings.json")
-    run = lambda **kw: rundir.RunDir(dict(cfg, **kw))
+    def run(**kw):
+        return rundir.RunDir(dict(cfg, **kw))
     run().check_settings(["ldalign"])
     run(seed=1, lr=2e-7).check_settings(["ldalign"])  # nothing stored yet: nothing bound
     run().bind("ldalign/iter1/policy")  # a stage of ldalign stored: the shared and ldalign's settings are bound
@@ -1998,6 +1469,7 @@ def test_a_resume_with_other_settings_or_data_stops(tmp_path):
         stages.read_samples(path, [dict(x="b")], cfg["data"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "iter0/samples.jsonl", "guide", "ldalign/iter1/train", "ldalign/iter2/train",
                                    "ldalign/iter2/policy"])
 def test_killed_run_resumes_to_the_same_weights(tmp_path, stage, uninterrupted):
@@ -2014,13 +1486,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, stage, uninterrupted):
     assert os.path.exists(os.path.join(out, "ldalign", "iter2", "eval.json"))
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("full") / "run")
-    _run(["--out", out] + TINY_RUN)
-    return _check_run_folder(out).state_dict()
-
-
+@pytest.mark.slow
 def test_stale_stages_are_recomputed_and_corrupt_files_named(tmp_path):
     """A stored stage records the digests of what it was computed from (stages.json): iteration 1 redone with
     another lr makes iteration 2's samples and distances stale, and they are computed again. Checkpoints carry a
@@ -2048,6 +1514,7 @@ def test_stale_stages_are_recomputed_and_corrupt_files_named(tmp_path):
     assert p.returncode == 2 and f"error: {samples}: corrupt or truncated" in p.stderr, p.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_run_and_keeps_last_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     args = ["--out", out] + TINY_RUN
@@ -2061,7 +1528,8 @@ def test_nan_loss_stops_run_and_keeps_last_checkpoint(tmp_path):
     # --lr nan is refused before any compute (parse_args); a finite but absurd lr blows the weights up in one step
     p = subprocess.run([sys.executable, os.path.join(HERE, "ldalign.py")] + args + ["--lr", "1e30"], cwd=HERE, env=env,
                        timeout=600, capture_output=True, text=True)
-    assert p.returncode != 0 and "at step 2/4 (gradient norm nan)" in p.stderr and "last finished checkpoint" in p.stderr
+    assert p.returncode != 0 and "at step 2/4 (gradient norm nan)" in p.stderr
+    assert "last finished checkpoint" in p.stderr
     assert open(ckpt, "rb").read() == before  # theta_1 intact
     assert not os.path.exists(os.path.join(out, "ldalign", "iter2", "policy"))  # no theta_2 from a NaN update
 
@@ -2070,7 +1538,8 @@ def test_bad_data_fails_before_compute(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(GOOD + "\n" + '{"messages": "oops"}\n')
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, os.path.join(HERE, "ldalign.py"), "--out", str(tmp_path / "r"), "--data", str(path)],
+    p = subprocess.run([sys.executable, os.path.join(HERE, "ldalign.py"), "--out", str(tmp_path / "r"),
+                        "--data", str(path)],
                        cwd=HERE, env=env, timeout=120, capture_output=True, text=True)
     assert p.returncode != 0 and f"{path}:2: 'messages' must be a list" in p.stderr
     assert not os.path.exists(tmp_path / "r" / "sft")  # nothing was trained
@@ -2094,30 +1563,7 @@ def test_parse_args_rejects_bad_settings():
             ldalign.parse_args(bad)
 
 
-def _cli_start(args, env_extra=None):
-    """ldalign.py as a user runs it, started (stdout and stderr piped); _cli_wait ends it."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "ldalign.py")] + args, cwd=HERE, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _cli_wait(proc):
-    """The completed process (no check of its exit status)."""
-    stdout, stderr = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def _cli(args, env_extra=None):
-    """ldalign.py as a user runs it; returns the completed process (no check of its exit status)."""
-    return _cli_wait(_cli_start(args, env_extra))
-
-
-def _train_sh(args, env_extra, timeout=300):
-    """bash train.sh ARGS as a user runs it; returns the completed process (no check of its exit status)."""
-    return subprocess.run(["bash", os.path.join(HERE, "train.sh")] + args, cwd=HERE, timeout=timeout,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", **env_extra), capture_output=True, text=True)
-
-
+@pytest.mark.slow
 def test_user_errors_are_one_line_exit_2_and_logged(tmp_path):
     """A mistake the user can fix: one line naming the option or file:line, exit status 2, no traceback, also in
     log.txt once the run folder is known; nothing is computed and no settings are bound."""
@@ -2142,12 +1588,13 @@ def test_user_errors_are_one_line_exit_2_and_logged(tmp_path):
         assert msg in p.stderr and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     # a hub id that is not cached, offline: at once, naming the option (not the hub client's retries)
     p = _cli(["--out", out, "--reward_model", "someorg/some-rm"], {"HF_HUB_OFFLINE": "1"})
-    assert p.returncode == 2 and "--reward_model someorg/some-rm: not a local folder, and not in the Hugging Face cache" \
-        in p.stderr
+    assert p.returncode == 2
+    assert "--reward_model someorg/some-rm: not a local folder, and not in the Hugging Face cache" in p.stderr
     assert "error: --reward_model someorg/some-rm" in open(os.path.join(out, "log.txt")).read()
     assert not os.path.exists(os.path.join(out, "settings.json")) and not os.path.exists(os.path.join(out, "sft"))
 
 
+@pytest.mark.slow
 def test_train_sh_reports_a_user_error_once_under_torchrun(tmp_path):
     """Under torchrun every rank meets the same mistake: the user sees it once, as the last line, exit status 2."""
     p = _train_sh(["tiny", "--beta", "0", "--out", str(tmp_path / "r")], {"NPROC": "2"})
@@ -2155,6 +1602,7 @@ def test_train_sh_reports_a_user_error_once_under_torchrun(tmp_path):
     assert p.stderr.strip().splitlines()[-1] == "error: --beta must be a finite number > 0, got 0.0"
 
 
+@pytest.mark.slow
 def test_run_folder_lock(tmp_path):
     """One run per folder: a live holder stops a second run at once, naming it; a dead holder's lock is taken over."""
     out = tmp_path / "r"
@@ -2162,8 +1610,8 @@ def test_run_folder_lock(tmp_path):
     import socket
     (out / "lock.json").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "then"}))
     p = _cli(["--out", str(out), "--beta", "0.1"])
-    assert p.returncode == 2 and f"is in use by another run (pid {os.getpid()} on {socket.gethostname()}, started then)" \
-        in p.stderr
+    assert p.returncode == 2
+    assert f"is in use by another run (pid {os.getpid()} on {socket.gethostname()}, started then)" in p.stderr
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (out / "lock.json").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "then"}))
@@ -2266,7 +1714,8 @@ def test_table1_avg_is_the_papers_mean_relative_improvement():
     """Table 1's AVG column, from the paper's own rows: SPIN 4.56%, LD-Align 2 6.00% over Zephyr-sft."""
     import harness
     cols = [c for c, _, _, _ in harness.TABLE1]
-    rows = {"SFT (theta_0)": [43.7, 82.1, 62.1, 55.7, 30.8, 44.4, 63.5], "spin 1": [48.7, 81.7, 65.1, 60.4, 33.6, 45.4, 61.2],
+    rows = {"SFT (theta_0)": [43.7, 82.1, 62.1, 55.7, 30.8, 44.4, 63.5],
+            "spin 1": [48.7, 81.7, 65.1, 60.4, 33.6, 45.4, 61.2],
             "ldalign 3": [50.3, 82.5, 66.2, 60.7, 33.2, 45.9, 63.3]}
     md = harness.table({k: dict(zip(cols, [v / 100 for v in vs])) for k, vs in rows.items()}, cols)
     assert "| spin 1 | 48.7 | 81.7 | 65.1 | 60.4 | 33.6 | 45.4 | 61.2 | 4.56% |" in md
@@ -2297,11 +1746,13 @@ def test_seeds_report_means_intervals_and_paired_difference(tmp_path):
     assert "| 1 | 0.100 +- 0.050 | 0.090 +- 0.025 | 0.010 +- 0.025 |" in md
 
 
+@pytest.mark.slow
 def test_train_sh_seeds_folder_first_seed_and_settings(tmp_path):
     """`OUT=... FIRST_SEED=3 SEEDS=2 bash train.sh seeds --key value`: seed 3's run goes to OUT/seed3 with the given
     settings; a user error there stops the study at once (no seed 4, no report), shown once as the last line."""
     out = tmp_path / "study"
-    p = _train_sh(["seeds", "--beta", "2.0", "--data", "missing.jsonl"], {"OUT": str(out), "FIRST_SEED": "3", "SEEDS": "2"})
+    p = _train_sh(["seeds", "--beta", "2.0", "--data", "missing.jsonl"],
+                  {"OUT": str(out), "FIRST_SEED": "3", "SEEDS": "2"})
     assert p.returncode == 2 and p.stderr.count("error: ") == 1, p.stderr[-3000:]
     assert "missing.jsonl" in p.stderr.strip().splitlines()[-1]
     assert sorted(os.listdir(out)) == ["seed3"]
@@ -2342,7 +1793,8 @@ def test_save_histogram_png_without_matplotlib(tmp_path, monkeypatch):
 def test_save_histogram_png_with_matplotlib(tmp_path):
     pytest.importorskip("matplotlib")  # optional dependency: runs only where it is installed
     path = tmp_path / "hist.png"
-    ok = analysis.save_histogram_png({"iter 1": [0.5, 0.7, 0.9, 1.2], "iter 2": torch.tensor([0.2, 0.3, 0.4])}, str(path))
+    ok = analysis.save_histogram_png({"iter 1": [0.5, 0.7, 0.9, 1.2], "iter 2": torch.tensor([0.2, 0.3, 0.4])},
+                                     str(path))
     assert ok is True
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert os.listdir(tmp_path) == ["hist.png"]  # the temp file was renamed, not left behind
@@ -2351,71 +1803,6 @@ def test_save_histogram_png_with_matplotlib(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # Section 5.1.3: reward models
 # ----------------------------------------------------------------------------------------------------
-# Tiny checkpoints built offline from configs (never the hub), saved with save_pretrained, loaded back through
-# load_reward_model exactly as a downloaded RM folder would be.
-RM_PROMPTS = ["sort: 3 1 2", "hello", "sort: 9 8 7 6 5 4 3 2 1 0 sort sort", "how are you"]
-RM_RESPONSES = ["1 2 3", "world how are you today", "0 1", "fine"]
-RM_CORPUS = RM_PROMPTS + RM_RESPONSES + ["0 1 2 3 4 5 6 7 8 9 hello world"]
-
-
-def _deberta_tokenizer():
-    """A WordLevel tokenizer with DeBERTa's pair template: [CLS] x [SEP] y [SEP]."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train_from_iterator(RM_CORPUS, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
-    # Without a post-processor a tokenizers-backed tokenizer just concatenates x and y: the template is what
-    # makes tokenizer(x, y) a DeBERTa-style pair.
-    tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", tk.token_to_id("[CLS]")), ("[SEP]", tk.token_to_id("[SEP]"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]")
-
-
-def _gpt2_tokenizer(with_pad=True):
-    """A byte-level BPE like GPT-2's: no template, so a pair is x and y concatenated."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    specials = ["<|end|>", "<|pad|>"] if with_pad else ["<|end|>"]
-    tk.train_from_iterator(RM_CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    kw = dict(pad_token="<|pad|>") if with_pad else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|end|>", **kw)
-
-
-def _tiny_deberta(tok):
-    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
-    # Shaped like deberta-v3 (relative attention with p2c/c2p, no absolute positions in the input, no token
-    # types), only tiny. initializer_range is large so different pairs get visibly different rewards.
-    cfg = DebertaV2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=64, max_position_embeddings=64, type_vocab_size=0,
-                          relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"],
-                          position_buckets=16, max_relative_positions=-1, norm_rel_ebd="layer_norm",
-                          share_att_key=True, num_labels=1, pad_token_id=tok.pad_token_id, initializer_range=0.2)
-    torch.manual_seed(0)
-    return DebertaV2ForSequenceClassification(cfg)
-
-
-def _tiny_gpt2(tok, pad_token_id):
-    from transformers import GPT2Config, GPT2ForSequenceClassification
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2, num_labels=1,
-                     pad_token_id=pad_token_id, eos_token_id=tok.eos_token_id, initializer_range=0.2)
-    torch.manual_seed(0)
-    return GPT2ForSequenceClassification(cfg)
-
-
-def _by_hand(model, tok, x, y):
-    """The model's own forward on one unpadded pair: the reference reward_scores must reproduce."""
-    enc = tok(x, y, return_tensors="pt")
-    with torch.no_grad():
-        return float(model(**enc).logits[0, 0])
-
-
 def _check_scores(model, tok):
     s = analysis.reward_scores(model, tok, RM_PROMPTS, RM_RESPONSES, batch_size=16, device="cpu")
     assert s.shape == (len(RM_PROMPTS),) and s.dtype == torch.float32
@@ -2505,6 +1892,7 @@ def _bench_check(r, stdout, samplers="dynamic,static,compile,hf"):
         assert word in stdout
 
 
+@pytest.mark.slow
 def test_bench_tiny_cpu(tmp_path):
     # every sampler (the compiled decode step included) and the policy update with compiled blocks
     r, stdout = _bench_run(tmp_path, [sys.executable], ["--left_pad", "true", "--compile", "true"])
@@ -2512,6 +1900,7 @@ def test_bench_tiny_cpu(tmp_path):
     assert r["env"]["world"] == 1 and r["sampler"]["left_pad"] is True and r["config"]["compile"] is True
 
 
+@pytest.mark.slow
 def test_bench_tiny_fsdp_two_processes(tmp_path):
     """torchrun, 2 CPU processes: FSDP2 policy, generation inside gathered_weights (the compiled decode step
     too: under FSDP it is compiled in pieces around the hooks); no hang, same JSON."""

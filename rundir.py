@@ -7,7 +7,7 @@ writes which file lives in stages.py.
     run = RunDir(cfg)                   # out/config.json, out/log.txt; run.log prints once (rank 0)
     run.check_settings(methods)         # out/settings.json: a rerun with other settings stops, naming them
     x = run.cached(name, compute, save, load, inputs)   # stored -> read back; else compute, write, barrier
-    t_first = run.first_unsaved(method, T)   # the first iteration whose theta_t is not saved
+    run.stored(name, inputs)            # is it stored, from these inputs? (a stale one is removed)
     run.save_policy(model, tok, "ldalign", 1, history)   # theta_1 as an HF checkpoint, its step log
     run.kill_point("ldalign/iter1/train")    # the tests' crash hook (LDALIGN_KILL_AT)
 
@@ -161,8 +161,11 @@ SHARED_KEYS = ("data", "max_examples", "overlength", "seed", "policy", "max_len"
                "guide", "latent_dim", "guide_epochs", "guide_lr", "guide_batch_size",  # theta_0, iter0/, guide/
                "eval_data", "max_eval", "reward_model", "judge", "agreement_n")  # every eval.json, agreement.json
 METHODS = ("ldalign", "spin", "dpo", "sft")  # Algorithm 1 and the competitors of Section 5.1.4: one folder each
-METHOD_KEYS = ("reuse_line2_samples", "pref_data", "beta", "lr", "optimizer", "warmup_ratio", "max_grad_norm",
-               "epochs", "batch_size")  # <method>/iter*/: each method its own (a later call may run dpo at its lr)
+# <method>/iter*/: each method its own (a later call may run dpo at its lr). The data a method's stages read
+# is bound by any of them; the update's settings only by a saved theta_t (an update that stopped at a NaN
+# binds nothing, and may be rerun at a lower --lr or --beta).
+METHOD_DATA_KEYS = ("reuse_line2_samples", "pref_data")
+UPDATE_KEYS = ("beta", "lr", "optimizer", "warmup_ratio", "max_grad_norm", "epochs", "batch_size")
 
 
 class RunDir:
@@ -237,12 +240,13 @@ class RunDir:
                              f"or a new --out (or delete {path} to reuse them anyway).")
 
     def bind(self, name):
-        """Record in settings.json what the stage `name` (about to be stored) depends on: the toy tokenizer, --data;
-        a method's stage (<method>/...), the shared settings and that method's; any other stage, the shared ones."""
+        """Record in settings.json what the stage `name` (about to be stored) depends on: the toy tokenizer,
+        --data; any other stage, the shared settings, and a method's stage (<method>/...) that method's data
+        settings too; its theta_t (<method>/iter{t}/policy), also that method's update settings."""
         method = name.split("/")[0] if name.split("/")[0] in METHODS else None
         keys = {"shared": ("data",) if name == "tokenizer" else SHARED_KEYS}
         if method:
-            keys[method] = METHOD_KEYS
+            keys[method] = METHOD_DATA_KEYS + (UPDATE_KEYS if name.endswith("/policy") else ())
         path = self.path("settings.json")
         had = read_json(path) if os.path.exists(path) else {}
         new = {sec: dict(had.get(sec, {}), **{k: self.cfg[k] for k in ks}) for sec, ks in keys.items()}
@@ -257,39 +261,67 @@ class RunDir:
         load(path) reads it back. Defaults, by the name's ending: .json / .jsonl, written by rank 0.
         inputs: the files and folders the stage is computed from (the policy it sampled, the guide, ...); their
         digests are kept in stages.json, and a stored result whose inputs changed since (an iteration redone) is
-        stale: it is computed again. A stored folder is verified against its manifest before it is read.
+        stale: it is computed again (stored). A stored folder is verified against its manifest before it is read.
         """
-        path, record = self.path(name), self.path("stages.json")
-        made_from = {os.path.relpath(p, self.out) if p.startswith(self.out) else p: digest(p) for p in inputs}
-        stages = read_json(record) if os.path.exists(record) else {}
-        if os.path.exists(path):
-            if stages.get(name, made_from) == made_from:
-                self.log(f"[stored] {name}")
-                if os.path.isdir(path):
-                    verify(path)
-                return (load or _LOAD[os.path.splitext(name)[1]])(path)
-            changed = [k for k in made_from if stages[name].get(k) != made_from[k]]
-            self.log(f"[stale] {name} was computed from another {', '.join(changed)}: computing it again")
+        path = self.path(name)
+        if self.stored(name, inputs):
+            self.log(f"[stored] {name}")
+            if os.path.isdir(path):
+                verify(path)
+            return (load or _LOAD[os.path.splitext(name)[1]])(path)
         value = compute()
-        self.kill_point(name)  # a kill after the compute, before anything is written
+        # a kill after the compute, before anything is written
+        self.kill_point(name)
         self.bind(name)
-        if fsdp.rank() == 0 and inputs:
-            write_json(record, dict(stages, **{name: made_from}))  # before the result: a result is never unrecorded
+        self.record(name, inputs)
         (save or _SAVE[os.path.splitext(name)[1]])(value, path)
-        fsdp.barrier()  # written before any rank reads it
+        # written before any rank reads it
+        fsdp.barrier()
         return value
 
-    def first_unsaved(self, method, T):
-        """Resume point of a method: the first t in 1..T whose theta_t is not saved (T + 1 when all are)."""
-        return first_unsaved(self.out, self.cfg, method, T)  # the module's function below
+    def stored(self, name, inputs=()):
+        """Is the result of stage `name` stored, and computed from `inputs` as they are now (stages.json)?
+        A stale result is removed here: a result on disk is always the one its record describes."""
+        path = self.path(name)
+        if not os.path.exists(path):
+            return False
+        now = self._digests(inputs)
+        then = self._records().get(name, now)
+        if then == now:
+            return True
+        changed = [k for k in now if then.get(k) != now[k]]
+        self.log(f"[stale] {name} was computed from another {', '.join(changed)}: computing it again")
+        if fsdp.rank() == 0:
+            _remove(path)
+        fsdp.barrier()
+        return False
+
+    def record(self, name, inputs):
+        """Write in stages.json what the result of `name`, about to be saved, is computed from. Any older result
+        goes first, so that a kill at any point leaves either no result or one that its record describes."""
+        if fsdp.rank() == 0:
+            _remove(self.path(name))
+            if inputs:
+                write_json(self.path("stages.json"), dict(self._records(), **{name: self._digests(inputs)}))
+        fsdp.barrier()
+
+    def _records(self):
+        path = self.path("stages.json")
+        return read_json(path) if os.path.exists(path) else {}
+
+    def _digests(self, inputs):
+        return {os.path.relpath(p, self.out) if p.startswith(self.out) else p: digest(p) for p in inputs}
 
     def policy_path(self, method, t):
         """theta_t of `method`; theta_0 is shared by every method (the toy SFT, or --policy)."""
         return policy_path(self.out, self.cfg, method, t)  # the module's function below
 
-    def save_policy(self, model, tokenizer, method, t, history):
-        """theta_t (HF checkpoint) and its training log (train_metrics.jsonl, one row per optimizer step)."""
-        self.bind(f"{method}/iter{t}/policy")
+    def save_policy(self, model, tokenizer, method, t, history, inputs):
+        """theta_t (HF checkpoint), recorded as computed from `inputs` (theta_{t-1}, the pairs' files), and its
+        training log (train_metrics.jsonl, one row per optimizer step)."""
+        name = f"{method}/iter{t}/policy"
+        self.bind(name)
+        self.record(name, inputs)
         if fsdp.rank() == 0:
             write_jsonl(self.path(method, f"iter{t}", "train_metrics.jsonl"), history)
         save_hf(model, tokenizer, self.policy_path(method, t))

@@ -31,6 +31,9 @@ import guide as guide_lib
 from cli import UserError
 from rundir import METHODS, read_json, read_jsonl, save_hf, verify, write_atomic, write_json, write_jsonl
 
+# theta_0's log-probs of the annotated pairs: the DPO baseline's reference in every iteration
+DPO_REFERENCE = "dpo/ref_logps_theta0.json"
+
 
 class Stages:
     def __init__(self, run, data, cfg, device):
@@ -164,8 +167,19 @@ class Stages:
         # From here on the held model is no longer theta_{t-1}.
         self.held_path = None
         history = UPDATES[method](self, method, t, policy, y_prime, w)
-        self.run.save_policy(policy, self.data.tok, method, t, history)
+        self.run.save_policy(policy, self.data.tok, method, t, history, self.update_inputs(method, t))
         self.held_path = self.run.policy_path(method, t)
+
+    def update_inputs(self, method, t):
+        """What theta_t is trained from: theta_{t-1} and the files of its pairs (their own records name the
+        guide, the samples' policy, ...). A theta_t whose inputs changed is trained again (resume)."""
+        inputs = [self.run.policy_path(method, t - 1)]
+        if method in ("ldalign", "spin"):
+            inputs += [self.run.path(self.samples_name(t - 1, method)),
+                       self.run.path(method, f"iter{t}", "distances.jsonl")]
+        if method == "dpo":
+            inputs.append(self.run.path(DPO_REFERENCE))
+        return inputs
 
     def train_settings(self, method, t):
         """The keyword arguments of dpo.dpo_train / dpo.sft_train shared by every method."""
@@ -189,10 +203,14 @@ class Stages:
     # Resume, evaluation and reports (Sections 5.1.3 and 5.2)
     # ----------------------------------------------------------------------------------------------
     def resume(self, method):
-        """Where `method` goes on: the first t whose theta_t is not saved. A run killed between saving
-        theta_{t-1} and evaluating it is evaluated now."""
-        self.evaluate(method, 0)  # row 0 of metrics.jsonl: theta_0
-        T, t_first = self.cfg["T"], self.run.first_unsaved(method, self.cfg["T"])
+        """Where `method` goes on: the first t whose theta_t is not saved, or was trained from other inputs
+        than those on disk now (then it and every later theta are trained again). A run killed between
+        saving theta_{t-1} and evaluating it is evaluated now."""
+        # row 0 of metrics.jsonl: theta_0
+        self.evaluate(method, 0)
+        T, t_first = self.cfg["T"], 1
+        while t_first <= T and self.run.stored(f"{method}/iter{t_first}/policy", self.update_inputs(method, t_first)):
+            t_first += 1
         if t_first > 1 and not self.recorded(method, t_first - 1):
             self.log(f"[resume] iteration {t_first - 1} of {method} saved its policy but not its evaluation: "
                      "evaluating it")
@@ -294,8 +312,7 @@ def dpo_baseline(stages, method, t, policy, y_prime, w):
 
     theta_0's log-probs are computed at t = 1, when the policy is theta_0, and stored
     (dpo/ref_logps_theta0.json): a later iteration's policy cannot stand in for it."""
-    run, pairs = stages.run, stages.data.pref
-    name = "dpo/ref_logps_theta0.json"
+    run, pairs, name = stages.run, stages.data.pref, DPO_REFERENCE
     if t > 1 and not os.path.exists(run.path(name)):
         raise UserError(f"{run.path(name)} is missing: DPO's reference is theta_0, and only iteration 1 can "
                         f"compute it; delete {run.path('dpo')} to rerun the DPO baseline from the start")

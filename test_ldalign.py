@@ -1514,6 +1514,76 @@ def test_stale_stages_are_recomputed_and_corrupt_files_named(tmp_path):
     assert p.returncode == 2 and f"error: {samples}: corrupt or truncated" in p.stderr, p.stderr[-2000:]
 
 
+def test_a_kill_while_a_stale_stage_is_rewritten_never_leaves_the_old_result_recorded_fresh(tmp_path):
+    """stages.json never says a result was computed from inputs it was not computed from: a stage recomputed
+    because its input changed, killed while its new result is written, is computed again by the rerun (the old
+    result is not read back as the new one)."""
+    run = rundir.RunDir(dict(ldalign.DEFAULTS, out=str(tmp_path / "run")))
+    src = tmp_path / "input.txt"
+    src.write_text("old")
+    assert run.cached("r.json", lambda: {"from": "old"}, inputs=[str(src)]) == {"from": "old"}
+    src.write_text("new")
+
+    def killed(value, path):
+        # a kill while the new result is written: nothing of it reaches path
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run.cached("r.json", lambda: {"from": "new"}, save=killed, inputs=[str(src)])
+    assert run.cached("r.json", lambda: {"from": "new"}, inputs=[str(src)]) == {"from": "new"}
+    # a kill while computing leaves the old result with its own record: stale, computed again
+    src.write_text("newer")
+    with pytest.raises(KeyboardInterrupt):
+        run.cached("r.json", lambda: (_ for _ in ()).throw(KeyboardInterrupt), inputs=[str(src)])
+    assert run.cached("r.json", lambda: {"from": "newer"}, inputs=[str(src)]) == {"from": "newer"}
+
+
+def _minimal_data(tmp_path):
+    """The first 64 records of the toy data (tokenizing all 8,000 is most of a minimal run's time)."""
+    path = tmp_path / "train.jsonl"
+    with open(os.path.join(HERE, "data", "sort_train.jsonl")) as f:
+        path.write_text("".join(f.readlines()[:64]))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_theta_t_trained_from_another_theta_0_is_trained_again(tmp_path):
+    """theta_t records what it was trained from (theta_{t-1}, the pairs' files): replace the weights of the
+    --policy folder (theta_0) between two calls on one --out, and theta_1 is trained again from the new one."""
+    from safetensors.torch import load_file, save_file
+    data = _minimal_data(tmp_path)
+    toy = str(tmp_path / "toy")
+    _run(["--out", toy, "--data", data] + MINIMAL_RUN + ["--T", "1"])
+    # theta_0 as a user's folder (no manifest: it is not one of the run's own checkpoints)
+    policy = tmp_path / "theta0"
+    shutil.copytree(os.path.join(toy, "sft"), policy)
+    os.remove(policy / "manifest.json")
+    out = str(tmp_path / "run")
+    args = ["--out", out, "--data", data, "--policy", str(policy)] + MINIMAL_RUN + ["--T", "1"]
+    _run(args)
+    theta_1 = os.path.join(out, "ldalign", "iter1", "policy", "model.safetensors")
+    before = open(theta_1, "rb").read()
+    weights = load_file(policy / "model.safetensors")
+    save_file({k: v + 0.01 for k, v in weights.items()}, policy / "model.safetensors", metadata={"format": "pt"})
+    log = _run(args)
+    assert "[stale] iter0/samples.jsonl" in log
+    assert "[stale] ldalign/iter1/policy was computed from another" in log
+    assert open(theta_1, "rb").read() != before
+    # and a third call with nothing changed keeps everything
+    log = _run(args)
+    assert "[stale]" not in log and "===== ldalign iteration" not in log
+
+
+@pytest.mark.slow
+def test_an_update_stopped_at_a_nan_binds_none_of_its_settings(tmp_path):
+    """--beta 1e30 stops at a non-finite loss with the hint "Lower --lr or --beta"; doing that on the same --out
+    works: an iteration that produced nothing binds none of the update's settings."""
+    data = _minimal_data(tmp_path)
+    args = ["--out", str(tmp_path / "run"), "--data", data] + MINIMAL_RUN + ["--T", "1"]
+    p = _cli(args + ["--beta", "1e30"])
+    assert p.returncode != 0 and "Lower --lr or --beta" in p.stderr, p.stderr[-2000:]
+    _run(args + ["--beta", "0.1"])
+
+
 @pytest.mark.slow
 def test_nan_loss_stops_run_and_keeps_last_checkpoint(tmp_path):
     out = str(tmp_path / "run")

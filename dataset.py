@@ -35,7 +35,9 @@ def load(cfg, run):
     records = load_sft_jsonl(cfg["data"], 0 if tiny else cfg["max_examples"])
     eval_records = load_sft_jsonl(cfg["eval_data"], cfg["max_eval"], "--eval_data") if cfg["eval_data"] else []
     if tiny:  # the embedded default: a BPE trained on the shipped data, stored in the run folder, read from there
-        run.cached("tokenizer", lambda: train_toy_tokenizer([t for r in records for t in (r["x"], r["y"])]),
+        systems = [r["system"] for r in records if r["system"]]
+        texts = [t for r in records for t in (r["x"], r["y"])] + systems
+        run.cached("tokenizer", lambda: train_toy_tokenizer(texts, system=bool(systems)),
                    save=_save_tokenizer, load=lambda path: None)
         tok = AutoTokenizer.from_pretrained(run.path("tokenizer"))
     else:
@@ -70,6 +72,9 @@ def check_model_source(option, name):
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise UserError(f"--{option} {name}: a folder without config.json, not a Hugging Face checkpoint folder")
+        missing = missing_weights(name)
+        if missing:
+            raise UserError(f"--{option} {name}: {missing}")
         return
     if (name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
             or os.sep != "/" and os.sep in name):
@@ -96,6 +101,31 @@ def check_model_source(option, name):
         raise UserError(f"{where}, and the hub says: {str(e).splitlines()[0]}") from None
 
 
+# The weight files of an HF checkpoint folder: one file, or shards listed in an index
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def missing_weights(folder):
+    """What an HF checkpoint folder lacks of its weights ("" if nothing): a shard its index names, or, without
+    an index, the one weights file. Checked before any compute, where from_pretrained would fail later."""
+    for weights in WEIGHTS:
+        index = os.path.join(folder, weights + ".index.json")
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                return f"{index} cannot be read as a weights index ({type(e).__name__}: {e})"
+            lost = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+            if lost:
+                more = f" ({len(lost)} of its {len(shards)} shards are missing)" if len(lost) > 1 else ""
+                return f"the weights file {os.path.join(folder, lost[0])} named in {index} is missing{more}"
+            return ""
+    if not any(os.path.isfile(os.path.join(folder, w)) for w in WEIGHTS):
+        return f"no weights file in the folder ({' or '.join(WEIGHTS)}, or a sharded one's index)"
+    return ""
+
+
 def _save_tokenizer(tok, path):
     if fsdp.rank() == 0:
         with atomic_path(path) as tmp:
@@ -114,17 +144,41 @@ def read_records(path, what):
       set in its cache), e.g. HuggingFaceH4/ultrachat_200k:train_sft: "name:split:row N".
     """
     if path.endswith(".parquet") and os.path.isfile(path):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise UserError(f"{path}: reading Parquet needs pyarrow (pip install -r requirements-extra.txt)") from None
-        for i, rec in enumerate(pq.read_table(path).to_pylist(), 1):
-            yield f"{path}:row {i}", rec
+        yield from _parquet_records(path, what)
         return
     if not os.path.exists(path) and ":" in path and not path.startswith((".", "/", "~")):
+        name = path.rsplit(":", 1)[0]
+        if _looks_local(name):
+            raise UserError(f"{path}: no such {what} file ({name} does not exist either; a hub data set is "
+                            "given as name:split, e.g. HuggingFaceH4/ultrachat_200k:train_sft)")
         yield from _hub_records(path, what)
         return
     yield from _jsonl_records(path, what)
+
+
+def _looks_local(name):
+    """Is `name` (of a missing "name:split") a mistyped local path rather than a hub id ("org/name")? A data
+    file's extension, a folder the path starts from, or more than one "/" (a hub id has at most one)."""
+    return (name.endswith((".jsonl", ".json", ".gz", ".parquet")) or name.startswith(("data/", "./", "../"))
+            or name.count("/") > 1 or os.sep != "/" and os.sep in name)
+
+
+def _parquet_records(path, what):
+    """Yield ("file:row N", record) for each row of a Parquet file (needs pyarrow)."""
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading Parquet needs pyarrow (pip install -r requirements-extra.txt)") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except pyarrow.ArrowInvalid as e:
+        why = str(e).splitlines()[0].replace(f"Could not open Parquet input source '{path}': ", "")
+        raise UserError(f"{path}: not a Parquet file ({why})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the {what} file ({e.strerror or e})") from None
+    for i, rec in enumerate(rows, 1):
+        yield f"{path}:row {i}", rec
 
 
 def _hub_records(path, what):
@@ -150,24 +204,34 @@ def _jsonl_records(path, what):
     if not os.path.isfile(path):
         raise UserError(f"{path}: {what} file not found")
     jsonl = "JSONL is expected: one JSON object per line (a .json file holding a list converts with jq -c '.[]')"
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:  # bytes: bad UTF-8 is reported by line
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8").removeprefix("\ufeff") if lineno == 1 else raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
-            if not line.strip():
-                continue  # blank lines (e.g. a trailing newline) carry no record
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                array = lineno == 1 and line.lstrip().startswith("[")
-                raise UserError(f"{where}: not valid JSON: {e.msg.removesuffix(' at')} at column {e.colno}" +
-                                (f"; the file starts like a JSON array. {jsonl}" if array else "")) from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}. {jsonl}")
-            yield where, rec
+    # bytes (_lines): bad UTF-8 is reported by line
+    for lineno, raw in enumerate(_lines(path, what), 1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8").removeprefix("\ufeff") if lineno == 1 else raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+        if not line.strip():
+            continue  # blank lines (e.g. a trailing newline) carry no record
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            array = lineno == 1 and line.lstrip().startswith("[")
+            raise UserError(f"{where}: not valid JSON: {e.msg.removesuffix(' at')} at column {e.colno}" +
+                            (f"; the file starts like a JSON array. {jsonl}" if array else "")) from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}. {jsonl}")
+        yield where, rec
+
+
+def _lines(path, what):
+    """The lines of a (gzipped) file, as bytes; a file that cannot be read (no permission, an I/O error, a .gz
+    that is not gzip) raises UserError naming it."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            yield from f
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the {what} file ({e.strerror or e})") from None
 
 
 def load_sft_jsonl(path, max_examples=0, what="--data"):
@@ -376,24 +440,36 @@ def guide_triples(data, tok, gtok, y_prime_ids, guide_max_len):
 # The embedded default: tokenizer and tiny models built from configs (no hub downloads).
 # ----------------------------------------------------------------------------------------------------
 # The template writes the BOS itself, so every tool that applies it (lm-evaluation-harness too: harness.py) reads the
-# same prompt tokens as prompt_ids.
+# same prompt tokens as prompt_ids. A system message is a turn of its own, <|system|>: a special token when D has a
+# system message (train_toy_tokenizer), plain text when only --eval_data has one.
 TOY_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>"
+                "{% elif m['role'] == 'system' %}<|system|>{{ m['content'] }}<|end|>"
                 "{% else %}<|assistant|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
+# The BPE trainer learns from texts cut into pieces of at most this many characters: its time grows with the
+# square of a pre-tokenized word's length (a run of 100,000 identical emoji, one word, took minutes).
+TOY_BPE_PIECE = 1000
 
-def train_toy_tokenizer(texts, vocab_size=300):
-    """A real byte-level BPE trained with `tokenizers` on the shipped data, wrapped as an HF tokenizer."""
+
+def train_toy_tokenizer(texts, vocab_size=300, system=False):
+    """A real byte-level BPE trained with `tokenizers` on the shipped data, wrapped as an HF tokenizer.
+
+    texts: D's prompts and responses (and system messages); a text longer than TOY_BPE_PIECE characters is
+    learnt from in pieces of that length (it is still tokenized whole). system: D has a system message, and
+    <|system|> is a special token too, after the others (whose ids are the same either way).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|pad|>", "<|bos|>", "<|end|>", "<|user|>", "<|assistant|>"]
+    specials = ["<|pad|>", "<|bos|>", "<|end|>", "<|user|>", "<|assistant|>"] + (["<|system|>"] if system else [])
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(texts, trainer)
+    pieces = (t[i:i + TOY_BPE_PIECE] for t in texts for i in range(0, len(t), TOY_BPE_PIECE))
+    tk.train_from_iterator(pieces, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>")
     tok.chat_template = TOY_TEMPLATE
     return tok

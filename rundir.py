@@ -73,11 +73,13 @@ def _sha256_of_files(folder):
 
 def verify(folder):
     """A folder this run wrote (a checkpoint, the guide, the tokenizer) is as its manifest.json says: every file
-    there with its sha256. A truncated, corrupt or missing file raises UserError naming it. Folders without a
-    manifest (theta_0 given with --policy) are not checked."""
+    there with its sha256. A truncated, corrupt or missing file raises UserError naming it, and so does a missing
+    manifest (atomic_path writes one into every folder it makes). Only the run's own folders are verified:
+    theta_0 given with --policy has no manifest (stages.load_policy)."""
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
-        return
+        raise UserError(f"{folder}: its {MANIFEST} is missing, so its files cannot be checked (this run wrote the "
+                        f"folder with one); delete {folder} to recompute it")
     want, have = read_json(path), _sha256_of_files(folder)
     bad = [f for f, h in want.items() if have.get(f) != h]
     if bad:
@@ -173,7 +175,10 @@ class RunDir:
         self.cfg, self.out = cfg, cfg["out"]
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise UserError(f"--out {self.out} is a file; the run folder must be a folder (new or of an earlier run)")
-        os.makedirs(self.out, exist_ok=True)
+        try:
+            os.makedirs(self.out, exist_ok=True)
+        except OSError as e:
+            raise UserError(_unwritable(self.out, e)) from None
         self.lock()
         cli.log_errors_to(self.path("log.txt"))
         if fsdp.rank() == 0:
@@ -181,8 +186,9 @@ class RunDir:
 
     def lock(self):
         """One run at a time in a folder: out/lock.json names the holder (pid, host, start time). A second run stops
-        at once, naming it; the lock of a process that died (kill -9, a crash) on this host is taken over. Rank 0
-        holds it for every rank of a torchrun; it is released when the process exits."""
+        at once, naming it; the lock of a process that died (kill -9, a crash) on this host is taken over, and so is
+        an empty or half-written one (its writer died while writing it). Rank 0 holds it for every rank of a
+        torchrun; it is released when the process exits."""
         import atexit
         import socket
         import time
@@ -190,31 +196,40 @@ class RunDir:
                                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         held = ""
         if fsdp.rank() == 0:
-            for _ in range(2):  # a second try after removing a dead holder's lock
-                try:
-                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                except FileExistsError:
-                    try:
-                        other = read_json(path)
-                    except (OSError, ValueError):
-                        other = {}  # half-written by a process killed at that moment
-                    if other.get("host") == me["host"] and other.get("pid") == me["pid"]:
-                        break  # this process holds it already
-                    if other.get("host") == me["host"] and not _alive(other.get("pid")):
-                        os.remove(path)  # its holder is gone
-                        continue
-                    held = (f"--out {self.out} is in use by another run (pid {other.get('pid')} on "
-                            f"{other.get('host')}, started {other.get('started')}); wait for it, use another "
-                            f"--out, or delete {path} if that run is gone")
-                    break
-                with os.fdopen(fd, "w") as f:
-                    json.dump(me, f)
-                atexit.register(lambda: os.path.exists(path) and read_json(path).get("pid") == me["pid"]
-                                and os.remove(path))
-                break
+            try:
+                held = self._take_lock(path, me)
+            except OSError as e:
+                held = _unwritable(self.out, e)
+            if not held:
+                atexit.register(lambda: _read_lock(path).get("pid") == me["pid"] and _remove(path))
         import torch
         if fsdp.all_reduce(torch.tensor([int(bool(held))]), "sum").item():  # every rank stops, rank 0 says why
             raise UserError(held or f"--out {self.out} is in use by another run (see {path})")
+
+    def _take_lock(self, path, me):
+        """Create lock.json holding `me`; returns "" when this process holds it, else why it cannot."""
+        import time
+        for _ in range(3):  # another try after removing a dead holder's lock
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                other = _read_lock(path)
+                if not other:
+                    # a live holder writes its few bytes at once: still unreadable a moment later, it is a dead one's
+                    time.sleep(0.5)
+                    other = _read_lock(path)
+                if other.get("host") == me["host"] and other.get("pid") == me["pid"]:
+                    return ""  # this process holds it already
+                if not other or other.get("host") == me["host"] and not _alive(other.get("pid")):
+                    _remove(path)  # its holder is gone
+                    continue
+                return (f"--out {self.out} is in use by another run (pid {other.get('pid')} on {other.get('host')}, "
+                        f"started {other.get('started')}); wait for it, use another --out, or delete {path} if "
+                        "that run is gone")
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return ""
+        return f"--out {self.out}: could not take {path} (other runs keep taking it over); try again"
 
     def path(self, *parts):
         return os.path.join(self.out, *parts)
@@ -352,6 +367,23 @@ def first_unsaved(out, cfg, method, T=float("inf")):
     while t <= T and os.path.isdir(policy_path(out, cfg, method, t)):
         t += 1
     return t
+
+
+def _read_lock(path):
+    """The holder a lock.json names ({} when it is missing, empty or half-written)."""
+    try:
+        with open(path) as f:
+            other = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return other if isinstance(other, dict) and "pid" in other and "host" in other else {}
+
+
+def _unwritable(out, e):
+    """Why the run folder `out` cannot be written, from the OSError `e` of creating or writing it."""
+    why = "a part of its path is a file, not a folder" if isinstance(e, NotADirectoryError) else e.strerror or e
+    where = f" at {e.filename}" if e.filename and os.path.abspath(e.filename) != os.path.abspath(out) else ""
+    return f"--out {out}: cannot write the run folder ({why}{where}); give a folder you can write to"
 
 
 def _alive(pid):

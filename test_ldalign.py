@@ -47,9 +47,11 @@ Engineering
     FSDP2 / distributed: 2 processes == 1 process, weights gathered once per generate(), equal decode steps
     data (dataset.py): JSONL / UTF-8 errors with file:line (SFT and preference files), Parquet and hub data sets
         (file:row), JSONL as real data looks (BOM, gzip, system message, text parts), over-length records,
-        one prompt format, golden tokens after the prompt, the shipped data
+        one prompt format (the toy template's system turn), golden tokens after the prompt, the shipped data, a
+        mistyped local path, the toy tokenizer on a long run of one character
     run folder and resume (rundir.py, ldalign.py): settings check, kill and resume, NaN stop, bad data before
-        compute, parse_args, no pickle
+        compute, parse_args, no pickle, the lock (a dead or half-written one), a folder without its manifest,
+        unreadable input and an unwritable --out as one-line errors
     analysis (analysis.py, Sections 5.1.3 and 5.2): edit distance, toy judge, ranking agreement, histogram,
         PNG, reward models, the seeds report (means with 95% intervals)
     bench.py: smoke tests on the CPU with a tiny model
@@ -74,6 +76,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import analysis
+import cli
 import dataset
 import dpo
 import fsdp
@@ -494,11 +497,13 @@ def test_load_policy_keeps_this_runs_fp32_checkpoints_exact(tmp_path):
     model = tiny_llama()
     with torch.no_grad():
         model.model.norm.weight.add_(1e-4)  # an update far below bf16's spacing at 1.0 (2^-7)
-    model.save_pretrained(tmp_path / "theta1")
-    cfg_path = tmp_path / "theta1" / "config.json"
-    c = json.loads(cfg_path.read_text())
-    c["dtype"] = "bfloat16"
-    cfg_path.write_text(json.dumps(c))
+    # written as the run writes its checkpoints (atomic_path: with a manifest)
+    with rundir.atomic_path(tmp_path / "theta1") as tmp:
+        model.save_pretrained(tmp)
+        cfg_path = os.path.join(tmp, "config.json")
+        c = json.load(open(cfg_path))
+        c["dtype"] = "bfloat16"
+        open(cfg_path, "w").write(json.dumps(c))
     run_cfg = dict(policy="/models/zephyr-7b-sft-full", grad_ckpt=False, compile=False, trust_remote_code=False)
     loaded = stages.load_policy(str(tmp_path / "theta1"), run_cfg, torch.device("cpu"))
     for (n, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
@@ -1344,6 +1349,56 @@ def test_parquet_and_hub_data_as_downloaded(tmp_path):
             dataset.load_sft_jsonl("HuggingFaceH4/ultrachat_200k:train_sft")
 
 
+def test_a_mistyped_local_path_with_a_colon_is_no_such_file():
+    """data/sort_trian.jsonl:train reads like a hub data set name:split, but its name is a local file's: the error
+    says that no such file exists (not that the datasets package is needed)."""
+    with pytest.raises(cli.UserError, match="^data/sort_trian.jsonl:train: no such --data file \\(data/sort_trian"
+                                            ".jsonl does not exist either; a hub data set is given as name:split"):
+        dataset.load_sft_jsonl("data/sort_trian.jsonl:train")
+    for name in ("data/x", "./x", "runs/a/b", "x.json", "x.jsonl.gz", "x.parquet"):
+        assert dataset._looks_local(name), name
+    for name in ("HuggingFaceH4/ultrachat_200k", "trl-lib/ultrafeedback_binarized", "imdb"):
+        assert not dataset._looks_local(name), name
+
+
+def test_toy_template_renders_a_system_turn(tmp_path):
+    """A system message is a turn of its own (<|system|>), not an assistant turn: a special token of the toy
+    tokenizer when D has a system message, after the other special tokens (whose ids stay the same)."""
+    plain = _toy_tok()
+    recs = dataset.load_sft_jsonl(os.path.join(HERE, "data", "sort_train.jsonl"), 300)
+    tok = dataset.train_toy_tokenizer([t for r in recs for t in (r["x"], r["y"])] + ["Be brief."], system=True)
+    assert dataset.prompt_text(tok, "sort: 3 1", "Be brief.") == \
+        "<|bos|><|system|>Be brief.<|end|><|user|>sort: 3 1<|end|><|assistant|>"
+    sys_id = tok.convert_tokens_to_ids("<|system|>")
+    assert dataset.prompt_ids(tok, "sort: 3 1", "Be brief.")[:2] == [tok.bos_token_id, sys_id]
+    assert sys_id == 5 and tok.decode([sys_id], skip_special_tokens=True) == ""
+    assert [tok.convert_tokens_to_ids(t) for t in ("<|pad|>", "<|bos|>", "<|end|>", "<|user|>", "<|assistant|>")] \
+        == [plain.convert_tokens_to_ids(t) for t in ("<|pad|>", "<|bos|>", "<|end|>", "<|user|>", "<|assistant|>")]
+    assert "<|system|>" not in plain.get_vocab()  # the shipped data has no system message: its tokenizer as before
+    # dataset.load trains the toy tokenizer with <|system|> when a record of D has a system message
+    path = tmp_path / "d.jsonl"
+    rec = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "sort: 3 1"},
+                        {"role": "assistant", "content": "1 3"}]}
+    path.write_text(json.dumps(rec) + "\n" + GOOD + "\n")
+    run = rundir.RunDir(dict(ldalign.DEFAULTS, out=str(tmp_path / "run")))
+    cfg = dict(run.cfg, data=str(path), eval_data="", max_examples=0)
+    data = dataset.load(cfg, run)
+    sys_id = data.tok.convert_tokens_to_ids("<|system|>")
+    assert data.D[0]["prompt_ids"][:2] == [data.tok.bos_token_id, sys_id] and sys_id not in data.D[1]["prompt_ids"]
+
+
+def test_toy_tokenizer_trains_fast_on_a_long_run_of_one_character():
+    """A record that is one run of 100,000 identical emoji (400 KB) is one pre-tokenized word, and the BPE trainer's
+    time grows with the square of a word's length (minutes for this one): the toy tokenizer learns from
+    pieces of at most dataset.TOY_BPE_PIECE characters, and still tokenizes the record whole."""
+    import time
+    long = "\U0001F600" * 100_000
+    start = time.time()
+    tok = dataset.train_toy_tokenizer(["sort: 3 1", "1 3", long])
+    assert time.time() - start < 20
+    assert tok.decode(tok(long, add_special_tokens=False)["input_ids"]) == long
+
+
 def test_jsonl_reads_first_turn_and_prompt_response_form(tmp_path):
     multi = json.dumps({"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
                                      {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]})
@@ -1688,6 +1743,134 @@ def test_run_folder_lock(tmp_path):
     p = _cli(["--out", str(out), "--policy", "/nonexistent"])  # gets past the lock, stops at the next check
     assert p.returncode == 2 and "--policy /nonexistent" in p.stderr and "in use" not in p.stderr
     assert not (out / "lock.json").exists()  # released when the process exits
+
+
+def _user_error(argv, capsys):
+    """ldalign.py ARGV run in this process as the command line runs it (report_errors): a user error, whose one
+    line (exit status 2, no traceback) is returned."""
+    with pytest.raises(SystemExit) as e:
+        cli.report_errors(ldalign.main, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err[-3000:]
+    return err.strip()
+
+
+def test_unreadable_or_unwritable_files_are_one_line_user_errors(tmp_path, capsys, monkeypatch):
+    """An --data that cannot be read, an --out that cannot be written, a --policy folder missing a weights file, a
+    .parquet file that is not Parquet: one line naming the file, exit status 2, in log.txt when the run folder is
+    writable. The tests run as root, whom no file mode stops: a read permission is denied here by a stand-in for
+    open() (what a user without the permission meets), an I/O error comes from a file that root cannot read either
+    (/proc/self/mem: its first page is never mapped), and an unwritable --out is a path under a regular file, or a
+    stand-in for os.open that denies the lock file."""
+    monkeypatch.setattr(cli, "_LOG", [])  # this test's log.txt files only
+    import builtins
+    data = tmp_path / "data.jsonl"
+    data.write_text(GOOD + "\n")
+
+    def denied_open(path, *args, **kw):
+        if os.fspath(path) == str(data):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return builtins.open(path, *args, **kw)
+
+    def check(argv, msg, out, logged=True):
+        err = _user_error(["--out", str(out)] + argv, capsys)
+        assert msg in err, err
+        assert not logged or (out / "log.txt").read_text().splitlines()[-1] == err
+
+    with monkeypatch.context() as m:
+        m.setattr(dataset, "open", denied_open, raising=False)
+        check(["--data", str(data)], f"error: {data}: cannot read the --data file (Permission denied)", tmp_path / "r1")
+    if os.path.isfile("/proc/self/mem"):
+        check(["--data", "/proc/self/mem"], "error: /proc/self/mem: cannot read the --data file (Input/output error)",
+              tmp_path / "r2")
+    # --out: a path under a regular file; a run folder whose lock file cannot be created
+    check([], f"error: --out {data}/run: cannot write the run folder (a part of its path is a file, not a folder)",
+          tmp_path / "data.jsonl" / "run", logged=False)
+    out = tmp_path / "readonly"
+    out.mkdir()
+    real_open = os.open
+
+    def denied(path, *args, **kw):
+        if os.fspath(path).endswith("lock.json"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", denied)
+        check([], f"error: --out {out}: cannot write the run folder (Permission denied at {out}/lock.json)", out,
+              logged=False)
+    assert not os.path.exists(out / "log.txt")
+    # --policy: an HF folder whose index names a shard that is missing; one without any weights file
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "config.json").write_text("{}")
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    (policy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shards[0], "b": shards[1]}}))
+    (policy / shards[0]).write_bytes(b"")
+    check(["--policy", str(policy)], f"error: --policy {policy}: the weights file {policy}/{shards[1]} named in "
+                                     f"{policy}/model.safetensors.index.json is missing", tmp_path / "r3")
+    os.remove(policy / "model.safetensors.index.json")
+    check(["--policy", str(policy)], f"error: --policy {policy}: no weights file in the folder", tmp_path / "r4")
+    # a .parquet file that is not Parquet
+    pytest.importorskip("pyarrow")
+    fake = tmp_path / "train.parquet"
+    fake.write_text(GOOD + "\n")
+    check(["--data", str(fake)], f"error: {fake}: not a Parquet file (", tmp_path / "r5")
+
+
+def test_dpo_baseline_missing_reference_is_a_one_line_user_error(tmp_path, capsys, monkeypatch):
+    """The DPO baseline's reference (theta_0's log-probs) can only be computed in iteration 1: later iterations
+    without its file stop with one line naming it, exit status 2, also in log.txt."""
+    monkeypatch.setattr(cli, "_LOG", [])
+    run = rundir.RunDir(dict(ldalign.DEFAULTS, out=str(tmp_path / "run")))
+    fake = SimpleNamespace(run=run, data=SimpleNamespace(pref=[]), cfg=run.cfg)
+
+    def main(argv):
+        stages.dpo_baseline(fake, "dpo", 2, None, None, None)
+    with pytest.raises(SystemExit) as e:
+        cli.report_errors(main, [])
+    err = capsys.readouterr().err
+    ref = run.path(stages.DPO_REFERENCE)
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {ref} is missing"), err
+    assert open(run.path("log.txt")).read().endswith(err)
+
+
+def test_an_empty_or_half_written_lock_is_taken_over(tmp_path):
+    """lock.json written by a process that died while writing it (empty, or cut mid-JSON) names no holder: the lock
+    is a dead run's, and the next run takes it over."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for text in ("", '{"pid": 12'):
+        (out / "lock.json").write_text(text)
+        rundir.RunDir(dict(ldalign.DEFAULTS, out=str(out)))
+        assert json.loads((out / "lock.json").read_text())["pid"] == os.getpid()
+        os.remove(out / "lock.json")
+
+
+def test_a_run_folder_without_its_manifest_is_an_error(tmp_path):
+    """A folder the run wrote itself (theta_t, the toy's sft/, guide/, tokenizer/) carries a manifest.json; without
+    it its weights cannot be verified, and reading it stops, naming it. theta_0 given with --policy has none and
+    loads as it is."""
+    run = rundir.RunDir(dict(ldalign.DEFAULTS, out=str(tmp_path / "run")))
+    model = tiny_llama()
+    ckpt = run.path("ldalign", "iter1", "policy")
+    with rundir.atomic_path(ckpt) as tmp:
+        model.save_pretrained(tmp)
+    os.remove(os.path.join(ckpt, "manifest.json"))
+    cfg = dict(run.cfg, policy=str(tmp_path / "theta0"))
+    with pytest.raises(cli.UserError, match=f"^{ckpt}: its manifest.json is missing"):
+        stages.load_policy(ckpt, cfg, torch.device("cpu"))
+    shutil.copytree(ckpt, cfg["policy"])
+    stages.load_policy(cfg["policy"], cfg, torch.device("cpu"))
+    # a stored stage's folder (the guide, the tokenizer, the toy's theta_0) is verified as it is read back
+
+    def save(value, path):
+        with rundir.atomic_path(path) as tmp:
+            os.makedirs(tmp)
+            open(os.path.join(tmp, "weights"), "w").write(value)
+    run.cached("guide", lambda: "w", save=save, load=lambda path: None)
+    os.remove(run.path("guide", "manifest.json"))
+    with pytest.raises(cli.UserError, match=f"^{run.path('guide')}: its manifest.json is missing"):
+        run.cached("guide", lambda: "w", save=save, load=lambda path: None)
 
 
 def test_no_pickle_checkpoints_and_no_remote_code_by_default():

@@ -11,7 +11,8 @@ test_ldalign.py imports what it uses by name (`from conftest import tiny_llama, 
     reward models          _tiny_reward_model (for ldalign.py), the RM_* pairs, tiny DeBERTa-v2 / GPT-2
                            classifiers and their tokenizers, _by_hand (one pair through the model's own forward)
     running ldalign.py     TINY_RUN, _run, _check_run_folder, the `uninterrupted` fixture; _cli_start / _cli_wait /
-                           _cli (a user's command line, exit status not checked); _train_sh
+                           _cli (a user's command line, exit status not checked); _train_sh; _train_sh_two_nodes
+                           (two torchrun launchers on this host, as two nodes)
     the paper path         UltraChat / UltraFeedback-like records (QA), trained tokenizers (Mistral-like with
                            zephyr's template, GPT-2-like, DeBERTa-like), tiny HF folders (build_paper_inputs),
                            PAPER_RUN / _paper_args / _paper_run, the run folder's checks (_check_paper_run,
@@ -372,6 +373,59 @@ def _train_sh(args, env_extra, timeout=300):
     """bash train.sh ARGS as a user runs it; returns the completed process (no check of its exit status)."""
     return subprocess.run(["bash", os.path.join(HERE, "train.sh")] + args, cwd=HERE, timeout=timeout,
                           env=dict(os.environ, OMP_NUM_THREADS="1", **env_extra), capture_output=True, text=True)
+
+
+def _process_tree(pid):
+    """pid and every process it started, and they started, ... (Linux /proc: each process's parent id)."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        try:
+            # /proc/PID/stat: "pid (name) state ppid ..."; the name may hold spaces and parentheses
+            parent[int(d)] = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    tree, new = [pid], [pid]
+    while new:
+        new = [c for c, p in parent.items() if p in new]
+        tree += new
+    return tree
+
+
+def _train_sh_two_nodes(args, logs, timeout=300):
+    """`bash train.sh ARGS` on two nodes that are both this host: two launchers with NNODES=2, NODE_RANK 0 and
+    1, NPROC=1, MASTER_ADDR 127.0.0.1 and a free MASTER_PORT, as on two machines. Returns each node's exit status
+    and output (also in logs/node0.log, logs/node1.log). When one node fails, or `timeout` seconds pass, both are
+    killed with every process they started (torchrun starts its workers in sessions of their own). A port taken
+    between choosing it and binding it (another program) is tried again with another."""
+    import signal
+    import socket
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, OMP_NUM_THREADS="1", NPROC="1", NNODES="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        procs = []
+        for r in (0, 1):
+            with open(os.path.join(logs, f"node{r}.log"), "w") as f:
+                procs.append(subprocess.Popen(["bash", os.path.join(HERE, "train.sh")] + args, cwd=HERE,
+                                              env=dict(env, NODE_RANK=str(r)), stdout=f, stderr=subprocess.STDOUT))
+        deadline = time.time() + timeout
+        try:
+            while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+                if time.time() > deadline:
+                    break
+                time.sleep(0.5)
+        finally:
+            for pid in [q for p in procs if p.poll() is None for q in _process_tree(p.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for p in procs:
+                p.wait()
+        out = [open(os.path.join(logs, f"node{r}.log")).read() for r in (0, 1)]
+        if "address already in use" not in out[0].lower():
+            return [(p.returncode, o) for p, o in zip(procs, out)]
+    raise AssertionError(f"no free port in 3 tries:\n{out[0][-3000:]}")
 
 
 # ====================================================================================================

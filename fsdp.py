@@ -2,6 +2,7 @@
 
     rank, world, device = fsdp.init()        # `python` (one process) or `torchrun` (one process per GPU or CPU worker)
     model = fsdp.load_policy(path, ...)      # an HF checkpoint, fp32 master weights, sharded when world > 1
+                                             # (read by rank 0 only; the others receive their shards)
     with fsdp.gathered_weights(model): ...   # generation: every block's weights gathered once, not per token
     out = fsdp.shard_gather(items, fn)       # each rank runs fn on its share of items, every rank gets all, in order
     with fsdp.autocast(device, model): ...   # bf16 on one GPU (FSDP2 has its own mixed precision); fp32 on CPU
@@ -55,6 +56,13 @@ def world():
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's obj (anything picklable) on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce(t, op="sum"):
@@ -165,14 +173,27 @@ def load_policy(path, device, *, exact_fp32, grad_ckpt=False, compile=False, tru
     world > 1, whose mixed precision then computes in bf16), activation checkpointing / compiled blocks.
 
     exact_fp32=False (theta_0 from outside, --policy) loads in the dtype it is stored in ("auto": zephyr's bf16
-    weights are 14 GB per process in CPU memory, not 28; the cast to fp32 below is exact). exact_fp32=True (the
+    weights are 14 GB in CPU memory, not 28; the cast to fp32 below is exact). exact_fp32=True (the
     checkpoints the run writes) loads fp32 whatever config.json says (zephyr's says bfloat16): a bf16 round trip
     on resume would erase most of an iteration's update, since at lr 5e-7 a weight moves far less than bf16's
     spacing (2^-8 of its size).
+
+    Under torchrun one host copy of the weights: only rank 0 reads the checkpoint; every rank builds the model
+    on the meta device (no memory), shards it, and receives its shard from rank 0 (load_from_rank0). At 7B on
+    8 GPUs that is 14 GB of host memory for theta_0 (29 GB for a run's own fp32 checkpoint), not 8 times that.
     """
-    from transformers import AutoModelForCausalLM
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if exact_fp32 else "auto",
-                                             trust_remote_code=trust_remote_code)
+    from transformers import AutoConfig, AutoModelForCausalLM
+    dtype = torch.float32 if exact_fp32 else "auto"
+
+    def read():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if world() == 1:
+        m = read()
+    else:
+        # The architecture alone, on every rank: fp32 parameters with no memory behind them
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            m = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if grad_ckpt:
         # Recompute each decoder block's activations in backward (HF's activation checkpointing, per
         # block; it keeps FSDP2's hooks outside the checkpoint). HF turns the cache off in training only.
@@ -181,7 +202,36 @@ def load_policy(path, device, *, exact_fp32, grad_ckpt=False, compile=False, tru
         compile_blocks(m)
     if world() > 1:
         m = parallelize(m, device)
+        full = read() if rank() == 0 else None
+        load_from_rank0(m, full, device)
+        # What else from_pretrained sets, as rank 0 read it: config.dtype (under "auto" the stored dtype, not
+        # the build's fp32) and generation_config.json
+        m.config.dtype, m.generation_config = broadcast_object(
+            (full.config.dtype, full.generation_config) if full is not None else None)
     return m.to(device=device, dtype=torch.float32)
+
+
+def load_from_rank0(model, full, device):
+    """Fill `model`, FSDP2-sharded on the meta device, with the weights and buffers of `full`, the same
+    architecture loaded on rank 0 only (None on the other ranks).
+
+    PyTorch's own broadcast of a full state dict (set_model_state_dict, broadcast_from_rank0): one tensor at a
+    time, so another rank holds its shards plus one full tensor, never the model. A stored bf16 weight goes
+    into its fp32 shard by an exact cast. Buffers are not sharded, and those left out of a state dict (rotary
+    inv_freq: non-persistent) would keep to_empty's garbage, so every buffer is rank 0's, broadcast. Tied
+    weights (lm_head = embeddings) stay one parameter: to_empty and the load fill it in place.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    model.to_empty(device=device)
+    state_dict = full.state_dict() if rank() == 0 else {}
+    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True,
+                                                                     broadcast_from_rank0=True))
+    own = dict(full.named_buffers()) if rank() == 0 else {}
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if rank() == 0:
+                buf.copy_(own[name])
+            dist.broadcast(buf, src=0)
 
 
 class gathered_weights:

@@ -44,7 +44,8 @@ Equation / Algorithm 1 line -> tests
 Engineering
     the sampler (generate.py): KV cache vs the cache-free oracle generate_naive and vs HF generate, top-k / top-p,
         seeding, EOS, pad_sequences, one StaticCache shared across batches
-    FSDP2 / distributed: 2 processes == 1 process, weights gathered once per generate(), equal decode steps
+    FSDP2 / distributed: 2 processes == 1 process, one host copy of a checkpoint (rank 0 reads it), two nodes
+        (train.sh) == 1 process, weights gathered once per generate(), equal decode steps
     data (dataset.py): JSONL / UTF-8 errors with file:line (SFT and preference files), Parquet and hub data sets
         (file:row), JSONL as real data looks (BOM, gzip, system message, text parts), over-length records,
         one prompt format (the toy template's system turn), golden tokens after the prompt, the shipped data, a
@@ -122,6 +123,7 @@ from conftest import (
     _toy_tok,
     _toy_tok_dir,
     _train_sh,
+    _train_sh_two_nodes,
     _train_under_outer_autocast,
     _write,
     gen_gpt2,
@@ -130,6 +132,7 @@ from conftest import (
     generate_naive,
     save_mistral_tokenizer,
     save_tiny_gpt2,
+    save_tiny_mistral,
     synthetic_examples,
     tiny_guide,
     tiny_llama,
@@ -1158,6 +1161,119 @@ def test_fsdp2_two_processes_equal_one_process(tmp_path):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-4)
     assert any(not torch.equal(wa[k], before[k]) for k in wa)  # the update did move the weights
+
+
+# ----------------------------------------------------------------------------------------------------
+# one host copy of the weights: under torchrun only rank 0 reads a checkpoint, the others receive their shards
+# ----------------------------------------------------------------------------------------------------
+def _every_rank_reads(path, exact_fp32, grad_ckpt=False):
+    """fsdp.load_policy as it was before: every rank reads the whole checkpoint, then shards it."""
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if exact_fp32 else "auto")
+    if grad_ckpt:
+        m.activation_checkpointing_enable()
+    return fsdp.parallelize(m, torch.device("cpu")).to(dtype=torch.float32)
+
+
+def _differences(a, b):
+    """Where two FSDP2 models differ: this rank's shards and buffers (values, dtypes), names, configs, ties."""
+    sa, sb = a.state_dict(), b.state_dict()
+    out = [] if sa.keys() == sb.keys() else ["state_dict keys"]
+    for k in sa.keys() & sb.keys():
+        x, y = sa[k], sb[k]
+        if type(x) is not type(y) or x.dtype != y.dtype:
+            out.append(f"{k}: type or dtype")
+        elif not torch.equal(*(t.to_local() if hasattr(t, "to_local") else t for t in (x, y))):
+            out.append(k)
+    buffers_a, buffers_b = dict(a.named_buffers()), dict(b.named_buffers())
+    out += [f"buffer {k}" for k in buffers_b if k not in buffers_a or buffers_a[k].dtype != buffers_b[k].dtype
+            or not torch.equal(buffers_a[k], buffers_b[k])]
+    if [n for n, _ in a.named_parameters()] != [n for n, _ in b.named_parameters()]:
+        out.append("parameters")
+    if a.config.to_dict() != b.config.to_dict() or a.generation_config != b.generation_config:
+        out.append("config")
+    tied = [m.get_output_embeddings().weight is m.get_input_embeddings().weight for m in (a, b)]
+    return out + (["tied embeddings"] if tied[0] != tied[1] else [])
+
+
+def _one_host_copy_worker(rank, results, folder):
+    """Rank `rank`'s growth of peak host memory while fsdp.load_policy loads folder/policy, and the differences
+    of what it loaded from what every rank reading the checkpoint loads."""
+    import re
+    torch.set_num_threads(1)
+
+    def peak_mb():
+        # VmHWM: this process's peak resident memory (ru_maxrss would count the parent's from before exec too)
+        return int(re.search(r"VmHWM:\s*(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+
+    # The tiny bf16 Mistral first: its load pays the one-time costs (imports, the first DTensor and gloo calls)
+    cpu = torch.device("cpu")
+    small = fsdp.load_policy(os.path.join(folder, "mistral"), cpu, exact_fp32=False, grad_ckpt=True)
+    before = peak_mb()
+    policy = fsdp.load_policy(os.path.join(folder, "policy"), cpu, exact_fp32=True)
+    grown = peak_mb() - before
+    shard = sum(p.to_local().numel() * p.element_size() for p in policy.parameters()) / 2**20
+    results[rank] = dict(grown_mb=grown, shard_mb=shard, differ=_differences(
+        policy, _every_rank_reads(os.path.join(folder, "policy"), exact_fp32=True)) + _differences(
+        small, _every_rank_reads(os.path.join(folder, "mistral"), exact_fp32=False, grad_ckpt=True)))
+
+
+@pytest.mark.slow
+def test_only_rank_0_reads_the_checkpoint_into_host_memory(tmp_path):
+    """Under torchrun fsdp.load_policy reads a checkpoint on rank 0 only; rank 1 builds the model on the meta
+    device and receives its shards. A ~100 MB fp32 policy, as the run saves theta_t (tied embeddings, rotary
+    inv_freq: a buffer no state dict holds): rank 1's peak host memory grows by its own shard (half the model)
+    and a few MB, rank 0's by its shard and the whole model (it used to be both on every rank). Each rank's shards,
+    buffers and config equal those of every rank reading the checkpoint, as before; so do those of a bf16-stored
+    Mistral (an outside theta_0, cast to fp32) with activation checkpointing."""
+    import functools
+    policy = tiny_llama(vocab=2048, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                        num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)
+    policy.save_pretrained(tmp_path / "policy")
+    save_tiny_mistral(str(tmp_path / "mistral"), vocab_size=96)
+    model_mb = os.path.getsize(tmp_path / "policy" / "model.safetensors") / 2**20
+    assert 95 < model_mb < 110
+    results = _run_gloo(functools.partial(_one_host_copy_worker, folder=str(tmp_path)))
+    print({rank: {k: round(v) for k, v in r.items() if k != "differ"} for rank, r in results.items()})
+    assert results[0]["differ"] == results[1]["differ"] == []
+    # Measured: rank 1 +57..63 MB (its 51 MB shard), rank 0 +153..154 MB; every rank reading the checkpoint
+    # (the loading before): +126 MB on rank 1
+    assert results[1]["grown_mb"] - results[1]["shard_mb"] < 0.3 * model_mb
+    assert results[1]["grown_mb"] < 0.8 * model_mb
+    assert results[0]["grown_mb"] - results[0]["shard_mb"] > 0.9 * model_mb
+
+
+# ----------------------------------------------------------------------------------------------------
+# several nodes: train.sh passes NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT to torchrun
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_nodes_get_what_one_process_gets(tmp_path):
+    """train.sh on two nodes, both this host (_train_sh_two_nodes: two torchrun launchers, NNODES=2, NODE_RANK 0
+    and 1, one process each): the minimal run of one process, as one process makes it. theta_0's samples are the
+    same bytes (global sampling batches), and so are the steps and evaluations; S within the rounding of a guide
+    trained on two ranks (its one Adam step moves every weight by about +-lr, and a gradient of ~0 may flip)."""
+    data = _minimal_data(tmp_path)
+    args = ["--data", data] + MINIMAL_RUN + ["--T", "1"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _run(["--out", one] + args)
+    nodes = _train_sh_two_nodes(["tiny", "--out", two] + args, str(tmp_path), timeout=240)
+    for rank, (status, out) in enumerate(nodes):
+        assert status == 0, f"node {rank}:\n{out[-3000:]}"
+    assert "2 process(es)" in nodes[0][1]
+    assert open(os.path.join(one, "iter0", "samples.jsonl"), "rb").read() == \
+        open(os.path.join(two, "iter0", "samples.jsonl"), "rb").read()
+    rows = [_read_jsonl(os.path.join(out, "ldalign", "metrics.jsonl")) for out in (one, two)]
+    assert [(r["iter"], r["steps"], r["exact_match"]) for r in rows[0]] == \
+        [(r["iter"], r["steps"], r["exact_match"]) for r in rows[1]]
+    assert rows[1][1]["S"] == pytest.approx(rows[0][1]["S"], rel=0.05)
+    assert rows[1][1]["loss"] == pytest.approx(rows[0][1]["loss"], abs=1e-5)
+
+
+def test_train_sh_two_nodes_need_node_rank_and_master_addr():
+    """NNODES > 1 without NODE_RANK (every node would be node 0) or MASTER_ADDR: one line, before torchrun."""
+    for env in ({"NNODES": "2", "MASTER_ADDR": "10.0.0.1"}, {"NNODES": "2", "NODE_RANK": "1"}):
+        p = _train_sh(["tiny"], env, timeout=60)
+        assert p.returncode == 2 and p.stderr.startswith("NNODES=2 needs NODE_RANK (0 .. 1"), p.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------------

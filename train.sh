@@ -8,6 +8,8 @@
 #   bash train.sh seeds           # the compare run for SEEDS seeds (default 5): means with 95% intervals (~40 min)
 #   NPROC=2 bash train.sh tiny    # the toy run on 2 processes (FSDP2 over gloo on CPU)
 #   bash train.sh paper --T 2 --out runs/paper2    # extra --key value pairs are passed to ldalign.py
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 bash train.sh paper --out /shared/runs/paper
+#                                 # on each of 2 nodes (NODE_RANK 1 on the other; README, "Several nodes")
 #
 # A rerun with the same --out resumes after the last finished stage.
 set -euo pipefail
@@ -15,13 +17,36 @@ cd "$(dirname "$0")"
 PRESET="${1:-tiny}"
 shift || true
 
-# torchrun ldalign.py "$@", one process per GPU (or per CPU worker); the script itself calls fully_shard when
-# WORLD_SIZE > 1. A mistake in the settings or the input (ldalign.py's one-line "error: ...", exit status 2) is
-# printed last, after torchrun's own failure report.
+# How torchrun's processes find each other. One node: --standalone (a free port on this host). Several: the
+# variables that are set among NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT, the same on every node but
+# NODE_RANK (0 .. NNODES-1); or RDZV_ENDPOINT=host:port (torchrun's c10d rendezvous: no NODE_RANK, the nodes
+# may start in any order; RDZV_ID names the job). Every node needs --out on a filesystem that all of them see.
+RENDEZVOUS=(--standalone)
+if [ -n "${RDZV_ENDPOINT:-}" ]; then
+  RENDEZVOUS=(--nnodes="${NNODES:-1}" --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT"
+              --rdzv_id="${RDZV_ID:-ldalign}")
+elif [ -n "${NNODES:-}${NODE_RANK:-}${MASTER_ADDR:-}${MASTER_PORT:-}" ]; then
+  if [ "${NNODES:-1}" != 1 ] && { [ -z "${NODE_RANK:-}" ] || [ -z "${MASTER_ADDR:-}" ]; }; then
+    echo "NNODES=$NNODES needs NODE_RANK (0 .. $((NNODES - 1)), one per node) and MASTER_ADDR (node 0's" \
+         "address) on every node, or RDZV_ENDPOINT=host:port" >&2
+    exit 2
+  fi
+  # each one that is set, as torchrun's option of the same name (NODE_RANK -> --node_rank)
+  RENDEZVOUS=()
+  for v in NNODES NODE_RANK MASTER_ADDR MASTER_PORT; do
+    if [ -n "${!v:-}" ]; then
+      RENDEZVOUS+=("--${v,,}=${!v}")
+    fi
+  done
+fi
+
+# torchrun ldalign.py "$@", NPROC processes per node, one per GPU (or per CPU worker); the script itself calls
+# fully_shard when WORLD_SIZE > 1. A mistake in the settings or the input (ldalign.py's one-line "error: ...",
+# exit status 2) is printed last, after torchrun's own failure report, by the node of global rank 0.
 launch() {
   local err status=0
   err="$(mktemp)"
-  LDALIGN_ERROR_FILE="$err" torchrun --standalone --nproc_per_node="$NPROC" ldalign.py "$@" || status=$?
+  LDALIGN_ERROR_FILE="$err" torchrun "${RENDEZVOUS[@]}" --nproc_per_node="$NPROC" ldalign.py "$@" || status=$?
   if [ -s "$err" ]; then
     cat "$err" >&2
     status=2

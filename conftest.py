@@ -1,7 +1,7 @@
 """Fixture builders and shared helpers of test_ldalign.py (CPU, tiny models built from configs, no downloads).
 
 test_ldalign.py imports what it uses by name (`from conftest import tiny_llama, ...`); pytest finds the fixtures
-(trained, uninterrupted, paper_inputs, one_process_run, two_process_run) here by itself.
+(trained, tiny_run, uninterrupted, paper_inputs, one_process_run, two_process_run) here by itself.
 
     tiny models            tiny_llama; the sampler's models gen_llama / gen_gpt2 (MODELS), gen_prompts, ScriptedLM
                            (a fake LM with a known greedy output), generate_naive (the cache-free oracle)
@@ -10,7 +10,8 @@ test_ldalign.py imports what it uses by name (`from conftest import tiny_llama, 
     the toy task's data    _write, GOOD (a good JSONL record), _toy_tok, _toy_tok_dir
     reward models          _tiny_reward_model (for ldalign.py), the RM_* pairs, tiny DeBERTa-v2 / GPT-2
                            classifiers and their tokenizers, _by_hand (one pair through the model's own forward)
-    running ldalign.py     TINY_RUN, _run, _check_run_folder, the `uninterrupted` fixture; _cli_start / _cli_wait /
+    running ldalign.py     TINY_RUN, _run, _check_run_folder, the `tiny_run` and `uninterrupted` fixtures,
+                           _check_same_stages (a 2-process run against 1); _cli_start / _cli_wait /
                            _cli (a user's command line, exit status not checked); _train_sh; _train_sh_two_nodes
                            (two torchrun launchers on this host, as two nodes)
     the paper path         UltraChat / UltraFeedback-like records (QA), trained tokenizers (Mistral-like with
@@ -141,11 +142,11 @@ class ScriptedLM(torch.nn.Module):
 G_PAD, G_EOS = 0, 3
 
 
-def tiny_config():
+def tiny_config(dropout=0.0):
     # bos/eos set inside the tiny vocab (transformers 5 warns about the default 50256 otherwise); no dropout so
-    # the tiny runs are deterministic and converge fast.
+    # the tiny runs are deterministic and converge fast (dropout=0.1, GPT-2's own: train_guide must turn it off).
     return GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=G_EOS,
-                      eos_token_id=G_EOS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                      eos_token_id=G_EOS, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
 
 
 def tiny_guide(seed=0, latent_dim=8):
@@ -344,11 +345,59 @@ def _check_run_folder(out, T=2, method="ldalign"):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """theta_T's weights of a toy run that nothing stopped: what a killed run must resume to."""
+def tiny_run(tmp_path_factory):
+    """The folder of a toy run (TINY_RUN) in one process that nothing stopped; tests only read it."""
     out = str(tmp_path_factory.mktemp("full") / "run")
     _run(["--out", out] + TINY_RUN)
-    return _check_run_folder(out).state_dict()
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_run):
+    """theta_T's weights of a toy run that nothing stopped: what a killed run must resume to."""
+    return _check_run_folder(tiny_run).state_dict()
+
+
+def _check_same_stages(one, two, T, method="ldalign"):
+    """The run folder `two` (2 processes) against `one` (1 process) of the same settings: the guide (line 4) and the
+    distances s_i and S (lines 8-9) agree to float round-off. A stage compares only where its inputs are the same:
+    s_i where the pair's y' is, S where every y' is (a sampled token can flip under round-off in the policy that
+    samples it). Returns the largest differences: guide weights (abs), s (rel), S (rel)."""
+    from safetensors.torch import load_file
+
+    def rows(run, rel):
+        return _read_jsonl(os.path.join(run, rel))
+    # lines 1-3: theta_0's samples, every later stage's input
+    assert rows(one, "iter0/samples.jsonl") == rows(two, "iter0/samples.jsonl")
+    # line 4: the guide's weights
+    gdiff = 0.0
+    for part in ("encoder/model.safetensors", "decoder/model.safetensors", "latent.safetensors"):
+        a, b = (load_file(os.path.join(run, "guide", part)) for run in (one, two))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=lambda m: f"guide {part} {k}: {m}")
+            gdiff = max(gdiff, (a[k] - b[k]).abs().max().item())
+    # lines 8-9: s_i and S of every iteration; iteration 1 reuses theta_0's samples (lines 2 and 7)
+    sdiff, Sdiff = 0.0, []
+    for t in range(1, T + 1):
+        it = os.path.join(method, f"iter{t}")
+        samples = os.path.join(it, "samples.jsonl")
+        samples = samples if os.path.exists(os.path.join(one, samples)) else "iter0/samples.jsonl"
+        ya, yb = ([r["y_prime_ids"] for r in rows(run, samples)] for run in (one, two))
+        da, db = rows(one, os.path.join(it, "distances.jsonl")), rows(two, os.path.join(it, "distances.jsonl"))
+        assert [r["where"] for r in da] == [r["where"] for r in db] and len(ya) == len(da)
+        for y1, y2, r1, r2 in zip(ya, yb, da, db):
+            if y1 == y2:
+                assert r2["s"] == pytest.approx(r1["s"], rel=1e-5, abs=1e-6), (t, r1["where"])
+                sdiff = max(sdiff, abs(r1["s"] - r2["s"]) / max(r1["s"], 1e-6))
+        S1, S2 = (json.load(open(os.path.join(run, it, "distances.json")))["S"] for run in (one, two))
+        if ya == yb:
+            assert S2 == pytest.approx(S1, rel=1e-5), t
+            Sdiff.append(abs(S1 - S2) / S1)
+    assert Sdiff, "no iteration with the same y' in both runs: nothing compared"
+    print(f"[1 vs 2 processes] guide weights {gdiff:.2g} (max abs), s {sdiff:.2g} (max rel), "
+          f"S {Sdiff} (rel, per iteration with the same y')", flush=True)
+    return gdiff, sdiff, Sdiff
 
 
 def _cli_start(args, env_extra=None):

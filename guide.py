@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import dpo
 import fsdp
 from generate import pad_sequences
 from rundir import atomic_path
@@ -167,15 +168,31 @@ def train_guide(guide, examples, *, epochs, batch_size, lr, pad_id, seed, device
     two kinds of rows. The optimised loss is the per-token mean NLL over response tokens in the
     batch (sum NLL / #tokens), i.e. Eq. 2 up to length normalisation, so long responses do not
     dominate the step size.
-    `examples` is this rank's shard; the caller makes shards equal-size (same #steps on every
-    rank). If the guide is wrapped with FSDP2 fully_shard (the whole GuideModel as root, so
-    wte/from_latent are unsharded inside forward), gradients are averaged across ranks by FSDP
-    itself; nothing distributed happens here.
-    The guide must already be on `device`. Returns one metrics dict per optimiser step."""
+
+    N processes train the guide that 1 process trains (up to float round-off):
+    - `examples` is the whole list, the same on every rank, and batch_size is the GLOBAL batch.
+      The batches are the update's (dpo.global_batches): one permutation of all examples per epoch,
+      each global batch split between ranks (rank r takes every world-th row), an epoch's last
+      batch filled up with rows of weight 0. Every rank thus runs the same number of forward calls
+      (FSDP2's collectives hang otherwise), and the schedule has the same steps for any world.
+    - Each rank divides its NLL sum by the token count of the whole global batch (all-reduced);
+      FSDP2 (the whole GuideModel as root, so wte/from_latent are unsharded inside forward)
+      averages the gradients over ranks, so the loss is multiplied by world: the gradient is that
+      of the global batch's per-token mean.
+    - Dropout is off (as in the update, dpo.disable_dropout). Its masks are drawn from each
+      process's own random stream, in the shape of that process's rows, so 2 processes could
+      never drop what 1 process drops; GPT-2 checkpoints come with dropout 0.1.
+    The guide must already be on `device` (FSDP2-wrapped when world > 1, as place() does).
+    Returns one metrics dict per optimiser step."""
+    world, rank = fsdp.world(), fsdp.rank()
+    if world > 1 and not fsdp.is_fsdp(guide):
+        raise ValueError("train_guide in several processes needs an FSDP2-wrapped guide "
+                         "(guide.place): nothing else averages the gradients over ranks")
+    dpo.disable_dropout(guide)
     guide.train()
-    n = len(examples)
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
+    batches = dpo.global_batches(len(examples), batch_size, epochs, seed, world)
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
+    total = len(batches)
     warmup = max(1, int(warmup_frac * total))
     params = [p for p in guide.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -186,29 +203,34 @@ def train_guide(guide, examples, *, epochs, batch_size, lr, pad_id, seed, device
         return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    history, step = [], 0
-    for epoch in range(epochs):
-        g = torch.Generator().manual_seed(seed + epoch)  # reproducible, different order every epoch
-        perm = torch.randperm(n, generator=g).tolist()
-        for b in range(0, n, batch_size):
-            batch = collate_guide([examples[i] for i in perm[b:b + batch_size]], pad_id)
-            batch = _to(batch, device)
-            with fsdp.autocast(device, guide):
-                nll_sum, n_tok = guide(**batch)  # (B,), (B,)
-            loss = nll_sum.sum() / n_tok.sum().clamp(min=1.0)  # per-token mean NLL: Eq. 2 as optimised
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(guide.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            rec = {"step": step, "epoch": epoch, "loss": loss.item(),
-                   "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
-                   "n_tokens": int(n_tok.sum().item())}
-            history.append(rec)
-            if log_fn is not None and (step % log_every == 0 or step == 1 or step == total):
-                log_fn(f"[guide] step {step}/{total} epoch {epoch} loss {rec['loss']:.4f} "
-                       f"lr {rec['lr']:.2e}")
+    history = []
+    for step, (idx, valid) in enumerate(batches, 1):
+        # this rank's share of the global batch; fill-up rows weigh 0
+        local_idx, local_valid = idx[rank::world], valid[rank::world]
+        batch = _to(collate_guide([examples[i] for i in local_idx], pad_id), device)
+        v = torch.tensor(local_valid, dtype=torch.float32, device=device)  # (b,)
+        with fsdp.autocast(device, guide):
+            nll_sum, n_tok = guide(**batch)  # (b,), (b,)
+        nll_sum, n_tok = (nll_sum * v).sum(), (n_tok * v).sum()
+        # NLL sum and token count of the GLOBAL batch, on every rank
+        tot = fsdp.all_reduce(torch.stack([nll_sum.detach(), n_tok]))
+        # per-token mean NLL: Eq. 2 as optimised (this rank's share of it)
+        loss = nll_sum / tot[1].clamp(min=1.0)
+        opt.zero_grad(set_to_none=True)
+        (loss * world).backward()  # FSDP2 divides by world again: the global per-token mean
+        gnorm = torch.nn.utils.clip_grad_norm_(guide.parameters(), 1.0)
+        # a DTensor under FSDP2
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+        opt.step()
+        sched.step()
+        rec = {"step": step, "epoch": (step - 1) // steps_per_epoch,
+               "loss": (tot[0] / tot[1].clamp(min=1.0)).item(),
+               "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
+               "n_tokens": int(tot[1].item())}
+        history.append(rec)
+        if log_fn is not None and (step % log_every == 0 or step == 1 or step == total):
+            log_fn(f"[guide] step {step}/{total} epoch {rec['epoch']} loss {rec['loss']:.4f} "
+                   f"lr {rec['lr']:.2e}")
     return history
 
 
@@ -302,8 +324,8 @@ def place(guide, device):
 
 def fit(src, triples, cfg, pad_id, device, log):
     """Algorithm 1, line 4: a new guide (build_guide(src)) trained with Eq. 2 on golden (x, y) AND
-    generated (x, y') pairs, triples = [(x, y, y')] in the guide's tokens; each rank trains on its
-    share with its share of the global batch --guide_batch_size (FSDP2 averages the gradients).
+    generated (x, y') pairs, triples = [(x, y, y')] in the guide's tokens, in global batches of
+    --guide_batch_size split between ranks (train_guide: N processes train what 1 trains).
     Then the diagnostic: does the decoder use h? (guide.diagnostics, saved with the guide)."""
     log("[Algorithm 1, line 4] training the guide T = (phi, psi) on golden and generated responses "
         "(Eq. 2)")
@@ -312,12 +334,10 @@ def fit(src, triples, cfg, pad_id, device, log):
     guide = place(build_guide(src, cfg["latent_dim"]), device)
     # the y rows, then the y' rows
     examples = [(gx, gy) for gx, gy, _ in triples] + [(gx, gyp) for gx, _, gyp in triples]
-    # the same steps whatever the world size
-    idx, _ = fsdp.shard_indices(len(examples), fsdp.rank(), fsdp.world())
-    train_guide(guide, [examples[i] for i in idx], epochs=cfg["guide_epochs"],
-                batch_size=cfg["guide_batch_size"] // fsdp.world(), lr=cfg["guide_lr"], pad_id=pad_id,
-                seed=cfg["seed"], device=device, log_every=cfg["log_every"] * 5,
-                log_fn=lambda m: log("  " + m))
+    # every rank gets all examples and the global batch size: the steps of one process
+    train_guide(guide, examples, epochs=cfg["guide_epochs"], batch_size=cfg["guide_batch_size"],
+                lr=cfg["guide_lr"], pad_id=pad_id, seed=cfg["seed"], device=device,
+                log_every=cfg["log_every"] * 5, log_fn=lambda m: log("  " + m))
     # Reconstruct (training) examples with the true latent, another example's, and (for pairs with
     # y' != y) the same prompt's other response's: that last gap is what s_phi can see.
     differ = [i for i, (_, gy, gyp) in enumerate(triples) if gy != gyp]

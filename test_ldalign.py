@@ -14,7 +14,8 @@ Equation / Algorithm 1 line -> tests
         test_sequence_logps_skips_shared_prompt_columns, test_collate_masks_prompt_and_padding
     Eq. 2, the guide T = (phi, psi) (Algorithm 1, line 4)
         test_guide_loss_decreases, test_decoder_uses_latent, test_recon_nll_matches_hand_computation,
-        test_same_prompt_latent_diagnostic, test_save_load_roundtrip
+        test_same_prompt_latent_diagnostic, test_save_load_roundtrip;
+        slow: test_two_processes_train_the_guide_one_process_trains
     Algorithm 1, line 8: s_phi(x, y, y') = ||phi(x, y) - phi(x, y')||_2
         test_latent_distances, test_guide_sees_eos_only_after_a_finished_sample
     Algorithm 1, line 9: S = mean s, the weights s/S
@@ -44,8 +45,9 @@ Equation / Algorithm 1 line -> tests
 Engineering
     the sampler (generate.py): KV cache vs the cache-free oracle generate_naive and vs HF generate, top-k / top-p,
         seeding, EOS, pad_sequences, one StaticCache shared across batches
-    FSDP2 / distributed: 2 processes == 1 process, one host copy of a checkpoint (rank 0 reads it), two nodes
-        (train.sh) == 1 process, weights gathered once per generate(), equal decode steps
+    FSDP2 / distributed: 2 processes == 1 process (the update, sampling, the guide and its s), one host copy of a
+        checkpoint (rank 0 reads it), two nodes (train.sh) == 1 process, weights gathered once per generate(), equal
+        decode steps
     data (dataset.py): JSONL / UTF-8 errors with file:line (SFT and preference files), Parquet and hub data sets
         (file:row), JSONL as real data looks (BOM, gzip, system message, text parts), over-length records,
         one prompt format (the toy template's system turn), golden tokens after the prompt, the shipped data, a
@@ -82,6 +84,7 @@ import dataset
 import dpo
 import fsdp
 import generate as generate_module
+import guide as guide_lib
 import ldalign
 import rundir
 import stages
@@ -107,6 +110,7 @@ from conftest import (
     _check_dpo_reference_uses_template_tokens,
     _check_paper_run,
     _check_run_folder,
+    _check_same_stages,
     _cli,
     _cli_start,
     _cli_wait,
@@ -134,6 +138,7 @@ from conftest import (
     save_tiny_gpt2,
     save_tiny_mistral,
     synthetic_examples,
+    tiny_config,
     tiny_guide,
     tiny_llama,
 )
@@ -646,12 +651,29 @@ def test_end_to_end_tiny_run_then_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_end_to_end_two_processes_fsdp2(tmp_path):
-    """torchrun with 2 CPU processes: FSDP2 over gloo for SFT, sampling, guide, DPO and saving; no hang."""
+def test_end_to_end_two_processes_fsdp2(tmp_path, tiny_run):
+    """torchrun with 2 CPU processes: FSDP2 over gloo for SFT, sampling, guide, DPO and saving; no hang. Every stage
+    computes what the 1-process run's does: theta_0 (SFT), the samples, the guide, s and S (_check_same_stages)."""
+    from safetensors.torch import load_file
     out = str(tmp_path / "run2")
     log = _run(["--out", out] + TINY_RUN, nproc=2)
     assert "2 process(es)" in log
     _check_run_folder(out)
+    # Require: theta_0, SFT-ed in global batches (measured: 5e-6)
+    a, b = (load_file(os.path.join(run, "sft", "model.safetensors")) for run in (tiny_run, out))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4)
+    _check_same_stages(tiny_run, out, T=2)
+    # line 10: theta_t. From the same theta_0 the update agrees to 1e-5 of its step; here theta_0's round-off
+    # difference (above) grows through AdamW's first, sign-like steps: measured 0.6% and 1.4% of the step
+    prev = a  # the 1-process run's theta_{t-1}
+    for t in (1, 2):
+        one, two = (load_file(os.path.join(run, "ldalign", f"iter{t}", "policy", "model.safetensors"))
+                    for run in (tiny_run, out))
+        diff = math.sqrt(sum(((one[k] - two[k]) ** 2).sum().item() for k in one))
+        step = math.sqrt(sum(((one[k] - prev[k]) ** 2).sum().item() for k in one))
+        assert step > 0 and diff < 5e-2 * step, (t, diff, step)
+        prev = one
 
 
 @pytest.mark.slow
@@ -786,20 +808,26 @@ def test_paper_preset_one_process(one_process_run, paper_inputs):
 @pytest.mark.slow
 def test_paper_preset_two_processes_fsdp2(paper_inputs, one_process_run, two_process_run):
     """torchrun, 2 CPU processes: FSDP2 over gloo for the bf16-stored Mistral policy (sharded, then cast to fp32
-    master weights) and the GPT-2 guide. DPO on the fixed preference pairs samples nothing, so its theta_t must
-    match the one-process run's (the same update split over two ranks)."""
+    master weights) and the GPT-2 guide (dropout 0.1 in its config). Both runs start from the same theta_0, so
+    every stage must compute what the one-process run's does: the samples, the guide, s and S
+    (_check_same_stages), and theta_t of DPO (fixed preference pairs) and of LD-Align."""
     out, log = two_process_run
     assert "2 process(es)" in log and "##### method dpo" in log
     _check_paper_run(out, paper_inputs)
+    _check_same_stages(one_process_run[0], out, T=PAPER_T)
     from safetensors.torch import load_file
     theta0 = {k: v.float() for k, v in load_file(os.path.join(paper_inputs["policy"], "model.safetensors")).items()}
-    for t in range(1, PAPER_T + 1):
-        one = load_file(os.path.join(one_process_run[0], "dpo", f"iter{t}", "policy", "model.safetensors"))
-        two = load_file(os.path.join(out, "dpo", f"iter{t}", "policy", "model.safetensors"))
-        assert one.keys() == two.keys() == theta0.keys()
-        diff = math.sqrt(sum(((one[k] - two[k]) ** 2).sum().item() for k in one))
-        step = math.sqrt(sum(((one[k] - theta0[k]) ** 2).sum().item() for k in one))
-        assert step > 0 and diff < 1e-2 * step, (t, diff, step)
+    for method in ("dpo", "ldalign"):
+        prev = theta0  # the 1-process run's theta_{t-1}
+        for t in range(1, PAPER_T + 1):
+            one = load_file(os.path.join(one_process_run[0], method, f"iter{t}", "policy", "model.safetensors"))
+            two = load_file(os.path.join(out, method, f"iter{t}", "policy", "model.safetensors"))
+            assert one.keys() == two.keys() == theta0.keys()
+            diff = math.sqrt(sum(((one[k] - two[k]) ** 2).sum().item() for k in one))
+            step = math.sqrt(sum(((one[k] - prev[k]) ** 2).sum().item() for k in one))
+            print(f"[1 vs 2 processes] {method} theta_{t}: {diff / step:.2g} of the step", flush=True)
+            assert step > 0 and diff < 1e-2 * step, (method, t, diff, step)
+            prev = one
 
 
 def test_compiled_decode_of_a_sliding_window_policy_compiles_once(paper_inputs, monkeypatch):
@@ -1377,6 +1405,64 @@ def test_distributed_same_number_of_steps():
     results = _run_gloo(_steps_worker)
     assert results[0] == ([[2]], 4)  # kept stepping (emitting pad, cut off on return) for rank 1
     assert results[1] == ([[10, 11, 12, 2]], 4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the guide (Algorithm 1, lines 4 and 8): 2 processes (FSDP2) train the guide 1 process trains, and give its s
+# ----------------------------------------------------------------------------------------------------
+# 2 epochs of batches of 8 over 2 x 13 rows of mixed lengths: each epoch's last batch is filled up with 6 rows of
+# weight 0, and the two ranks' halves of a batch hold different numbers of tokens
+GUIDE_CFG = dict(seed=3, latent_dim=8, guide_epochs=2, guide_batch_size=8, guide_lr=3e-3, log_every=1)
+
+
+def _guide_triples():
+    g = torch.Generator().manual_seed(5)
+
+    def ids(lo, hi):
+        return torch.randint(4, 64, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+    return [(ids(1, 6), ids(1, 8) + [G_EOS], ids(1, 8) + [G_EOS]) for _ in range(13)]
+
+
+def _fit_guide():
+    """guide.fit as Stages.guide calls it (FSDP2 when world > 1), from a GPT-2 config with dropout 0.1 (GPT-2's
+    own), then guide.distances (line 8). Returns the full weights (numpy), s, S and the diagnostics."""
+    cpu, triples = torch.device("cpu"), _guide_triples()
+    g = guide_lib.fit(tiny_config(dropout=0.1), triples, GUIDE_CFG, G_PAD, cpu, log=lambda m: None)
+    s = guide_lib.distances(guide_lib.freeze(g), triples, 4, G_PAD, cpu)
+    sd = fsdp.full_state_dict(g) if fsdp.is_fsdp(g) else g.state_dict()
+    return {k: v.detach().numpy().copy() for k, v in sd.items()}, s.tolist(), s.mean().item(), g.diagnostics
+
+
+def _guide_worker(rank, results):
+    torch.set_num_threads(1)
+    # an unwrapped guide in 2 processes would train each rank on its half of every batch: refused
+    with pytest.raises(ValueError, match="FSDP2"):
+        guide_lib.train_guide(tiny_guide(), [([1], [5, G_EOS])] * 4, epochs=1, batch_size=2, lr=1e-3, pad_id=G_PAD,
+                              seed=0, device="cpu")
+    out = _fit_guide()
+    if rank == 0:
+        results["two"] = out
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_guide_one_process_trains():
+    """The guide's batches are global (dpo.global_batches) and its loss is the global batch's per-token mean, with
+    dropout off: 2 processes (FSDP2) end with the weights of 1 process, and the same s, S and diagnostics, to float
+    round-off (measured: weights 1.5e-6 max abs, s 7e-7 and S 7e-8 relative)."""
+    results = _run_gloo(_guide_worker)
+    w1, s1, S1, d1 = _fit_guide()
+    w2, s2, S2, d2 = results["two"]
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        np.testing.assert_allclose(w2[k], w1[k], rtol=0, atol=1e-5, err_msg=k)
+    assert s2 == pytest.approx(s1, rel=1e-5, abs=1e-6)
+    assert S2 == pytest.approx(S1, rel=1e-5)
+    assert d2 == pytest.approx(d1, rel=1e-5)
+    # not vacuous: training moved the weights, and the pairs have different distances
+    torch.manual_seed(GUIDE_CFG["seed"])
+    init = guide_lib.build_guide(tiny_config(dropout=0.1), GUIDE_CFG["latent_dim"]).state_dict()
+    assert max(np.abs(w1[k] - init[k].numpy()).max() for k in w1) > 1e-3
+    assert len(set(s1)) == len(s1) and min(s1) > 0
 
 
 # ====================================================================================================

@@ -1278,8 +1278,8 @@ def test_only_rank_0_reads_the_checkpoint_into_host_memory(tmp_path):
 def test_two_nodes_get_what_one_process_gets(tmp_path):
     """train.sh on two nodes, both this host (_train_sh_two_nodes: two torchrun launchers, NNODES=2, NODE_RANK 0
     and 1, one process each): the minimal run of one process, as one process makes it. theta_0's samples are the
-    same bytes (global sampling batches), and so are the steps and evaluations; S within the rounding of a guide
-    trained on two ranks (its one Adam step moves every weight by about +-lr, and a gradient of ~0 may flip)."""
+    same bytes (global sampling batches), and so are the steps and evaluations; S and the loss agree to float
+    round-off (the guide trains on the global batches of one process, with their loss)."""
     data = _minimal_data(tmp_path)
     args = ["--data", data] + MINIMAL_RUN + ["--T", "1"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
@@ -1293,7 +1293,7 @@ def test_two_nodes_get_what_one_process_gets(tmp_path):
     rows = [_read_jsonl(os.path.join(out, "ldalign", "metrics.jsonl")) for out in (one, two)]
     assert [(r["iter"], r["steps"], r["exact_match"]) for r in rows[0]] == \
         [(r["iter"], r["steps"], r["exact_match"]) for r in rows[1]]
-    assert rows[1][1]["S"] == pytest.approx(rows[0][1]["S"], rel=0.05)
+    assert rows[1][1]["S"] == pytest.approx(rows[0][1]["S"], rel=1e-5)
     assert rows[1][1]["loss"] == pytest.approx(rows[0][1]["loss"], abs=1e-5)
 
 

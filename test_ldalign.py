@@ -1251,7 +1251,7 @@ def test_only_rank_0_reads_the_checkpoint_into_host_memory(tmp_path):
     """Under torchrun fsdp.load_policy reads a checkpoint on rank 0 only; rank 1 builds the model on the meta
     device and receives its shards. A ~100 MB fp32 policy, as the run saves theta_t (tied embeddings, rotary
     inv_freq: a buffer no state dict holds): rank 1's peak host memory grows by its own shard (half the model)
-    and a few MB, rank 0's by its shard and the whole model (it used to be both on every rank). Each rank's shards,
+    and a few MB, rank 0's by its shard and the whole model. Each rank's shards,
     buffers and config equal those of every rank reading the checkpoint, as before; so do those of a bf16-stored
     Mistral (an outside theta_0, cast to fp32) with activation checkpointing."""
     import functools

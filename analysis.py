@@ -31,10 +31,11 @@ from rundir import METHODS, atomic_path, read_jsonl, write_atomic
 
 
 # ==================================================================== Section 5.1.3: r = RM(x, y)
-def load_reward_model(path, *, device, trust_remote_code=False, dtype=None):
-    """Any HF sequence-classification checkpoint -> (model in eval mode on `device`, tokenizer).
+def load_reward_model(path, *, device, trust_remote_code=False, dtype=None, revision=None):
+    """Any HF sequence-classification checkpoint -> (model in eval mode on `device`, tokenizer), of a hub id
+    at `revision` (--reward_model_revision; None: the default branch).
     No code from the checkpoint is run unless trust_remote_code is asked for explicitly."""
-    kw = dict(trust_remote_code=trust_remote_code)
+    kw = dict(trust_remote_code=trust_remote_code, revision=revision)
     if os.path.isdir(path):  # a local folder: never fall back to the hub (this code must run offline)
         kw["local_files_only"] = True
     tok = AutoTokenizer.from_pretrained(path, **kw)

@@ -31,7 +31,7 @@ def load(cfg, run):
     tiny = cfg["policy"] == "tiny"
     for option in ("policy", "guide", "reward_model"):  # a wrong path fails now, naming the option
         if cfg[option] and cfg[option] != "tiny":
-            check_model_source(option, cfg[option])
+            check_model_source(option, cfg[option], cfg.get(f"{option}_revision"))
     records = load_sft_jsonl(cfg["data"], 0 if tiny else cfg["max_examples"])
     eval_records = load_sft_jsonl(cfg["eval_data"], cfg["max_eval"], "--eval_data") if cfg["eval_data"] else []
     if tiny:  # the embedded default: a BPE trained on the shipped data, stored in the run folder, read from there
@@ -41,15 +41,17 @@ def load(cfg, run):
                    save=_save_tokenizer, load=lambda path: None)
         tok = AutoTokenizer.from_pretrained(run.path("tokenizer"))
     else:
-        tok = AutoTokenizer.from_pretrained(cfg["policy"], trust_remote_code=cfg["trust_remote_code"])
+        tok = AutoTokenizer.from_pretrained(cfg["policy"], trust_remote_code=cfg["trust_remote_code"],
+                                            revision=cfg.get("policy_revision") or None)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding is masked everywhere; any id will do
     if cfg["guide"] == "tiny":  # the toy guide reads the toy tokenizer's ids
         gtok, guide_src = tok, tiny_guide_config(tok, n_positions=2 * cfg["max_len"])
         cfg["guide_max_len"] = guide_src.n_positions
     else:
-        gtok, guide_src = AutoTokenizer.from_pretrained(cfg["guide"]), cfg["guide"]
-        cfg["guide_max_len"] = GPT2Config.from_pretrained(cfg["guide"]).n_positions
+        revision = cfg.get("guide_revision") or None
+        gtok, guide_src = AutoTokenizer.from_pretrained(cfg["guide"], revision=revision), cfg["guide"]
+        cfg["guide_max_len"] = GPT2Config.from_pretrained(cfg["guide"], revision=revision).n_positions
     D, skipped = tokenize_data(records, tok, gtok, cfg, run.log)
     held_out, eval_skipped = tokenize_data(eval_records, tok, gtok, cfg, run.log, held_out=True) if eval_records \
         else ([], [])
@@ -66,9 +68,10 @@ def load(cfg, run):
                            guide_src=guide_src)
 
 
-def check_model_source(option, name):
+def check_model_source(option, name, revision=None):
     """--policy / --guide / --reward_model: an HF checkpoint folder, or a hub id ("gpt2", "org/model") that is in
-    the Hugging Face cache or can be downloaded. Raises UserError naming the option and how `name` was read."""
+    the Hugging Face cache or can be downloaded, at `revision` (--<option>_revision; None: the default branch).
+    Raises UserError naming the option and how `name` was read."""
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise UserError(f"--{option} {name}: a folder without config.json, not a Hugging Face checkpoint folder")
@@ -80,9 +83,10 @@ def check_model_source(option, name):
             or os.sep != "/" and os.sep in name):
         raise UserError(f"--{option} {name}: no such folder (read as a local path; a hub id looks like 'org/model')")
     from huggingface_hub import constants, try_to_load_from_cache
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision or None), str):
         return  # downloaded before
-    where = f"--{option} {name}: not a local folder, and not in the Hugging Face cache"
+    at = f" at revision {revision}" if revision else ""
+    where = f"--{option} {name}: not a local folder, and not in the Hugging Face cache{at}"
     if constants.HF_HUB_OFFLINE:
         raise UserError(f"{where}; HF_HUB_OFFLINE is set, so nothing is downloaded "
                         "(download it first, or give its folder)")
@@ -96,7 +100,7 @@ def check_model_source(option, name):
                         "download it first, or give its folder") from None
     from huggingface_hub import hf_hub_download
     try:
-        hf_hub_download(name, "config.json")
+        hf_hub_download(name, "config.json", revision=revision or None)
     except Exception as e:  # noqa: BLE001 (not found, gated, no access, ...: the hub's own words)
         raise UserError(f"{where}, and the hub says: {str(e).splitlines()[0]}") from None
 

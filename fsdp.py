@@ -168,7 +168,8 @@ def compile_blocks(model):
         m.compile()
 
 
-def load_policy(path, device, *, exact_fp32, grad_ckpt=False, compile=False, trust_remote_code=False):
+def load_policy(path, device, *, exact_fp32, grad_ckpt=False, compile=False, trust_remote_code=False,
+                revision=None):
     """A policy checkpoint, ready to sample and train: fp32 master weights on `device` (FSDP2-sharded when
     world > 1, whose mixed precision then computes in bf16), activation checkpointing / compiled blocks.
 
@@ -181,17 +182,19 @@ def load_policy(path, device, *, exact_fp32, grad_ckpt=False, compile=False, tru
     Under torchrun one host copy of the weights: only rank 0 reads the checkpoint; every rank builds the model
     on the meta device (no memory), shards it, and receives its shard from rank 0 (load_from_rank0). At 7B on
     8 GPUs that is 14 GB of host memory for theta_0 (29 GB for a run's own fp32 checkpoint), not 8 times that.
+    revision: the hub revision of a hub id `path` (--policy_revision; None: the default branch).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     dtype = torch.float32 if exact_fp32 else "auto"
 
     def read():
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                    revision=revision)
     if world() == 1:
         m = read()
     else:
         # The architecture alone, on every rank: fp32 parameters with no memory behind them
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
         with torch.device("meta"):
             m = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if grad_ckpt:

@@ -99,14 +99,15 @@ class GuideModel(nn.Module):
 
 
 # ==================================================================== build / save / load
-def build_guide(model_name_or_config, latent_dim) -> GuideModel:
-    """str/path -> both encoder and decoder start from the same pre-trained GPT-2 (as in the paper);
+def build_guide(model_name_or_config, latent_dim, revision=None) -> GuideModel:
+    """str/path -> both encoder and decoder start from the same pre-trained GPT-2 (as in the paper),
+    at hub revision `revision` (--guide_revision; None: the default branch);
     GPT2Config -> two independently randomly initialised GPT-2s (tiny tests)."""
     if isinstance(model_name_or_config, GPT2Config):
         enc, dec = GPT2LMHeadModel(model_name_or_config), GPT2LMHeadModel(model_name_or_config)
     else:
-        enc = GPT2LMHeadModel.from_pretrained(model_name_or_config)
-        dec = GPT2LMHeadModel.from_pretrained(model_name_or_config)
+        enc = GPT2LMHeadModel.from_pretrained(model_name_or_config, revision=revision)
+        dec = GPT2LMHeadModel.from_pretrained(model_name_or_config, revision=revision)
     return GuideModel(enc, dec, latent_dim)
 
 
@@ -331,7 +332,7 @@ def fit(src, triples, cfg, pad_id, device, log):
         "(Eq. 2)")
     # every rank builds the same initial weights (FSDP2 does not broadcast them)
     torch.manual_seed(cfg["seed"])
-    guide = place(build_guide(src, cfg["latent_dim"]), device)
+    guide = place(build_guide(src, cfg["latent_dim"], cfg.get("guide_revision") or None), device)
     # the y rows, then the y' rows
     examples = [(gx, gy) for gx, gy, _ in triples] + [(gx, gyp) for gx, _, gyp in triples]
     # every rank gets all examples and the global batch size: the steps of one process
@@ -358,13 +359,13 @@ def fit(src, triples, cfg, pad_id, device, log):
     return guide
 
 
-def save_gathered(guide, path, src):
+def save_gathered(guide, path, src, revision=None):
     """save_guide by rank 0; under FSDP2 every rank joins the gather of the full state dict, which
-    rank 0 loads into a plain, unsharded copy (build_guide(src)) to save."""
+    rank 0 loads into a plain, unsharded copy (build_guide(src, revision)) to save."""
     sd, plain = fsdp.full_state_dict(guide), guide
     if fsdp.rank() == 0:
         if sd is not None:
-            plain = build_guide(src, guide.latent_dim)
+            plain = build_guide(src, guide.latent_dim, revision)
             plain.load_state_dict(sd)
             plain.diagnostics = guide.diagnostics
         save_guide(plain, path)

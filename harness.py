@@ -2,18 +2,20 @@
 
     bash train.sh eval runs/paper          # = python harness.py runs/paper: theta_0 and every theta_t of every method
     python harness.py runs/paper --limit 100                  # the first 100 examples of each task (a quick look)
+    python harness.py runs/paper --chat_template true         # prompts through the tokenizer's chat template
     python harness.py RUN --tasks "Sort=toy_sort:0:exact_match,none" --include_path DIR   # your own task YAMLs
 
-Writes RUN/table1.md (the paper's layout: a row per model, a column per benchmark, AVG = the mean relative
-improvement over the SFT model theta_0, as the paper's 4.56% for SPIN) and RUN/table1.json (every score, and
-each model's answers of generation tasks). lm-eval is an optional extra: `pip install -r requirements-extra.txt`
-(a clear error says so when it is missing); nothing else in the project needs it.
+Writes RUN/table1.md (lm-eval's version and each column's task, shots, metric and template, then the paper's
+layout: a row per model, a column per benchmark, AVG = the mean relative improvement over the SFT model theta_0, as
+the paper's 4.56% for SPIN) and RUN/table1.json (every score, every metric lm-eval reported, and each model's
+answers of generation tasks). lm-eval is an optional extra: `pip install -r requirements-extra.txt` (a clear error
+says so when it is missing); nothing else in the project needs it.
 
-The models are scored as they were trained and sampled: through their tokenizer's chat template
-(apply_chat_template, few-shot examples as earlier turns), in fp32 on the CPU or bf16 on a GPU, greedy.
-Few-shot settings (the paper gives none): the Open LLM Leaderboard's (v1), which SPIN reported with, where it has
-the task: ARC-Challenge 25-shot, HellaSwag 10-shot, TruthfulQA 0-shot (mc2); GSM8k as the paper's "CoT" task
-gsm8k_cot, with its own 8 chain-of-thought exemplars; PIQA, OpenBookQA and MuTual, not on the leaderboard, 0-shot.
+The models are scored in fp32 on the CPU or bf16 on a GPU, greedy, theta_0 at --policy_revision. The paper gives no
+evaluation settings; TABLE1 below holds the ones whose published numbers come closest to its Zephyr-sft row, plain
+prompts (lm-eval's own task format, no chat template) as the Open LLM Leaderboard (v1) and the Mistral 7B paper
+scored. --chat_template true puts every prompt through the tokenizer's chat template (apply_chat_template, few-shot
+examples as earlier turns), as the models were trained and sampled.
 """
 import json
 import os
@@ -22,12 +24,48 @@ import sys
 from cli import UserError, report_errors
 from rundir import METHODS, first_unsaved, policy_path, read_json, write_atomic
 
+# ----------------------------------------------------------------------------------------------------
+# Table 1's columns: the settings that reproduce its Zephyr-sft (theta_0) row, column by column
+# ----------------------------------------------------------------------------------------------------
+# The row to reproduce: TruthfulQA 43.7, PIQA 82.1, HellaSwag 62.1, ARC 55.7, OpenbookQA 30.8, GSM8k 44.4,
+# MuTual 63.5 (zephyr-7b-sft-full = Mistral-7B-v0.1 SFT-ed on UltraChat 200k). The evidence, per column:
+#
+# TruthfulQA 43.7: truthfulqa_mc2, 0-shot, no template. STRONG. SPIN (arXiv 2401.01335, Table 1, the Open LLM
+#   Leaderboard v1: lm-eval, no chat template) reports zephyr-7b-sft-full TruthfulQA 43.73 (mc2, 0-shot); the
+#   paper's 43.7 is that number. lm-eval reports mc2 as "acc".
+# HellaSwag 62.1: hellaswag, 0-shot, acc (not acc_norm). GOOD. Mistral-7B-class models score about 81-85 in
+#   acc_norm whatever the shots: the leaderboard's 10-shot acc_norm is 82.85 for zephyr-7b-sft-full (SPIN, Table 1),
+#   the Mistral 7B paper (arXiv 2310.06825, Table 2) gives 81.3 0-shot, Mistral-7B-v0.1's model card 81.19%. Only
+#   0-shot acc falls near 62: zephyr-7b-gemma's card (huggingface.co/HuggingFaceH4/zephyr-7b-gemma-v0.1, "GPT4All":
+#   lm-eval 0-shot) has acc 60.59 vs acc_norm 78.00 (10-shot acc_norm 83.48 on its leaderboard entry), and a 7B model
+#   at Mistral's level (github.com/saucam/model_evals, Nereus-7B/nous/gpt4all.json, lm-eval 0-shot; a merge whose
+#   base is not named there; "Nereus" below) acc 62.76 vs acc_norm 81.26.
+# OpenbookQA 30.8: openbookqa, 0-shot, acc (not acc_norm). FAIR. Nereus: acc 33.80, acc_norm 45.00; no published
+#   OpenbookQA number of zephyr-7b-sft-full or Mistral-7B-v0.1 was found (the Mistral 7B paper folds it into an
+#   average). Only acc is near 30.8.
+# PIQA 82.1: piqa, 0-shot, acc. WEAK between acc and acc_norm. The Mistral 7B paper has 83.0 (0-shot, its own
+#   harness), the Mistral-7B-v0.1 model card 82.92%; Nereus acc 81.39, acc_norm 82.32: both near 82.1. acc as in
+#   HellaSwag and OpenbookQA (which only acc matches; acc is the first metric lm-eval prints, and no column needs
+#   acc_norm): one lm-eval convention for the whole row.
+# ARC 55.7: arc_challenge, 0-shot, acc. FAIR. The Mistral 7B paper has ARC-Challenge 55.5 (0-shot), the model card
+#   55.38%; the leaderboard's 25-shot acc_norm (60.41 for zephyr-7b-sft-full, SPIN) is far above. Nereus: acc 54.52,
+#   acc_norm 58.36; zephyr-7b-gemma's card acc 49.15, acc_norm 52.47. acc is nearer, and the row's convention.
+# GSM8k 44.4: gsm8k_cot, 8-shot (lm-eval's chain-of-thought exemplars), exact_match, strict-match. WEAK. The paper
+#   calls the column "GSM8k(CoT)". The leaderboard's 5-shot gsm8k gives zephyr-7b-sft-full 26.76 (SPIN), far below;
+#   the Mistral 7B paper's 52.2 is maj@8, the Mistral-7B-v0.1 model card gives 39.35% (settings not stated). No
+#   published gsm8k_cot number of zephyr-7b-sft-full was found; strict-match is the first filter lm-eval prints
+#   (flexible-extract is in table1.json). lm-eval issues 1204 and 1274 report gsm8k_cot scoring far too low on early
+#   0.4 commits (17.4% for Mistral-7B-v0.1 in 1274): a number near 44 is not from those.
+# MuTual 63.5: mutual, 0-shot, r@1. NO SOURCE. lm-eval's mutual task reports r@1, r@2 and mrr; no published
+#   number of zephyr-7b-sft-full or Mistral-7B-v0.1 was found for any of them. r@1 is the first it prints; table1.json
+#   keeps all three.
+#
 # (column, lm-eval task, few-shot examples, the result key of lm-eval reported as the column's score)
 TABLE1 = [("TruthfulQA", "truthfulqa_mc2", 0, "acc,none"),
-          ("PIQA", "piqa", 0, "acc_norm,none"),
-          ("HellaSwag", "hellaswag", 10, "acc_norm,none"),
-          ("ARC", "arc_challenge", 25, "acc_norm,none"),
-          ("OpenbookQA", "openbookqa", 0, "acc_norm,none"),
+          ("PIQA", "piqa", 0, "acc,none"),
+          ("HellaSwag", "hellaswag", 0, "acc,none"),
+          ("ARC", "arc_challenge", 0, "acc,none"),
+          ("OpenbookQA", "openbookqa", 0, "acc,none"),
           ("GSM8k", "gsm8k_cot", 8, "exact_match,strict-match"),
           ("MuTual", "mutual", 0, "r@1,none")]
 
@@ -39,8 +77,9 @@ def models_of(run):
         (f"{m} {t}", policy_path(run, cfg, m, t)) for m in METHODS for t in range(1, first_unsaved(run, cfg, m))]
 
 
-def score(path, tasks, include_path=None, limit=None, batch_size=16):
-    """lm-eval on one checkpoint: {column: (score, answers or None)}. tasks: [(column, task, few-shot, key)]."""
+def score(path, tasks, include_path=None, limit=None, batch_size=16, chat_template=False, revision=None):
+    """lm-eval on one checkpoint (a hub id at `revision`): {column: (score, answers or None, every metric lm-eval
+    reported)}. tasks: [(column, task, few-shot, key)]; chat_template: prompts through the tokenizer's template."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -50,19 +89,22 @@ def score(path, tasks, include_path=None, limit=None, batch_size=16):
             from None
     import torch
     cuda = torch.cuda.is_available()
+    # loaded once, scored on every task
     lm = HFLM(pretrained=path, dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu",
-              batch_size=batch_size)  # loaded once, scored on every task
+              batch_size=batch_size, **({"revision": revision} if revision else {}))
     manager = TaskManager(include_path=include_path)
     out = {}
     for column, task, shots, key in tasks:
         r = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=shots, task_manager=manager, limit=limit,
-                                    apply_chat_template=True, fewshot_as_multiturn=shots > 0, log_samples=True)
+                                    apply_chat_template=chat_template,
+                                    fewshot_as_multiturn=chat_template and shots > 0, log_samples=True)
         if key not in r["results"][task]:
             raise UserError(f"task {task} reports {', '.join(k for k in r['results'][task] if ',' in k)}, not {key}")
         samples = r["samples"][task]
         answers = [s["filtered_resps"][0] for s in samples] if samples and isinstance(
             samples[0]["filtered_resps"][0], str) else None  # generation tasks: what the model answered
-        out[column] = (float(r["results"][task][key]), answers)
+        metrics = {k: v for k, v in r["results"][task].items() if "," in k and "_stderr" not in k}
+        out[column] = (float(r["results"][task][key]), answers, metrics)
     return out
 
 
@@ -92,32 +134,61 @@ def parse_tasks(spec):
     return out
 
 
+def settings_table(tasks, chat_template):
+    """Markdown: each column's lm-eval task, few-shot examples, metric and prompt format."""
+    template = "chat template" if chat_template else "plain (no chat template)"
+    lines = ["| Column | lm-eval task | Shots | Metric | Prompt |", "|---|---|---|---|---|"]
+    lines += [f"| {c} | {t} | {s} | {k} | {template}{', few-shot as turns' if chat_template and s else ''} |"
+              for c, t, s, k in tasks]
+    return "\n".join(lines) + "\n"
+
+
+def lm_eval_version():
+    from importlib import metadata
+    try:
+        return metadata.version("lm_eval")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+OPTIONS = ("--tasks", "--include_path", "--limit", "--batch_size", "--chat_template")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
         raise UserError("usage: python harness.py RUN_FOLDER [--tasks table1] [--include_path DIR] [--limit N] "
-                        "[--batch_size B]")
+                        "[--batch_size B] [--chat_template false]")
     run, opts = argv[0], dict(zip(argv[1::2], argv[2::2]))
-    unknown = set(opts) - {"--tasks", "--include_path", "--limit", "--batch_size"}
+    unknown = set(opts) - set(OPTIONS)
     if unknown or len(argv) % 2 == 0:
-        raise UserError(f"unknown or incomplete options {sorted(unknown) or argv[-1:]}: --tasks, --include_path, "
-                        "--limit, --batch_size")
+        raise UserError(f"unknown or incomplete options {sorted(unknown) or argv[-1:]}: {', '.join(OPTIONS)}")
+    if opts.get("--chat_template", "false") not in ("true", "false"):
+        raise UserError(f"--chat_template is true or false, got {opts['--chat_template']!r}")
+    chat_template = opts.get("--chat_template") == "true"
     if not os.path.isfile(os.path.join(run, "config.json")):
         raise UserError(f"{run}: not a run folder of ldalign.py (no config.json)")
     tasks = parse_tasks(opts.get("--tasks", "table1"))
     limit = int(opts["--limit"]) if "--limit" in opts else None
-    scores, answers = {}, {}
+    # theta_0 from the hub at the run's --policy_revision; the run's own checkpoints are folders
+    cfg = read_json(os.path.join(run, "config.json"))
+    scores, answers, metrics = {}, {}, {}
     for label, path in models_of(run):
         print(f"[harness] {label}: {path}", flush=True)
-        res = score(path, tasks, opts.get("--include_path"), limit, int(opts.get("--batch_size", 16)))
-        scores[label] = {c: v for c, (v, _) in res.items()}
-        answers[label] = {c: a for c, (_, a) in res.items() if a is not None}
+        revision = cfg.get("policy_revision") or None if path == cfg["policy"] else None
+        res = score(path, tasks, opts.get("--include_path"), limit, int(opts.get("--batch_size", 16)),
+                    chat_template, revision)
+        scores[label] = {c: v for c, (v, _, _) in res.items()}
+        answers[label] = {c: a for c, (_, a, _) in res.items() if a is not None}
+        metrics[label] = {c: m for c, (_, _, m) in res.items()}
     md = table(scores, [c for c, _, _, _ in tasks])
-    settings = ", ".join(f"{c}: {t} {k} {s}-shot" for c, t, s, k in tasks)
-    write_atomic(os.path.join(run, "table1.md"), f"lm-evaluation-harness, chat template, greedy ({settings}"
-                 f"{f'; first {limit} examples' if limit else ''})\n\n{md}")
+    version = lm_eval_version()
+    head = (f"lm-evaluation-harness {version}, {'chat template' if chat_template else 'no chat template'}, greedy"
+            f"{f', first {limit} examples of each task' if limit else ''}\n\n{settings_table(tasks, chat_template)}")
+    write_atomic(os.path.join(run, "table1.md"), f"{head}\n{md}")
     write_atomic(os.path.join(run, "table1.json"), json.dumps(
-        {"tasks": tasks, "limit": limit, "scores": scores, "answers": answers}, indent=1))
+        {"lm_eval": version, "chat_template": chat_template, "tasks": tasks, "limit": limit, "scores": scores,
+         "metrics": metrics, "answers": answers}, indent=1))
     print(md)
 
 

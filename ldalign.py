@@ -114,6 +114,10 @@ DEFAULTS = dict(
     judge="toy",
     agreement_n=200,          # prompts of D for the ranking agreement (two samples each; 0 = skip)
     trust_remote_code=False,  # passed to from_pretrained; only for checkpoints whose code you trust
+    # The hub revision (branch, tag or commit) of --policy, --guide and --reward_model, passed to
+    # every from_pretrained of that model ("" = the hub's default branch). Hub ids only: a local
+    # folder is read as it is. config.json records the commit each model resolved to.
+    policy_revision="", guide_revision="", reward_model_revision="",
 )
 
 # The range of every numeric setting, checked by parse_args before anything runs (NaN fails every
@@ -166,6 +170,10 @@ def parse_args(argv):
     if cfg["gen_compile"] and not cfg["gen_static"]:
         raise SystemExit("--gen_compile true needs --gen_static true (a compiled decode step needs "
                          "fixed shapes)")
+    for k in ("policy", "guide", "reward_model"):
+        if cfg[f"{k}_revision"] and (cfg[k] in ("", "tiny") or os.path.isdir(cfg[k])):
+            raise SystemExit(f"--{k}_revision is for a hub id; --{k} {cfg[k]!r} is "
+                             f"{'a local folder' if cfg[k] not in ('', 'tiny') else 'not one'}")
     if cfg["overlength"] not in ("error", "skip"):
         raise SystemExit(f"--overlength is 'error' or 'skip', got {cfg['overlength']!r}")
     bad = [f"--{k} must be > 0, got {cfg[k]!r}" for k in POSITIVE_INT if not cfg[k] > 0]

@@ -102,6 +102,53 @@ def digest(path):
     return hashlib.sha256(json.dumps([os.path.abspath(path) if stats else path, stats]).encode()).hexdigest()
 
 
+def provenance(cfg):
+    """config.json's record of what the run read: {"revisions": {option: model_revision(...)}, "versions":
+    {torch, transformers, lm_eval (None when not installed)}}."""
+    from importlib import metadata
+    versions = {}
+    for package in ("torch", "transformers", "lm_eval"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"revisions": {k: model_revision(cfg[k], cfg.get(f"{k}_revision", ""))
+                          for k in ("policy", "guide", "reward_model")}, "versions": versions}
+
+
+def model_revision(name, revision=""):
+    """Which model --policy / --guide / --reward_model `name` is, in a few bytes: None (none given), "tiny"; for a
+    local folder "folder sha256:..." of its config.json and weights index (a single weights file: its name and
+    size; the weights are not read); for a hub id the commit `revision` ("" = main) resolves to in the local Hugging
+    Face cache, else asked of the hub, else "unresolved (...)" saying why (offline, say). Never raises."""
+    import hashlib
+    if not name or name == "tiny":
+        return name or None
+    if os.path.isdir(name):
+        parts = []
+        for f in sorted(os.listdir(name)):
+            p = os.path.join(name, f)
+            if f == "config.json" or f.endswith(".index.json"):
+                parts.append([f, digest(p)])
+            elif f.endswith((".safetensors", ".bin")) and os.path.isfile(p):
+                parts.append([f, os.path.getsize(p)])
+        return "folder sha256:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+    from huggingface_hub import constants, try_to_load_from_cache
+    try:
+        cached = try_to_load_from_cache(name, "config.json", revision=revision or None)
+    except Exception as e:  # noqa: BLE001 (a malformed id or revision: recorded, the loading names it)
+        return f"unresolved ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if isinstance(cached, str):  # <cache>/models--org--name/snapshots/<commit>/config.json
+        return os.path.basename(os.path.dirname(cached))
+    if constants.HF_HUB_OFFLINE:
+        return "unresolved (not in the local Hugging Face cache, HF_HUB_OFFLINE set)"
+    try:
+        from huggingface_hub import HfApi
+        return HfApi().model_info(name, revision=revision or None, timeout=10).sha
+    except Exception as e:  # noqa: BLE001 (offline, not found, gated: the run's loading says it in one line)
+        return f"unresolved ({type(e).__name__})"
+
+
 def _remove(path):
     if os.path.isdir(path):
         shutil.rmtree(path)
@@ -161,7 +208,8 @@ def save_hf(model, tokenizer, out_dir):
 SHARED_KEYS = ("data", "max_examples", "overlength", "seed", "policy", "max_len", "max_prompt_len", "max_new_tokens",
                "sft_steps", "sft_lr", "sft_batch_size", "temperature", "top_p", "top_k",
                "guide", "latent_dim", "guide_epochs", "guide_lr", "guide_batch_size",  # theta_0, iter0/, guide/
-               "eval_data", "max_eval", "reward_model", "judge", "agreement_n")  # every eval.json, agreement.json
+               "eval_data", "max_eval", "reward_model", "judge", "agreement_n",  # every eval.json, agreement.json
+               "policy_revision", "guide_revision", "reward_model_revision")
 METHODS = ("ldalign", "spin", "dpo", "sft")  # Algorithm 1 and the competitors of Section 5.1.4: one folder each
 # <method>/iter*/: each method its own (a later call may run dpo at its lr). The data a method's stages read
 # is bound by any of them; the update's settings only by a saved theta_t (an update that stopped at a NaN
@@ -182,7 +230,8 @@ class RunDir:
         self.lock()
         cli.log_errors_to(self.path("log.txt"))
         if fsdp.rank() == 0:
-            write_json(self.path("config.json"), cfg)  # all of this call's settings
+            # all of this call's settings, what each model resolved to, and the library versions
+            write_json(self.path("config.json"), dict(cfg, provenance=provenance(cfg)))
 
     def lock(self):
         """One run at a time in a folder: out/lock.json names the holder (pid, host, start time). A second run stops

@@ -43,7 +43,8 @@ class Stages:
         self.reward_model = None
         if cfg["reward_model"]:
             self.reward_model = analysis.load_reward_model(cfg["reward_model"], device=torch.device("cpu"),
-                                                           trust_remote_code=cfg["trust_remote_code"])
+                                                           trust_remote_code=cfg["trust_remote_code"],
+                                                           revision=cfg.get("reward_model_revision") or None)
         # The one policy in memory and the checkpoint folder it equals (None: none held).
         self.held, self.held_path = None, None
 
@@ -115,7 +116,7 @@ class Stages:
             return guide_lib.fit(data.guide_src, self.triples(y0), cfg, data.gtok.eos_token_id, device, self.log)
 
         def save(guide, path):
-            guide_lib.save_gathered(guide, path, data.guide_src)
+            guide_lib.save_gathered(guide, path, data.guide_src, cfg.get("guide_revision") or None)
 
         def load(path):
             return guide_lib.place(guide_lib.load_guide(path), device)
@@ -352,7 +353,8 @@ def load_policy(path, cfg, device):
     if path != cfg["policy"]:
         verify(path)
     return fsdp.load_policy(path, device, exact_fp32=path != cfg["policy"], grad_ckpt=cfg["grad_ckpt"],
-                            compile=cfg["compile"], trust_remote_code=cfg["trust_remote_code"])
+                            compile=cfg["compile"], trust_remote_code=cfg["trust_remote_code"],
+                            revision=cfg.get("policy_revision") or None if path == cfg["policy"] else None)
 
 
 def toy_theta0(data, cfg, device, log):

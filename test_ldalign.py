@@ -57,6 +57,8 @@ Engineering
         unreadable input and an unwritable --out as one-line errors
     analysis (analysis.py, Sections 5.1.3 and 5.2): edit distance, toy judge, ranking agreement, histogram,
         PNG, reward models, the seeds report (means with 95% intervals)
+    Table 1 (harness.py) and provenance: lm-eval's version and each column's settings in table1.md, the chat
+        template an option, --*_revision reaching every from_pretrained, config.json's resolved revisions and versions
     bench.py: smoke tests on the CPU with a tiny model
     GPU only (skipped without CUDA): CUDA-graph decoding, bf16 training on one GPU
 """
@@ -703,8 +705,8 @@ def test_compare_four_methods_with_reward_model(tmp_path):
 @pytest.mark.slow
 def test_lm_eval_harness_scores_what_our_evaluation_scores(tmp_path):
     """bash train.sh eval (harness.py) cross-checked with the field's standard tool: a local lm-eval task (generation
-    + exact match over the run's held-out prompts) through the harness, on theta_0 and theta_1, gives the answers
-    and the exact match of the project's own greedy evaluation, prompt for prompt."""
+    + exact match over the run's held-out prompts) through the harness with the chat template, on theta_0 and
+    theta_1, gives the answers and the exact match of the project's own greedy evaluation, prompt for prompt."""
     pytest.importorskip("lm_eval")
     out = str(tmp_path / "run")
     args = ["--out", out, "--agreement_n", "0", "--sft_steps", "300"] + TINY_RUN
@@ -721,7 +723,7 @@ def test_lm_eval_harness_scores_what_our_evaluation_scores(tmp_path):
         "generation_kwargs:\n  until: [\"<|end|>\"]\n  do_sample: false\n  max_gen_toks: 32\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
     p = _train_sh(["eval", out, "--tasks", "Sort=toy_sort:0:exact_match,none",
-                   "--include_path", str(tmp_path / "tasks")],
+                   "--include_path", str(tmp_path / "tasks"), "--chat_template", "true"],
                   {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     table = json.load(open(os.path.join(out, "table1.json")))
@@ -2175,6 +2177,141 @@ def test_table1_avg_is_the_papers_mean_relative_improvement():
     md = harness.table({k: dict(zip(cols, [v / 100 for v in vs])) for k, vs in rows.items()}, cols)
     assert "| spin 1 | 48.7 | 81.7 | 65.1 | 60.4 | 33.6 | 45.4 | 61.2 | 4.56% |" in md
     assert md.splitlines()[-1].endswith("| 6.00% |")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Table 1's settings (harness.py) and what a run read (--*_revision, config.json's provenance)
+# ----------------------------------------------------------------------------------------------------
+def test_harness_records_lm_eval_version_settings_and_passes_template_and_revision(tmp_path, monkeypatch):
+    """harness.main with lm-eval's model and simple_evaluate replaced by fakes: plain prompts by default,
+    --chat_template true applies the template (few-shot as turns), theta_0 of a hub id is read at the run's
+    --policy_revision; table1.md names lm-eval's version and each column's task, shots, metric and prompt, and
+    table1.json keeps every metric."""
+    pytest.importorskip("lm_eval")
+    import lm_eval
+    import lm_eval.models.huggingface as hf
+    import lm_eval.tasks
+
+    import harness
+    seen = []
+
+    class FakeLM:
+        def __init__(self, **kw):
+            seen.append(("model", kw))
+
+    def fake_evaluate(model, tasks, num_fewshot, **kw):
+        seen.append((tasks[0], dict(kw, num_fewshot=num_fewshot)))
+        return {"results": {tasks[0]: {"acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.6, "r@1,none": 0.4,
+                                       "exact_match,strict-match": 0.3}},
+                "samples": {tasks[0]: [{"filtered_resps": [(-1.0, False)]}]}}
+    monkeypatch.setattr(hf, "HFLM", FakeLM)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda include_path: None)  # (indexes every task: slow)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+    run = tmp_path / "run"
+    run.mkdir()
+    json.dump({"policy": "org/zephyr", "policy_revision": "v1.0"}, open(run / "config.json", "w"))
+    harness.main([str(run)])
+    model, *calls = seen
+    assert model[1]["pretrained"] == "org/zephyr" and model[1]["revision"] == "v1.0"
+    assert [c[0] for c in calls] == [t for _, t, _, _ in harness.TABLE1]
+    assert all(not kw["apply_chat_template"] and not kw["fewshot_as_multiturn"] for _, kw in calls)
+    assert [kw["num_fewshot"] for _, kw in calls] == [s for _, _, s, _ in harness.TABLE1]
+    md = open(run / "table1.md").read()
+    assert md.startswith(f"lm-evaluation-harness {lm_eval_version()}, no chat template")
+    assert "| HellaSwag | hellaswag | 0 | acc,none | plain (no chat template) |" in md
+    assert "| GSM8k | gsm8k_cot | 8 | exact_match,strict-match | plain (no chat template) |" in md
+    out = json.load(open(run / "table1.json"))
+    assert out["lm_eval"] == lm_eval_version() and out["chat_template"] is False
+    assert out["metrics"]["SFT (theta_0)"]["ARC"] == {"acc,none": 0.5, "acc_norm,none": 0.6, "r@1,none": 0.4,
+                                                      "exact_match,strict-match": 0.3}
+    seen.clear()
+    harness.main([str(run), "--chat_template", "true", "--tasks", "A=piqa:0:acc,none;G=gsm8k_cot:8:acc,none"])
+    assert [(kw["apply_chat_template"], kw["fewshot_as_multiturn"]) for _, kw in seen[1:]] == [(True, False),
+                                                                                             (True, True)]
+    assert "| G | gsm8k_cot | 8 | acc,none | chat template, few-shot as turns |" in open(run / "table1.md").read()
+    with pytest.raises(cli.UserError, match="--chat_template is true or false"):
+        harness.main([str(run), "--chat_template", "yes"])
+
+
+def lm_eval_version():
+    from importlib import metadata
+    return metadata.version("lm_eval")
+
+
+def _fake_hub_cache(root, repo, commits):
+    """A Hugging Face cache holding repo's config.json at each {revision: commit} (refs/<revision> -> commit)."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    for rev, sha in commits.items():
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / rev).write_text(sha)
+        (folder / "snapshots" / sha).mkdir(parents=True, exist_ok=True)
+        (folder / "snapshots" / sha / "config.json").write_text("{}")
+
+
+def test_config_json_records_each_models_revision_and_the_versions(tmp_path, monkeypatch):
+    """config.json's provenance: a hub id's commit as the local cache resolves its revision (a revision not in
+    the cache offline: "unresolved", and --policy_revision reaches the check of the model source); a local folder's
+    digest of config.json and weights (it changes with its config); "tiny"; torch, transformers, lm-eval versions."""
+    import importlib.util
+    from importlib import metadata
+
+    import transformers
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _fake_hub_cache(tmp_path / "hub", "org/zephyr", {"main": "a" * 40, "v1": "b" * 40})
+    assert rundir.model_revision("org/zephyr") == "a" * 40
+    assert rundir.model_revision("org/zephyr", "v1") == "b" * 40
+    assert rundir.model_revision("org/zephyr", "v2").startswith("unresolved (not in the local Hugging Face cache")
+    dataset.check_model_source("policy", "org/zephyr", "v1")
+    with pytest.raises(cli.UserError, match="--policy org/zephyr: .* at revision v2; HF_HUB_OFFLINE"):
+        dataset.check_model_source("policy", "org/zephyr", "v2")
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "config.json").write_text('{"a": 1}')
+    (rm / "model.safetensors").write_bytes(b"0" * 10)
+    first = rundir.model_revision(str(rm))
+    assert first.startswith("folder sha256:") and rundir.model_revision(str(rm)) == first
+    (rm / "config.json").write_text('{"a": 2}')
+    assert rundir.model_revision(str(rm)) != first
+    cfg = ldalign.parse_args(["--out", str(tmp_path / "run"), "--reward_model", str(rm)])
+    rundir.RunDir(cfg)
+    prov = json.load(open(tmp_path / "run" / "config.json"))["provenance"]
+    assert prov["revisions"] == {"policy": "tiny", "guide": "tiny", "reward_model": rundir.model_revision(str(rm))}
+    assert prov["versions"] == {"torch": metadata.version("torch"), "transformers": transformers.__version__,
+                                "lm_eval": metadata.version("lm_eval") if importlib.util.find_spec("lm_eval")
+                                else None}
+    for bad in (["--policy_revision", "v1"], ["--reward_model", str(rm), "--reward_model_revision", "v1"]):
+        with pytest.raises(SystemExit, match="_revision is for a hub id"):
+            ldalign.parse_args(bad)
+
+
+def test_revision_reaches_every_from_pretrained_of_its_model(monkeypatch):
+    """--policy_revision, --guide_revision and --reward_model_revision are passed to the from_pretrained calls
+    of the policy (tokenizer, weights; the config under torchrun), the guide and the reward model."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2LMHeadModel
+
+    class Seen(Exception):
+        pass
+
+    def fake(cls, name, *args, **kw):
+        raise Seen(name, kw.get("revision"))
+    for c in (AutoTokenizer, AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2LMHeadModel):
+        monkeypatch.setattr(c, "from_pretrained", classmethod(fake))
+    cfg = dict(ldalign.DEFAULTS, policy="org/policy", policy_revision="p1", guide_revision="g1",
+               reward_model_revision="r1", max_examples=4, data=os.path.join(HERE, "data", "sort_train.jsonl"),
+               eval_data="")
+    loads = [lambda: stages.load_policy("org/policy", cfg, torch.device("cpu")),
+             lambda: guide_lib.build_guide("org/guide", 4, revision="g1"),
+             lambda: analysis.load_reward_model("org/rm", device="cpu", revision="r1")]
+    monkeypatch.setattr(dataset, "check_model_source", lambda *a: None)
+    loads.append(lambda: dataset.load(cfg, SimpleNamespace(log=print)))
+    got = []
+    for load in loads:
+        with pytest.raises(Seen) as e:
+            load()
+        got.append(e.value.args)
+    assert got == [("org/policy", "p1"), ("org/guide", "g1"), ("org/rm", "r1"), ("org/policy", "p1")]
 
 
 def test_seeds_report_means_intervals_and_paired_difference(tmp_path):

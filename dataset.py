@@ -2,6 +2,7 @@
 
     data = dataset.load(cfg, run)     # every record checked before any compute; errors name file:line
     data.D, data.held_out, data.pref  # lists of dicts with the policy's (px, py) and the guide's (gx, gy) token ids
+    data.sft                          # (--method sft --sft_data FILE) continual SFT's (px, py), None: D
     data.tok, data.gtok               # the policy's tokenizer (its chat template) and the guide's
 
 One function makes a prompt's tokens for generation AND training (prompt_ids); golden responses are tokenized as
@@ -15,14 +16,15 @@ from types import SimpleNamespace
 
 import fsdp
 from cli import UserError
-from rundir import atomic_path, write_jsonl
+from rundir import atomic_path, read_jsonl, write_jsonl
 
 
 # ----------------------------------------------------------------------------------------------------
 # Require: everything a run reads, checked before any compute
 # ----------------------------------------------------------------------------------------------------
 def load(cfg, run):
-    """Require (Algorithm 1): D, the held-out prompts, the preference pairs (--method dpo), both tokenizers.
+    """Require (Algorithm 1): D, the held-out prompts, the preference pairs (--method dpo), continual SFT's records
+    (--method sft --sft_data), both tokenizers.
 
     Everything is read and checked here, before any compute: a bad line fails now, naming file:line;
     over-length records fail (--overlength error) or are listed in out/skipped.jsonl (--overlength skip).
@@ -34,6 +36,9 @@ def load(cfg, run):
             check_model_source(option, cfg[option], cfg.get(f"{option}_revision"))
     records = load_sft_jsonl(cfg["data"], 0 if tiny else cfg["max_examples"])
     eval_records = load_sft_jsonl(cfg["eval_data"], cfg["max_eval"], "--eval_data") if cfg["eval_data"] else []
+    # continual SFT's set (--method sft): D, or all the records of --sft_data ("" = of --data, uncut)
+    sft_records = load_sft_jsonl(cfg["sft_data"] or cfg["data"], 0, "--sft_data") \
+        if "sft" in cfg["method"].split(",") and cfg["sft_data"] != "D" else None
     if tiny:  # the embedded default: a BPE trained on the shipped data, stored in the run folder, read from there
         systems = [r["system"] for r in records if r["system"]]
         texts = [t for r in records for t in (r["x"], r["y"])] + systems
@@ -61,10 +66,17 @@ def load(cfg, run):
         D = D[:cfg["max_examples"]]  # D of Algorithm 1: a subset, as in the paper (50k of UltraChat's 200k)
     pref = tokenize_pref(load_pref_jsonl(cfg["pref_data"], cfg["max_examples"]), tok, cfg, skipped) \
         if "dpo" in cfg["method"].split(",") else None
+    sft = tokenize_sft(sft_records, tok, cfg, skipped) if sft_records else None
     if skipped and fsdp.rank() == 0:
-        write_jsonl(run.path("skipped.jsonl"), skipped)  # every over-length record, file:line and why
+        # every over-length record, file:line and why, once; with those earlier calls on this run folder listed
+        # (another method's files: `train.sh paper-baselines` runs one method per call)
+        path = run.path("skipped.jsonl")
+        listed = {}
+        for s in (read_jsonl(path) if os.path.exists(path) else []) + skipped:
+            listed.setdefault(s["where"], s)
+        write_jsonl(path, list(listed.values()))
     run.log(f"D: {len(D)} pairs from {cfg['data']}; held-out: {len(held_out)}")
-    return SimpleNamespace(D=D, held_out=held_out, pref=pref, sft_pairs=sft_pairs, tok=tok, gtok=gtok,
+    return SimpleNamespace(D=D, held_out=held_out, pref=pref, sft=sft, sft_pairs=sft_pairs, tok=tok, gtok=gtok,
                            guide_src=guide_src)
 
 
@@ -327,6 +339,19 @@ def tokenize_pref(records, tok, cfg, skipped):
             kept.append((px, pc, pr))
     if not kept:
         raise UserError(f"{cfg['pref_data']}: every record is over-length")
+    return kept
+
+
+def tokenize_sft(records, tok, cfg, skipped):
+    """Policy tokens (prompt, golden response) of continual SFT's records, with the length checks of D (not the
+    guide's: SFT does not read it)."""
+    kept = []
+    for r in records:
+        px, py = prompt_ids(tok, r["x"], r["system"]), response_ids(tok, r["x"], r["y"], r["system"])
+        if not too_long(r["where"], length_problems(px, [py], cfg), cfg, skipped):
+            kept.append((px, py))
+    if not kept:
+        raise UserError(f"{cfg['sft_data'] or cfg['data']}: every record is over-length")
     return kept
 
 

@@ -45,7 +45,7 @@ import dpo
 import fsdp
 from cli import read_overrides, report_errors
 from rundir import METHODS, RunDir
-from stages import Stages
+from stages import Stages, per_iteration
 
 # --------------------------------------------------------------------------------------------------
 # Defaults: the embedded toy run. Every key can be overridden on the command line as --key value.
@@ -91,11 +91,21 @@ DEFAULTS = dict(
     # pair sets are equally large; comparison.md lists each one's optimizer steps): the paper's
     # table rows (Section 5.1.4).
     #   ldalign  weights s/S, ref theta_{t-1}     spin  weights 1, the same loop (SPIN)
-    #   dpo      annotated pairs from --pref_data, ref theta_0 fixed     sft  continual SFT on D
+    #   dpo      annotated pairs from --pref_data, ref theta_0 fixed     sft  SFT on --sft_data
     method="ldalign",
     # for dpo: JSONL with prompt, chosen, rejected (UltraFeedback binarized)
     pref_data="data/sort_pairs.jsonl",
     measure_S=True,           # dpo / sft: also sample y' and compute S (a diagnostic only)
+    # The competing methods as the paper ran them (Section 5.1.4; README, "Table 1's rows"):
+    # spin: iteration t >= 2 trains on the pairs of iterations t-1 and t (2N), all with the
+    # reference theta_{t-1}, as SPIN's scripts do; false: this iteration's N pairs (equal budget)
+    spin_keep_previous=False,
+    # the update's lr / beta in iterations 1, 2, ..., comma-separated, at least T values ("": --lr,
+    # --beta in every iteration): SPIN's scripts set them per iteration (train.sh paper-baselines)
+    lr_per_iter="", beta_per_iter="",
+    # sft: "D" = continual SFT on the N pairs of D (equal budget), else on all the records of this
+    # file ("" = all of --data; the paper: all of UltraChat 200k, Section 5.1.1)
+    sft_data="D",
     beta=0.1,
     # On the toy task AdamW at 1e-5 keeps held-out accuracy within the noise of theta_0; 3e-5 and
     # above, or RMSprop at 1e-5, lower it (DPO pushes down the likelihood of y and y' alike and the
@@ -143,7 +153,9 @@ PRESETS = {
         T=3, beta=0.1, lr=5e-7, optimizer="rmsprop", epochs=2, batch_size=64, micro_batch_size=2,
         grad_ckpt=True, log_every=10, pref_data="data/ultrafeedback_binarized.jsonl",
         measure_S=False, judge="reward", agreement_n=500,
-        reward_model="OpenAssistant/reward-model-deberta-v3-large-v2"),
+        reward_model="OpenAssistant/reward-model-deberta-v3-large-v2",
+        # SPIN's data recipe, and continual SFT on all of --data (the Section 5.1.4 rows)
+        spin_keep_previous=True, sft_data=""),
 }
 
 
@@ -187,6 +199,17 @@ def parse_args(argv):
         bad.append(f"--top_p must be in (0, 1], got {cfg['top_p']!r}")
     if not 0 <= cfg["warmup_ratio"] < 1:
         bad.append(f"--warmup_ratio must be in [0, 1), got {cfg['warmup_ratio']!r}")
+    for k in ("lr", "beta"):
+        # (NaN and inf fail the range check)
+        try:
+            values = per_iteration(cfg, k)
+        except ValueError:
+            values = [math.nan]
+        if not all(0 < v < math.inf for v in values):
+            bad.append(f"--{k}_per_iter takes finite numbers > 0, comma-separated, got "
+                       f"{cfg[k + '_per_iter']!r}")
+        elif values and len(values) < cfg["T"]:
+            bad.append(f"--{k}_per_iter has {len(values)} value(s) for --T {cfg['T']} iterations")
     if cfg["optimizer"] not in ("adamw", "rmsprop"):
         bad.append(f"--optimizer is 'adamw' or 'rmsprop', got {cfg['optimizer']!r}")
     if bad:

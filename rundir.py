@@ -215,7 +215,10 @@ METHODS = ("ldalign", "spin", "dpo", "sft")  # Algorithm 1 and the competitors o
 # is bound by any of them; the update's settings only by a saved theta_t (an update that stopped at a NaN
 # binds nothing, and may be rerun at a lower --lr or --beta).
 METHOD_DATA_KEYS = ("reuse_line2_samples", "pref_data")
-UPDATE_KEYS = ("beta", "lr", "optimizer", "warmup_ratio", "max_grad_norm", "epochs", "batch_size")
+UPDATE_KEYS = ("beta", "lr", "optimizer", "warmup_ratio", "max_grad_norm", "epochs", "batch_size", "lr_per_iter",
+               "beta_per_iter")
+# settings that one method alone reads, bound in its section only (the pairs spin and sft train on)
+METHOD_OWN_KEYS = {"spin": ("spin_keep_previous",), "sft": ("sft_data",)}
 
 
 class RunDir:
@@ -306,11 +309,13 @@ class RunDir:
     def bind(self, name):
         """Record in settings.json what the stage `name` (about to be stored) depends on: the toy tokenizer,
         --data; any other stage, the shared settings, and a method's stage (<method>/...) that method's data
-        settings too; its theta_t (<method>/iter{t}/policy), also that method's update settings."""
+        settings too (and its own: METHOD_OWN_KEYS); its theta_t (<method>/iter{t}/policy), also that method's
+        update settings."""
         method = name.split("/")[0] if name.split("/")[0] in METHODS else None
         keys = {"shared": ("data",) if name == "tokenizer" else SHARED_KEYS}
         if method:
-            keys[method] = METHOD_DATA_KEYS + (UPDATE_KEYS if name.endswith("/policy") else ())
+            keys[method] = METHOD_DATA_KEYS + METHOD_OWN_KEYS.get(method, ()) + (
+                UPDATE_KEYS if name.endswith("/policy") else ())
         path = self.path("settings.json")
         had = read_json(path) if os.path.exists(path) else {}
         new = {sec: dict(had.get(sec, {}), **{k: self.cfg[k] for k in ks}) for sec, ks in keys.items()}

@@ -105,6 +105,11 @@ class Stages:
     def _read_samples(self, path):
         return read_samples(path, self.data.D, self.cfg["data"])
 
+    def stored_samples(self, t, method):
+        """theta_t's samples as an earlier iteration stored them (read, never sampled: no policy is loaded).
+        They are an input of that iteration's theta, so a run that reached this iteration has them."""
+        return self._read_samples(self.run.path(self.samples_name(t, method)))
+
     # ----------------------------------------------------------------------------------------------
     # Algorithm 1, line 4: the guide T = (phi, psi), Eq. 2 over golden and generated responses
     # ----------------------------------------------------------------------------------------------
@@ -175,6 +180,9 @@ class Stages:
         """What theta_t is trained from: theta_{t-1} and the files of its pairs (their own records name the
         guide, the samples' policy, ...). A theta_t whose inputs changed is trained again (resume)."""
         inputs = [self.run.policy_path(method, t - 1)]
+        if keeps_previous(self.cfg, method, t):
+            # iteration t-1's pairs too (weighted_dpo)
+            inputs.append(self.run.path(self.samples_name(t - 2, method)))
         if method in ("ldalign", "spin"):
             inputs += [self.run.path(self.samples_name(t - 1, method)),
                        self.run.path(method, f"iter{t}", "distances.jsonl")]
@@ -195,7 +203,7 @@ class Stages:
             # The tests' crash hook: a kill half-way through the update.
             if step * 2 >= steps:
                 self.run.kill_point(f"{method}/iter{t}/train")
-        return dict(lr=cfg["lr"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+        return dict(lr=setting_at(cfg, "lr", t), epochs=cfg["epochs"], batch_size=cfg["batch_size"],
                     micro_batch_size=cfg["micro_batch_size"], device=self.device, optimizer=cfg["optimizer"],
                     warmup_ratio=cfg["warmup_ratio"], max_grad_norm=cfg["max_grad_norm"],
                     seed=cfg["seed"] + 1000 * t, log_every=cfg["log_every"], log_fn=log_step, on_step=on_step)
@@ -299,8 +307,18 @@ class Stages:
 # log-probs are computed once, before the update (README errata 4).
 # --------------------------------------------------------------------------------------------------
 def weighted_dpo(stages, method, t, policy, y_prime, w):
-    """ldalign (w = s/S) and spin (w = 1): Eq. 4 on (x, y, y'), reference theta_{t-1}."""
-    pairs = [(d["prompt_ids"], d["response_ids"], yp) for d, yp in zip(stages.data.D, y_prime)]
+    """ldalign (w = s/S) and spin (w = 1): Eq. 4 on (x, y, y'), reference theta_{t-1}.
+
+    spin with --spin_keep_previous (SPIN's data recipe): from t = 2 on, iteration t-1's N pairs come first
+    (y' of theta_{t-2}, as stored), then this iteration's N, all 2N of weight 1 and reference theta_{t-1}."""
+    D = stages.data.D
+    pairs = [(d["prompt_ids"], d["response_ids"], yp) for d, yp in zip(D, y_prime)]
+    if keeps_previous(stages.cfg, method, t):
+        previous = stages.stored_samples(t - 2, method)
+        stages.log(f"[spin] SPIN's data recipe: the {len(previous)} pairs of iteration {t - 1}, then the "
+                   f"{len(y_prime)} of iteration {t}")
+        pairs = [(d["prompt_ids"], d["response_ids"], yp) for d, yp in zip(D, previous)] + pairs
+        w = torch.cat([torch.ones(len(previous)), w])
     micro_batch_size = stages.cfg["micro_batch_size"]
     # The reference is theta_{t-1}, the policy right now: every pair is scored once, then the policy moves.
     stages.log("[line 10] reference log-probs under theta_{t-1} (computed once, before the update)")
@@ -330,19 +348,44 @@ def _dpo(stages, method, t, policy, pairs, ref_chosen, ref_rejected, w):
     cfg = stages.cfg
     stages.log(f"[line 10] {'weighted ' if method == 'ldalign' else ''}DPO ({method}): {cfg['epochs']} epoch(s) "
                f"over {len(pairs)} pairs")
-    return dpo.dpo_train(policy, pairs, ref_chosen, ref_rejected, w, beta=cfg["beta"],
+    return dpo.dpo_train(policy, pairs, ref_chosen, ref_rejected, w, beta=setting_at(cfg, "beta", t),
                          **stages.train_settings(method, t))
 
 
 def continual_sft(stages, method, t, policy, y_prime, w):
-    """Continual SFT on D: the same epochs and batch spent on log p(y|x)."""
-    D, cfg = stages.data.D, stages.cfg
-    stages.log(f"[sft] continual SFT: {cfg['epochs']} epoch(s) over {len(D)} pairs of D")
-    return dpo.sft_train(policy, [(d["prompt_ids"], d["response_ids"]) for d in D],
-                         **stages.train_settings(method, t))
+    """Continual SFT, log p(y|x): on the N pairs of D (--sft_data D: the same epochs and batch as the other
+    methods), or on all the records of --sft_data (the paper: all of UltraChat 200k, Section 5.1.4)."""
+    data, cfg = stages.data, stages.cfg
+    if data.sft is None:
+        pairs, what = [(d["prompt_ids"], d["response_ids"]) for d in data.D], "pairs of D"
+    else:
+        pairs, what = data.sft, f"records of {cfg['sft_data'] or cfg['data']}, all of them"
+    stages.log(f"[sft] continual SFT: {cfg['epochs']} epoch(s) over the {len(pairs)} {what}")
+    return dpo.sft_train(policy, pairs, **stages.train_settings(method, t))
 
 
 UPDATES = {"ldalign": weighted_dpo, "spin": weighted_dpo, "dpo": dpo_baseline, "sft": continual_sft}
+
+
+def keeps_previous(cfg, method, t):
+    """Does iteration t of `method` also train on iteration t-1's pairs (spin, --spin_keep_previous)?"""
+    return method == "spin" and cfg["spin_keep_previous"] and t > 1
+
+
+# The per-iteration settings. SPIN's scripts set the lr and beta per iteration (train.sh paper-baselines cites
+# them); a list per setting, rather than one option per method, because a method's settings are already its
+# own: each call on a run folder runs its methods at its --lr, --beta (rundir.UPDATE_KEYS binds them per method).
+def per_iteration(cfg, key):
+    """The values of --{key}_per_iter for iterations 1, 2, ... ([] when not given); ValueError if one is not a
+    number (parse_args checks them)."""
+    text = cfg[f"{key}_per_iter"]
+    return [float(v) for v in text.split(",")] if text else []
+
+
+def setting_at(cfg, key, t):
+    """--lr or --beta of iteration t: its --{key}_per_iter value when given, else the one value."""
+    values = per_iteration(cfg, key)
+    return values[t - 1] if values else cfg[key]
 
 
 # --------------------------------------------------------------------------------------------------

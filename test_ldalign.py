@@ -41,6 +41,10 @@ Equation / Algorithm 1 line -> tests
         test_compiled_decode_of_a_sliding_window_policy_compiles_once
         slow: test_paper_preset_one_process, test_paper_preset_two_processes_fsdp2,
         test_heldout_prompts_are_not_filtered_by_the_guides_context, test_guide_steps_do_not_depend_on_the_process_count
+    Section 5.1.4, the competing methods as the paper ran them (train.sh paper-baselines: SPIN's data recipe and
+    per-iteration lr / beta, DPO, continual SFT on all of --data)
+        fast: test_baseline_recipe_settings_are_checked_and_bound_per_method
+        slow: test_paper_baselines_recipe_fills_every_row_of_table_1
 
 Engineering
     the sampler (generate.py): KV cache vs the cache-free oracle generate_naive and vs HF generate, top-k / top-p,
@@ -66,6 +70,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -100,6 +105,8 @@ from conftest import (
     MIXED_LEN,
     MODELS,
     N_EVAL,
+    N_PREF,
+    PAPER_RUN,
     PAPER_T,
     QA,
     RM_PROMPTS,
@@ -117,6 +124,7 @@ from conftest import (
     _cli_start,
     _cli_wait,
     _deberta_tokenizer,
+    _first_turns,
     _gpt2_tokenizer,
     _paper_args,
     _paper_run,
@@ -884,6 +892,158 @@ def test_guide_steps_do_not_depend_on_the_process_count(one_process_run, two_pro
         return int(re.search(r"\[guide\] step 1/(\d+)", log).group(1))
     assert guide_steps(two_process_run[1]) == guide_steps(one_process_run[1])
 
+
+# ====================================================================================================
+# Section 5.1.4: the competing methods as the paper ran them (`bash train.sh paper-baselines`): SPIN's data
+# recipe (iteration t trains on the pairs of t-1 and t, reference theta_{t-1}) at its lr and beta per iteration,
+# DPO for one training at its lr, continual SFT on all of --data; one call each on the paper run's folder, so
+# that harness.py (`bash train.sh eval`) finds every row of Table 1
+# ====================================================================================================
+def test_baseline_recipe_settings_are_checked_and_bound_per_method(tmp_path, capsys, monkeypatch):
+    """--lr_per_iter / --beta_per_iter: numbers > 0, at least T of them; the toy keeps the equal-budget loop,
+    the paper preset turns SPIN's data recipe and the whole SFT file on; a bad record of --sft_data fails as
+    file:line before any compute; spin_keep_previous binds spin's section and sft_data sft's, no other."""
+    bad = [(["--lr_per_iter", "5e-7,x,1e-7"], "--lr_per_iter takes finite numbers > 0, comma-separated"),
+           (["--beta_per_iter", "0.1,0,0.1"], "--beta_per_iter takes finite numbers > 0"),
+           (["--lr_per_iter", "nan,1e-7,1e-7"], "--lr_per_iter takes finite numbers > 0"),
+           (["--lr_per_iter", "5e-7,1e-7", "--T", "3"], "--lr_per_iter has 2 value(s) for --T 3 iterations")]
+    for argv, msg in bad:
+        with pytest.raises(SystemExit) as e:
+            ldalign.parse_args(argv)
+        assert msg in str(e.value.code), (argv, e.value.code)
+    cfg = ldalign.parse_args(["--lr_per_iter", "5e-7,5e-7,1e-7,1e-7", "--beta", "0.2"])
+    assert [stages.setting_at(cfg, "lr", t) for t in (1, 2, 3)] == [5e-7, 5e-7, 1e-7]
+    assert stages.setting_at(cfg, "beta", 3) == 0.2  # no --beta_per_iter: --beta in every iteration
+    toy, paper = ldalign.parse_args([]), ldalign.parse_args(["--preset", "paper"])
+    assert (toy["spin_keep_previous"], toy["sft_data"]) == (False, "D")
+    assert (paper["spin_keep_previous"], paper["sft_data"]) == (True, "")
+
+    monkeypatch.setattr(cli, "_LOG", [])
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(GOOD + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    out = tmp_path / "run"
+    err = _user_error(["--out", str(out), "--method", "sft", "--sft_data", str(sft)], capsys)
+    assert err.startswith(f"error: {sft}:2: 'messages' must be a list starting with a user and an assistant"), err
+    assert not os.path.exists(out / "tokenizer")  # read before the toy tokenizer is trained
+
+    run = rundir.RunDir(dict(paper, out=str(tmp_path / "bind")))
+    for name in ("spin/iter1/policy", "sft/iter1/policy", "ldalign/iter1/policy"):
+        run.bind(name)
+    sections = json.load(open(run.path("settings.json")))
+    assert sections["spin"]["spin_keep_previous"] is True and sections["sft"]["sft_data"] == ""
+    assert sections["spin"]["lr_per_iter"] == "" and "sft_data" not in sections["spin"]
+    assert not {"spin_keep_previous", "sft_data"} & set(sections["ldalign"])
+    run.cfg = dict(run.cfg, spin_keep_previous=False, sft_data="other.jsonl")
+    run.check_settings(["ldalign"])  # neither is ldalign's
+    with pytest.raises(SystemExit, match="spin: --spin_keep_previous True -> False"):
+        run.check_settings(["spin"])
+    with pytest.raises(SystemExit, match="sft: --sft_data '' -> 'other.jsonl'"):
+        run.check_settings(["sft"])
+
+
+@pytest.mark.slow
+def test_paper_baselines_recipe_fills_every_row_of_table_1(paper_inputs, one_process_run, tmp_path, monkeypatch,
+                                                           capsys):
+    """`bash train.sh paper-baselines` prints (DRY_RUN=1) its three ldalign.py commands; each runs here, in this
+    process, on a copy of the paper run's folder (ldalign, T 2), with PAPER_RUN's small shapes:
+      spin  T 2, SPIN's lr / beta lists, --spin_keep_previous: iteration 1 trains on the N pairs of theta_0's
+            samples; iteration 2 on 2N pairs, the first N those of iteration 1 (theta_0's y'), then theta_1's,
+            every pair's reference log-probs those of theta_1 (recomputed here; theta_0's differ), weights 1,
+            each iteration at its own lr (run here at 1e-4, 1e-5: the recipe's 5e-7 barely moves a tiny model)
+      dpo   T 1 at lr 2e-7, beta 0.1, on --pref_data
+      sft   T 1 at lr 1e-5 on every record of --data (not the --max_examples of D)
+    Then harness.py lists theta_0 and every theta_t of the four methods, and a rerun trains nothing."""
+    from transformers import AutoTokenizer
+
+    import harness
+    out = str(tmp_path / "run")
+    shutil.copytree(one_process_run[0], out)
+    # the fixture's run has dpo at its own lr: removed (dpo/ and its settings), the recipe's DPO runs afresh
+    shutil.rmtree(os.path.join(out, "dpo"))
+    settings = json.load(open(os.path.join(out, "settings.json")))
+    del settings["dpo"]
+    json.dump(settings, open(os.path.join(out, "settings.json"), "w"))
+    # PAPER_RUN's small shapes (the paper run's shared settings), but not its --lr and --T
+    shapes = [a for i, a in enumerate(PAPER_RUN) if a not in ("--lr", "--T") and PAPER_RUN[i - 1] not in
+              ("--lr", "--T")]
+    env = dict(os.environ, DRY_RUN="1", SPIN_T="2", POLICY=paper_inputs["policy"], GUIDE=paper_inputs["guide"],
+               DATA=paper_inputs["data"], REWARD_MODEL=paper_inputs["rm"], PREF_DATA=paper_inputs["pref_data"])
+    p = subprocess.run(["bash", os.path.join(HERE, "train.sh"), "paper-baselines", "--out", out, "--eval_data",
+                        paper_inputs["eval_data"]] + shapes, env=env, capture_output=True, text=True, check=True)
+    commands = [c[c.index("ldalign.py") + 1:] for c in map(shlex.split, p.stdout.splitlines())]
+    cfgs = [ldalign.parse_args(c) for c in commands]
+    assert [c["method"] for c in cfgs] == ["spin", "dpo", "sft"] and {c["out"] for c in cfgs} == {out}
+    assert all(c["preset"] == "paper" and c["data"] == paper_inputs["data"] for c in cfgs)
+    spin_cfg, dpo_cfg, sft_cfg = cfgs
+    assert (spin_cfg["T"], spin_cfg["spin_keep_previous"]) == (2, True)
+    assert (spin_cfg["lr_per_iter"], spin_cfg["beta_per_iter"]) == ("5e-7,5e-7,1e-7,1e-7", "0.1,0.1,0.1,5.0")
+    assert (dpo_cfg["T"], dpo_cfg["lr"], dpo_cfg["beta"], dpo_cfg["pref_data"]) == (1, 2e-7, 0.1,
+                                                                                     paper_inputs["pref_data"])
+    assert (sft_cfg["T"], sft_cfg["lr"], sft_cfg["sft_data"]) == (1, 1e-5, "")
+
+    # every update's inputs, as the stages hand them to dpo.py
+    calls = []
+    real_dpo_train, real_sft_train = dpo.dpo_train, dpo.sft_train
+
+    def dpo_train(model, pairs, ref_chosen, ref_rejected, weights, **kw):
+        calls.append(SimpleNamespace(pairs=pairs, ref=(ref_chosen, ref_rejected), weights=weights, **kw))
+        return real_dpo_train(model, pairs, ref_chosen, ref_rejected, weights, **kw)
+
+    def sft_train(model, examples, **kw):
+        calls.append(SimpleNamespace(pairs=examples, **kw))
+        return real_sft_train(model, examples, **kw)
+    monkeypatch.setattr(dpo, "dpo_train", dpo_train)
+    monkeypatch.setattr(dpo, "sft_train", sft_train)
+    monkeypatch.setattr(cli, "_LOG", [])
+    spin_argv = commands[0] + ["--lr_per_iter", "1e-4,1e-5"]
+    for argv in (spin_argv, commands[1], commands[2]):
+        ldalign.main(argv)
+    spin1, spin2, dpo1, sft1 = calls
+
+    # spin: N pairs, then 2N: iteration 1's (theta_0's y') first, then theta_1's; reference theta_1 for all
+    y0 = _read_jsonl(os.path.join(out, "iter0", "samples.jsonl"))
+    y1 = _read_jsonl(os.path.join(out, "spin", "iter2", "samples.jsonl"))
+    n = len(y0)
+    assert [p[2] for p in spin1.pairs] == [r["y_prime_ids"] for r in y0]
+    assert len(spin2.pairs) == 2 * n
+    assert [p[2] for p in spin2.pairs] == [r["y_prime_ids"] for r in y0 + y1]
+    assert [p[:2] for p in spin2.pairs[:n]] == [p[:2] for p in spin2.pairs[n:]] == [p[:2] for p in spin1.pairs]
+    assert (spin2.weights == 1).all() and (spin1.lr, spin2.lr, spin1.beta, spin2.beta) == (1e-4, 1e-5, 0.1, 0.1)
+    cpu = torch.device("cpu")
+    theta_1 = stages.load_policy(os.path.join(out, "spin", "iter1", "policy"), spin_cfg, cpu)
+    ref = dpo.reference_logps(theta_1, spin2.pairs, 4, cpu)
+    theta_0 = stages.load_policy(paper_inputs["policy"], spin_cfg, cpu)
+    ref0 = dpo.reference_logps(theta_0, spin2.pairs, 4, cpu)
+    for got, want, other in zip(spin2.ref, ref, ref0):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
+        assert (got - other).abs().max() > 1e-2  # not vacuous: theta_0's log-probs are others
+    inputs = json.load(open(os.path.join(out, "stages.json")))["spin/iter2/policy"]
+    assert {"iter0/samples.jsonl", "spin/iter2/samples.jsonl", "spin/iter1/policy"} <= set(inputs)
+    _check_paper_run(out, paper_inputs, methods=("ldalign", "spin"))
+
+    # dpo: one training at lr 2e-7 on the preference pairs; sft: at lr 1e-5 on every record of --data
+    path = os.path.join(out, "skipped.jsonl")
+    skipped = {s["where"] for s in _read_jsonl(path)} if os.path.exists(path) else set()
+    prefs = [f"{paper_inputs['pref_data']}:{i}" for i in range(1, N_PREF + 1)]
+    assert (dpo1.lr, dpo1.beta, len(dpo1.pairs)) == (2e-7, 0.1, len([w for w in prefs if w not in skipped]))
+    assert sorted(os.listdir(os.path.join(out, "dpo"))) == ["iter1", "metrics.jsonl", "ref_logps_theta0.json",
+                                                            "results.md"]
+    tok = AutoTokenizer.from_pretrained(paper_inputs["policy"])
+    records = [xy for w, xy in _first_turns(paper_inputs["data"]).items() if w not in skipped]
+    assert len(records) > n  # more than D: --max_examples does not cut the SFT set
+    assert sft1.pairs == [(dataset.prompt_ids(tok, x), dataset.response_ids(tok, x, y)) for x, y in records]
+    assert sft1.lr == 1e-5 and not os.path.exists(os.path.join(out, "sft", "iter2"))
+
+    # every row of Table 1: theta_0 and each method's theta_t, as harness.py (bash train.sh eval) reads them
+    assert [label for label, _ in harness.models_of(out)] == ["SFT (theta_0)", "ldalign 1", "ldalign 2", "spin 1",
+                                                              "spin 2", "dpo 1", "sft 1"]
+    comparison = open(os.path.join(out, "comparison.md")).read()
+    assert all(m in comparison for m in ("ldalign", "spin", "dpo", "sft"))
+    # a rerun of the recipe trains nothing (theta_2 of spin is recorded from both samples files)
+    capsys.readouterr()
+    for argv in (spin_argv, commands[1], commands[2]):
+        ldalign.main(argv)
+    assert "=====" not in capsys.readouterr().out and len(calls) == 4
 
 # ####################################################################################################
 # Engineering

@@ -3,6 +3,8 @@
 #
 #   bash train.sh                 # preset "tiny" (default): toy sorting task, CPU or GPU, ~3 min on 2 cores
 #   bash train.sh paper           # the paper's setting on 8 GPUs (see README, "The paper's setting")
+#   bash train.sh paper-baselines # then Table 1's other rows on the same --out: SPIN, DPO, continual SFT as the
+#                                 # paper ran them (README, "Table 1's rows")
 #   bash train.sh compare         # the toy task with ldalign, spin, dpo and sft at equal budget (~8 min, CPU)
 #   bash train.sh eval runs/paper  # the paper's Table 1 (lm-evaluation-harness) for every policy of a run folder
 #   bash train.sh seeds           # the compare run for SEEDS seeds (default 5): means with 95% intervals (~40 min)
@@ -11,7 +13,8 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 bash train.sh paper --out /shared/runs/paper
 #                                 # on each of 2 nodes (NODE_RANK 1 on the other; README, "Several nodes")
 #
-# A rerun with the same --out resumes after the last finished stage.
+# A rerun with the same --out resumes after the last finished stage. DRY_RUN=1 prints each torchrun command instead
+# of running it.
 set -euo pipefail
 cd "$(dirname "$0")"
 PRESET="${1:-tiny}"
@@ -45,6 +48,10 @@ fi
 # exit status 2) is printed last, after torchrun's own failure report, by the node of global rank 0.
 launch() {
   local err status=0
+  if [ -n "${DRY_RUN:-}" ]; then
+    echo "torchrun ${RENDEZVOUS[*]} --nproc_per_node=$NPROC ldalign.py $(printf '%q ' "$@")"
+    return 0
+  fi
   err="$(mktemp)"
   LDALIGN_ERROR_FILE="$err" torchrun "${RENDEZVOUS[@]}" --nproc_per_node="$NPROC" ldalign.py "$@" || status=$?
   if [ -s "$err" ]; then
@@ -84,7 +91,7 @@ case "$PRESET" in
     done
     exec python analysis.py seeds "$OUT"
     ;;
-  paper)
+  paper|paper-baselines)
     # zephyr-7b-sft-full (Mistral-7B SFT on UltraChat 200k) is theta_0, gpt2 the guide's backbone, a 50k
     # subset of UltraChat 200k (first turns, JSONL with "messages") is D; beta 0.1, three iterations.
     # POLICY / GUIDE / REWARD_MODEL may be local HF checkpoint folders (no internet: download them beforehand).
@@ -94,9 +101,47 @@ case "$PRESET" in
           --guide "${GUIDE:-gpt2}"
           --data "${DATA:-data/ultrachat_50k.jsonl}"
           --reward_model "${REWARD_MODEL:-OpenAssistant/reward-model-deberta-v3-large-v2}")
+    if [ "$PRESET" = paper-baselines ]; then
+      # Section 5.1.4's competing methods, one call each on the run folder of `bash train.sh paper` (its theta_0,
+      # samples of theta_0 and guide are reused; each method binds its own settings). Every other setting is the
+      # preset's: RMSprop, warmup 0.1 then linear decay, 2 epochs, global batch 64, max length 1024 / prompt 512.
+      #
+      # SPIN as its repository (uclaml/SPIN) runs it; its iteration k is our t = k + 1.
+      #   pairs: --spin_keep_previous (the preset's): iteration t trains on the pairs of t-1 and t, "50k at
+      #     iteration 0 and 100k at iteration 1, 2 and 3" (SPIN's paper p. 9, quoted in uclaml/SPIN issue #11;
+      #     configs/config_iter1.yaml:9-10, config_iter2.yaml:11-12, config_iter3.yaml:13-14; README.md:203),
+      #     shuffled together (spin/alignment/data.py:132); the reference is the iteration's starting model
+      #     (spin/run_spin.py:139-141), theta_{t-1}
+      #   lr: 5e-7 (configs/config.yaml:23), 5e-7 (config_iter1.yaml:25), 1e-7 (scripts/finetune_iter2.sh:21),
+      #     1e-7 (finetune_iter3.sh:21); beta: 0.1 (config.yaml:16, config_iter1.yaml:18, finetune_iter2.sh:21),
+      #     then 5.0 (finetune_iter3.sh:21). Four values each: SPIN_T=4 runs SPIN's fourth iteration too.
+      #   batch 8 per GPU x 8 processes x 1 accumulation = 64 (config.yaml:32, 20; finetune.sh:21); RMSprop,
+      #     linear, warmup 0.1 (config.yaml:30, 26, 38); max_length 1024, max_prompt_length 512 (config.yaml:27-28)
+      #   epochs: 2 per iteration (SPIN's paper p. 9, issue #11); the scripts pass --num_train_epochs=6 with a
+      #     checkpoint per epoch (finetune*.sh:21, config.yaml:35) and do not say which checkpoint the paper used
+      #   sampling: 256 new tokens, temperature 1.0, top_p 1.0 (spin/generate_vllm.py:46); spin/generate.py:95
+      #     decodes with the checkpoint's own generation defaults, which the repository does not state
+      #   SPIN generates from "### Instruction: x\n\n### Response: " (generate.py:80) and trains on the chat
+      #     template (run_spin.py:47-51); here both use the chat template (dataset.prompt_ids)
+      launch "${ARGS[@]}" --method spin --T "${SPIN_T:-3}" --lr_per_iter 5e-7,5e-7,1e-7,1e-7 \
+        --beta_per_iter 0.1,0.1,0.1,5.0 "$@"
+      # DPO (Section 5.1.4): UltraFeedback binarized, lr 2e-7, beta 0.1, 2 epochs, global batch 64. One training
+      # of 2 epochs from theta_0: iteration 1 (T 1), whose reference is theta_0.
+      launch "${ARGS[@]}" --method dpo --T 1 --lr 2e-7 --beta 0.1 \
+        --pref_data "${PREF_DATA:-data/ultrafeedback_binarized.jsonl}" "$@"
+      # Continual SFT (Section 5.1.4): all of UltraChat 200k (Section 5.1.1: the full set, not the 50k subset),
+      # lr 1e-5, 2 epochs, global batch 64: iteration 1 (T 1). The preset's --sft_data "" is all of --data;
+      # SFT_DATA names another file. The paper names no optimizer: the preset's RMSprop.
+      SFT=()
+      if [ -n "${SFT_DATA:-}" ]; then
+        SFT=(--sft_data "$SFT_DATA")
+      fi
+      launch "${ARGS[@]}" --method sft --T 1 --lr 1e-5 "${SFT[@]}" "$@"
+      exit
+    fi
     ;;
   *)
-    echo "unknown preset '$PRESET': use tiny, compare, seeds, eval or paper" >&2
+    echo "unknown preset '$PRESET': use tiny, compare, seeds, eval, paper or paper-baselines" >&2
     exit 2
     ;;
 esac

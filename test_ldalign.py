@@ -61,6 +61,7 @@ Engineering
     GPU only (skipped without CUDA): CUDA-graph decoding, bf16 training on one GPU
 """
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -576,7 +577,9 @@ def test_algorithm_1_loop_on_a_minimal_slice(tmp_path):
     assert len(_read_jsonl(os.path.join(out, "iter0", "samples.jsonl"))) == n
     assert os.path.exists(os.path.join(out, "guide", "latent.safetensors"))  # line 4
     assert [r["iter"] for r in _read_jsonl(os.path.join(out, "ldalign", "metrics.jsonl"))] == list(range(T + 1))
-    assert sorted(os.listdir(os.path.join(out, "ldalign"))) == ["iter1", "iter2", "metrics.jsonl", "results.md"]
+    # (and distances.png, where matplotlib is installed)
+    assert set(os.listdir(os.path.join(out, "ldalign"))) - {"distances.png"} == {"iter1", "iter2", "metrics.jsonl",
+                                                                                  "results.md"}
 
     def eq4_grad_norm(policy, rows, w):
         """||grad of mean_i -w_i log sigma(z_i)|| at the reference (z = 0), computed by hand from a checkpoint."""
@@ -2253,6 +2256,79 @@ def test_save_histogram_png_with_matplotlib(tmp_path):
     assert ok is True
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert os.listdir(tmp_path) == ["hist.png"]  # the temp file was renamed, not left behind
+
+
+# ----------------------------------------------------------------------------------------------------
+# Watching a run: train_curves.png and TensorBoard (--tensorboard)
+# ----------------------------------------------------------------------------------------------------
+def test_save_curves_png_with_and_without_matplotlib(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    history = [{"step": k, "steps": 3, "loss": 0.7 - 0.1 * k, "lr": 1e-3, "grad_norm": 1.0 + k, "reward_chosen": 0.1,
+                "reward_rejected": -0.1, "reward_acc": 0.5, "reward_margin": 0.2} for k in (1, 2, 3)]
+    sft = [{k: h[k] for k in ("step", "steps", "loss", "lr", "grad_norm")} for h in history]  # no rewards: 3 panels
+    for name, rows in (("dpo.png", history), ("sft.png", sft)):
+        assert analysis.save_curves_png(rows, str(tmp_path / name), title="ldalign, iteration 1") is True
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == ["dpo.png", "sft.png"]  # no temp file left behind
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
+    assert analysis.save_curves_png(history, str(tmp_path / "none.png")) is False
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error_before_compute(tmp_path, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli.report_errors(ldalign.main, ["--out", str(out), "--tensorboard", "true"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err == "error: --tensorboard true needs the tensorboard package: pip install tensorboard\n"
+    assert not out.exists()  # before anything ran
+    assert ldalign.parse_args(["--out", str(out)])["tensorboard"] is False  # the default needs no package
+
+
+@pytest.mark.slow
+def test_watching_a_run_tensorboard_scalars_and_train_curves(tmp_path):
+    """--tensorboard true: out/tensorboard/ldalign/steps holds train/<key> for every optimizer step, numbered across
+    iterations, as train_metrics.jsonl has it; out/tensorboard/ldalign/iterations holds iteration/<key> per
+    iteration (theta_0 as 0), as metrics.jsonl has it; beside each train_metrics.jsonl a train_curves.png. A resumed
+    run writes the killed iteration's steps and metrics.jsonl's rows again: TensorBoard shows each once."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("matplotlib")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out, T = str(tmp_path / "run"), 2
+    # 8 pairs in batches of 4: 2 optimizer steps per iteration
+    args = ["--out", out, "--data", _minimal_data(tmp_path)] + MINIMAL_RUN + [
+        "--max_examples", "8", "--batch_size", "4", "--micro_batch_size", "4", "--tensorboard", "true",
+        "--log_every", "100"]
+    # killed half-way through iteration 2's update (after its step 1, global step 3), then resumed
+    p = _cli(args, env_extra={"LDALIGN_KILL_AT": "ldalign/iter2/train"})
+    assert p.returncode == 137, p.stdout[-2000:] + p.stderr[-2000:]
+    log = _run(args)
+    assert "step 1/2 loss" in log and "step 2/2 loss" in log  # the log: the first step and the last, as before
+
+    def scalars(run):
+        board = EventAccumulator(os.path.join(out, "tensorboard", "ldalign", run))
+        board.Reload()
+        return {tag: [(e.step, e.value) for e in board.Scalars(tag)] for tag in board.Tags()["scalars"]}
+    assert len(os.listdir(os.path.join(out, "tensorboard", "ldalign", "steps"))) == 2  # the killed run's, the resumed's
+    steps = [r for t in range(1, T + 1) for r in _read_jsonl(os.path.join(out, f"ldalign/iter{t}/train_metrics.jsonl"))]
+    assert len(steps) == 2 * T
+    train = scalars("steps")
+    keys = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_acc", "lr", "grad_norm")
+    assert sorted(train) == sorted(f"train/{k}" for k in keys)
+    for k in keys:
+        assert train[f"train/{k}"] == [(n + 1, pytest.approx(r[k], rel=1e-6, abs=1e-7)) for n, r in enumerate(steps)], k
+    rows = _read_jsonl(os.path.join(out, "ldalign", "metrics.jsonl"))
+    it = scalars("iterations")
+    assert sorted(it) == ["iteration/S", "iteration/exact_match", "iteration/loss"]  # no --reward_model: no reward
+    assert it["iteration/exact_match"] == [(r["iter"], pytest.approx(r["exact_match"])) for r in rows]
+    assert it["iteration/S"] == [(r["iter"], pytest.approx(r["S"], rel=1e-6)) for r in rows[1:]]  # none at 0
+    assert it["iteration/loss"] == [(r["iter"], pytest.approx(r["loss"], rel=1e-6)) for r in rows[1:]]
+    for t in range(1, T + 1):
+        png = os.path.join(out, "ldalign", f"iter{t}", "train_curves.png")
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ Equation / Algorithm 1 line -> tests
         test_compiled_decode_of_a_sliding_window_policy_compiles_once
         slow: test_paper_preset_one_process, test_paper_preset_two_processes_fsdp2,
         test_heldout_prompts_are_not_filtered_by_the_guides_context, test_guide_steps_do_not_depend_on_the_process_count
+        and test_paper_preset_at_the_papers_lengths_in_one_process (pairs of 1024, prompts of 512, 256 new tokens)
 
 Engineering
     the sampler (generate.py): KV cache vs the cache-free oracle generate_naive and vs HF generate, top-k / top-p,
@@ -56,7 +57,8 @@ Engineering
         compute, parse_args, no pickle, the lock (a dead or half-written one), a folder without its manifest,
         unreadable input and an unwritable --out as one-line errors
     analysis (analysis.py, Sections 5.1.3 and 5.2): edit distance, toy judge, ranking agreement, histogram,
-        PNG, reward models, the seeds report (means with 95% intervals)
+        PNG, reward models, the seeds report (means with 95% intervals); watching a run: train_curves.png,
+        --tensorboard (its one-line error without the package; slow: the scalars of a killed and resumed run)
     bench.py: smoke tests on the CPU with a tiny model
     GPU only (skipped without CUDA): CUDA-graph decoding, bf16 training on one GPU
 """
@@ -96,6 +98,7 @@ from conftest import (
     GEN_VOCAB,
     GOOD,
     HERE,
+    LONG_SYSTEM,
     MIXED_LEN,
     MODELS,
     N_EVAL,
@@ -131,6 +134,7 @@ from conftest import (
     _train_sh_two_nodes,
     _train_under_outer_autocast,
     _write,
+    build_long_records,
     gen_gpt2,
     gen_llama,
     gen_prompts,
@@ -884,6 +888,94 @@ def test_guide_steps_do_not_depend_on_the_process_count(one_process_run, two_pro
     def guide_steps(log):
         return int(re.search(r"\[guide\] step 1/(\d+)", log).group(1))
     assert guide_steps(two_process_run[1]) == guide_steps(one_process_run[1])
+
+
+@pytest.mark.slow
+def test_paper_preset_at_the_papers_lengths_in_one_process(paper_inputs, tmp_path, monkeypatch):
+    """The paper preset's lengths, not shrunk: max_len 1024, prompts up to 512 tokens, 256 new tokens, a guide of
+    1024 positions (GPT-2's), on the tiny zephyr-shaped policy (Mistral, GQA, zephyr's template with a system turn)
+    and long four-turn records (build_long_records), end to end in this process (ldalign.main), T = 1. What each
+    model is fed is read off its embedding tables (a global forward hook: the longest input, the largest id):
+      - over-length records are listed in skipped.jsonl with their reason (prompt > 512, prompt + answer > 1024,
+        a guide input over 1024 positions while the policy's tokens fit), the others make D;
+      - y' ~ theta_0 runs to 256 tokens when no EOS comes, never further; prompts are left-padded to 512, and a
+        short prompt behind ~480 pad positions is answered as it is alone;
+      - the update's sequences reach 1000-1024 tokens (a pair of 512 + 512) and never pass 1024;
+      - the guide reads at most 1024 positions; the reward model (DeBERTa, 512 positions) at most 512.
+    The guide's tokenizer needs ~0.86x the policy's tokens for English (as GPT-2's against Mistral's): its longest
+    input is x + y of the 512 + 512 pair (~830); the record it cannot hold is made of accented words (1.07x)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    guide = str(tmp_path / "gpt2_1024")
+    save_tiny_gpt2(guide, n_positions=1024, vocab_size=1200)
+    long = build_long_records(str(tmp_path), paper_inputs["policy"], guide)
+    out = str(tmp_path / "run")
+    seen = {}  # (rows, width) of an embedding table -> {"lengths": the input lengths it saw, "top": largest id}
+
+    def record_input(module, args):
+        if isinstance(module, torch.nn.Embedding):
+            table = seen.setdefault((module.num_embeddings, module.embedding_dim), {"lengths": set(), "top": -1})
+            table["lengths"].add(args[0].shape[-1])
+            table["top"] = max(table["top"], int(args[0].max()))
+    monkeypatch.setattr(cli, "_LOG", [])  # RunDir points the user-error log at this run's log.txt: not for later tests
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record_input)
+    try:
+        ldalign.main(["--preset", "paper", "--out", out, "--policy", paper_inputs["policy"], "--guide", guide,
+                      "--reward_model", paper_inputs["rm"], "--data", long["data"], "--eval_data", long["eval_data"],
+                      "--method", "ldalign", "--T", "1", "--epochs", "1", "--batch_size", "4", "--gen_batch_size", "4",
+                      "--guide_batch_size", "4", "--guide_epochs", "1", "--agreement_n", "2", "--lr", "1e-4",
+                      "--gen_compile", "false"])
+    finally:
+        hook.remove()
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert [cfg[k] for k in ("max_len", "max_prompt_len", "max_new_tokens", "micro_batch_size")] == [1024, 512, 256, 2]
+    assert cfg["gen_static"] and cfg["grad_ckpt"] and cfg["overlength"] == "skip"
+    # the records: skipped with their reason, or in D
+    skipped = {r["where"]: r["why"] for r in _read_jsonl(os.path.join(out, "skipped.jsonl"))}
+    why = {"max_prompt_len": "> max_prompt_len=512", "max_len": "> max_len=1024",
+           "guide": "guide input would exceed the guide's 1024 positions"}
+    assert sorted(skipped) == sorted(w for w, f in long["fate"].items() if f != "kept")
+    for where, reason in skipped.items():
+        assert why[long["fate"][where]] in reason, (where, reason)
+    samples = _read_jsonl(os.path.join(out, "iter0", "samples.jsonl"))
+    kept = [w for w, f in long["fate"].items() if f == "kept" and w.startswith(long["data"])]
+    assert [r["where"] for r in samples] == kept
+    # y' ~ theta_0: at most 256 tokens; a sample without EOS is cut at exactly 256
+    tok = AutoTokenizer.from_pretrained(paper_inputs["policy"])
+    lengths = [len(r["y_prime_ids"]) for r in samples]
+    assert max(lengths) == 256 and all(n == 256 or r["y_prime_ids"][-1] == tok.eos_token_id
+                                       for n, r in zip(lengths, samples)), lengths
+    # what each model was fed (the tables of the tiny checkpoints: policy 64 wide, guide and RM 32)
+    policy = seen[len(tok), 64]["lengths"]
+    guide_positions = seen[1024, 32]  # GPT-2's wpe
+    rm = seen[len(AutoTokenizer.from_pretrained(paper_inputs["rm"])), 32]["lengths"]
+    print(f"[paper lengths] y' lengths {lengths}; longest input: policy {max(policy)}, guide "
+          f"{max(guide_positions['lengths'])}, reward model {max(rm)}", flush=True)
+    assert 1000 <= max(policy) <= 1024  # the update's longest pair: 512 + 512, padded to the micro-batch
+    # the prefill of the one sampling batch: D's prompts left-padded to the longest, 500-512 tokens
+    prompts = [dataset.prompt_ids(tok, r["x"], LONG_SYSTEM if i == 0 else None) for i, r in enumerate(samples)]
+    longest = max(len(p) for p in prompts)
+    assert 500 <= longest <= 512 and longest in policy and 1 in policy  # then one token per step
+    # left padding at these lengths (a short prompt behind ~480 pad positions, the preset's StaticCache) changes
+    # no token: greedy answers equal those of each prompt alone, without cache (generate_naive)
+    model = AutoModelForCausalLM.from_pretrained(paper_inputs["policy"], dtype=torch.float32).eval()
+    short = min(range(len(prompts)), key=lambda i: len(prompts[i]))
+    pair = [prompts[0], prompts[short]]
+    batched = generate_module.sample_responses(model, pair, batch_size=2, max_new_tokens=16, eos_token_id=-1,
+                                               pad_token_id=tok.eos_token_id, temperature=0.0, top_p=1.0, top_k=0,
+                                               seed=0, device=torch.device("cpu"), static=True)
+    for p, y in zip(pair, batched):
+        alone = generate_naive(model, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), 16, -1,
+                               tok.eos_token_id, temperature=0.0)
+        assert alone[0].tolist() == y, len(p)
+    assert max(guide_positions["lengths"]) <= 1024 and guide_positions["top"] <= 1023
+    assert max(rm) <= 512
+    # the stages' results at these lengths
+    s = torch.tensor([r["s"] for r in _read_jsonl(os.path.join(out, "ldalign", "iter1", "distances.jsonl"))])
+    assert len(s) == len(kept) and torch.isfinite(s).all() and (s >= 0).all()
+    steps = _read_jsonl(os.path.join(out, "ldalign", "iter1", "train_metrics.jsonl"))
+    assert len(steps) == 1 and math.isfinite(steps[0]["loss"]) and math.isfinite(steps[0]["grad_norm"])
+    ev = json.load(open(os.path.join(out, "ldalign", "iter1", "eval.json")))
+    assert ev["n"] == 2 and math.isfinite(ev["reward"])
 
 
 # ####################################################################################################

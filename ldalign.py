@@ -110,7 +110,7 @@ DEFAULTS = dict(
     compile=False,            # torch.compile each transformer block of the policy: faster steps
     log_every=10,
     # also write every step's loss, rewards, margin, lr and grad norm and every iteration's S, exact
-    # match and reward to out/tensorboard/<method>/ (needs `pip install tensorboard`)
+    # match, reward and loss to out/tensorboard/<method>/ (needs `pip install tensorboard`)
     tensorboard=False,
     # evaluation (Section 5.1.3) and the analyses of Section 5.2:
     # any HF sequence-classification reward model (the paper: reward-model-deberta-v3-large-v2)

@@ -11,10 +11,12 @@ Section 5.2    Two checks that the guide's latent space means something:
       On the toy sorting task the judge is exact correctness / word edit distance to y.  -> toy_judge
 
 And the pieces of what a run writes for a person to read (stages.py writes the files): evaluate (eval.json),
-agreement (agreement.json), the tables of results.md and comparison.md, distances.png.
+agreement (agreement.json), the tables of results.md and comparison.md, distances.png; train_curves.png and the
+TensorBoard scalars (--tensorboard) for watching a run.
 
 Nothing here trains anything: the distances come from guide.py, the samples from generate.py.
-matplotlib is optional: without it save_histogram_png does nothing and says so (returns False).
+matplotlib is optional: without it save_histogram_png and save_curves_png do nothing and say so (return False);
+tensorboard too (Board, only with --tensorboard).
 """
 import contextlib
 import json
@@ -195,6 +197,77 @@ def save_histogram_png(hists, path, *, bins=30, title="latent distances s = ||ph
     with atomic_path(path) as tmp:  # a reader never sees a half-written PNG
         fig.savefig(tmp, format="png", dpi=120)
     return True
+
+
+# ==================================================================== watching a run: curves and TensorBoard
+CURVES = (("loss", ("loss",)), ("implicit rewards", ("reward_chosen", "reward_rejected", "reward_margin")),
+          ("reward accuracy", ("reward_acc",)), ("learning rate", ("lr",)), ("gradient norm", ("grad_norm",)))
+
+
+def save_curves_png(history, path, *, title="") -> bool:
+    """One iteration's training curves, one panel per row of CURVES (the keys a step record has: sft's have no
+    rewards), against the optimizer step, written atomically to `path` (train_curves.png beside
+    train_metrics.jsonl). Returns False, and writes nothing, when matplotlib is not installed (it is optional)."""
+    try:  # as save_histogram_png: the Agg canvas, no pyplot
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    panels = [(name, [k for k in keys if history and k in history[0]]) for name, keys in CURVES]
+    panels = [(name, keys) for name, keys in panels if keys]
+    steps = [h["step"] for h in history]
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3 * rows))
+    FigureCanvasAgg(fig)
+    for i, (name, keys) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for k in keys:
+            ax.plot(steps, [h[k] for h in history], marker="." if len(steps) < 30 else None, label=k)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(name)
+        if len(keys) > 1:
+            ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    # fixed margins (inches / figure height): tight_layout would measure every label, a third of the drawing time
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.5 / (3 * rows), top=1 - 0.65 / (3 * rows), wspace=0.3,
+                        hspace=0.6)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return True
+
+
+class Board:
+    """--tensorboard: a run's scalars, per method two TensorBoard runs, so that the methods overlay on one chart
+    per tag: out/tensorboard/<method>/steps, train/<key> per optimizer step, counted across iterations (iteration
+    t's step k is (t - 1) * steps + k), and out/tensorboard/<method>/iterations, iteration/<key> per iteration t
+    (0 = theta_0), the rows of metrics.jsonl. Each writer starts with TensorBoard's purge mark: points that an
+    earlier process wrote at or after its first step are dropped (a resumed iteration's steps, a rerun's rows), so
+    the charts show each step once. Rank 0 writes (Stages makes it)."""
+
+    def __init__(self, folder):
+        from torch.utils.tensorboard import SummaryWriter
+        self.folder, self.steps, self.SummaryWriter = folder, {}, SummaryWriter
+
+    def step(self, method, values, step):
+        """One optimizer step's values {key: number or None} (None: not measured, left out)."""
+        if method not in self.steps:
+            self.steps[method] = self.SummaryWriter(os.path.join(self.folder, method, "steps"), purge_step=step)
+        for k, v in values.items():
+            if v is not None:
+                self.steps[method].add_scalar(f"train/{k}", v, step)
+        # on disk now: a step of a 7B run takes seconds, and a run killed the next moment keeps it
+        self.steps[method].flush()
+
+    def iterations(self, method, rows):
+        """Every row of <method>/metrics.jsonl, in a new file that drops what earlier ones wrote."""
+        with self.SummaryWriter(os.path.join(self.folder, method, "iterations"), purge_step=0) as w:
+            for r in rows:
+                for k in ("S", "exact_match", "reward", "loss"):
+                    if r[k] is not None:
+                        w.add_scalar(f"iteration/{k}", r[k], r["iter"])
 
 
 # ==================================================================== what a run records (Section 5.1.3, 5.2)

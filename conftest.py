@@ -702,11 +702,12 @@ def save_mistral_tokenizer(path, style="legacy"):
         os.remove(os.path.join(path, "chat_template.jinja"))
 
 
-def gpt2_tokenizer():
-    """Like GPT-2's: byte-level BPE, <|endoftext|> is bos, eos and unk; no pad token; no template."""
+def gpt2_tokenizer(vocab_size=600):
+    """Like GPT-2's: byte-level BPE, <|endoftext|> is bos, eos and unk; no pad token; no template. At 600 it needs
+    ~1.25x the tiny Mistral's tokens for English; at 1200, ~0.86x, as GPT-2's 50k vocabulary against Mistral's 32k."""
     from tokenizers import pre_tokenizers
     from transformers import GPT2Tokenizer
-    vocab, merges = _trained_bpe(_corpus(), 600, pre_tokenizers.ByteLevel(add_prefix_space=False),
+    vocab, merges = _trained_bpe(_corpus(), vocab_size, pre_tokenizers.ByteLevel(add_prefix_space=False),
                                  special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     return GPT2Tokenizer(vocab=vocab, merges=merges)
 
@@ -738,10 +739,10 @@ def save_tiny_mistral(path, vocab_size):
     MistralForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
 
 
-def save_tiny_gpt2(path, n_positions):
+def save_tiny_gpt2(path, n_positions, vocab_size=600):
     """The guide's backbone: a tiny GPT2LMHeadModel and its own byte-level tokenizer (not the policy's)."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    gtok = gpt2_tokenizer()
+    gtok = gpt2_tokenizer(vocab_size)
     torch.manual_seed(1)
     GPT2LMHeadModel(GPT2Config(vocab_size=len(gtok), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
                                bos_token_id=gtok.bos_token_id, eos_token_id=gtok.eos_token_id)).save_pretrained(path)
@@ -775,6 +776,86 @@ def build_paper_inputs(root, guide_positions=256):
     dump(p["data"], [_conversation(i, q, a) for i, (q, a) in enumerate(QA[:N_TRAIN])])
     dump(p["eval_data"], [_conversation(i, q, a) for i, (q, a) in enumerate(QA[N_TRAIN:N_TRAIN + N_EVAL], N_TRAIN)])
     dump(p["pref_data"], [_preference(i, q, a) for i, (q, a) in enumerate(QA[:N_PREF])])
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's lengths: max_len 1024, prompts up to 512 tokens, 256 new tokens, a guide of 1024 positions
+# ----------------------------------------------------------------------------------------------------
+LONG_SYSTEM = "You are a helpful assistant. Answer in detail, in plain English."
+ACCENTED = "días café naïve résumé "  # more guide tokens than policy tokens (1.07x): the guide's limit binds first
+
+
+def _words(n, start=0):
+    """The first n words of the QA answers run together, from word `start` on (cycled)."""
+    words = [w for _, a in QA for w in a.split()]
+    return " ".join(words[(start + i) % len(words)] for i in range(n))
+
+
+def _longest(make, fits):
+    """make(n) for the largest n with fits(make(n)) (fits holds for n = 1 and fails from some n on)."""
+    lo, hi = 1, 2
+    while fits(make(hi)):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(make(mid)) else (lo, mid)
+    return make(lo)
+
+
+def build_long_records(root, policy, guide):
+    """UltraChat-like files at the paper's lengths, in the tokens of `policy` and `guide` (HF folders): --data
+    with 4 records that fit (one at 512 prompt tokens and 1024 in all, with a system turn; one at 512 prompt
+    tokens and a short answer; two short) and 3 that do not (a prompt over 512, prompt + answer over 1024, and
+    one whose guide input is over 1024 while its policy tokens fit); --eval_data with a prompt of 512 tokens, a
+    short one and one over 512. Every record has four turns (the run reads the first exchange). Returns
+    {"data", "eval_data", "fate": file:line -> "kept" or the reason it is skipped}."""
+    from transformers import AutoTokenizer
+    tok, gtok = AutoTokenizer.from_pretrained(policy), AutoTokenizer.from_pretrained(guide)
+    L = dict(max_len=1024, max_prompt_len=512, max_new_tokens=256)
+
+    def tokens(x, y, system=None):
+        """(policy prompt, policy response, guide prompt, guide response) token counts."""
+        gx, gy = dataset.guide_ids(gtok, x, y)
+        return (len(dataset.prompt_ids(tok, x, system)), len(dataset.response_ids(tok, x, y, system)), len(gx),
+                len(gy))
+
+    def prompt_fits(system, limit=L["max_prompt_len"]):
+        return lambda x: tokens(x, "ok", system)[0] <= limit
+
+    def total_fits(x, system=None, limit=L["max_len"]):
+        return lambda y: sum(tokens(x, y, system)[:2]) <= limit
+    x512 = _longest(lambda n: "Please read these notes, then answer. " + _words(n), prompt_fits(LONG_SYSTEM))
+    y512 = _longest(lambda n: _words(n, 300), total_fits(x512, LONG_SYSTEM))
+    x512b = _longest(lambda n: "Summarize these notes. " + _words(n, 150), prompt_fits(None))
+    over_prompt = x512b + " " + _words(20, 600)
+    x300 = _words(150, 50)  # ~300 tokens
+    over_total = _longest(lambda n: _words(n, 400), total_fits(x300)) + " " + _words(20, 700)
+    xacc = _longest(lambda n: ACCENTED * n, prompt_fits(None, 420))
+    yacc = _longest(lambda n: ACCENTED * n, total_fits(xacc))
+    train = [(LONG_SYSTEM, x512, y512, "kept"), (None, x512b, QA[0][1], "kept"), (None, QA[1][0], QA[1][1], "kept"),
+             (None, over_prompt, QA[2][1], "max_prompt_len"), (None, QA[3][0], QA[3][1], "kept"),
+             (None, x300, over_total, "max_len"), (None, xacc, yacc, "guide")]
+    held_out = [(LONG_SYSTEM, x512, "kept"), (None, QA[4][0], "kept"), (None, over_prompt, "max_prompt_len")]
+    # each record's fate, as its counts say (what the test expects the run to find)
+    for system, x, y, fate in train:
+        px, py, gx, gy = tokens(x, y, system)
+        over = {"max_prompt_len": px > 512, "max_len": px + py > 1024, "guide": gx + max(gy, 257) > 1024}
+        assert [k for k, v in over.items() if v] == ([] if fate == "kept" else [fate]), (fate, px, py, gx, gy)
+    assert tokens(x512, y512, LONG_SYSTEM)[0] >= 500 and sum(tokens(x512, y512, LONG_SYSTEM)[:2]) >= 1000
+
+    def record(i, system, x, y):
+        turns = [{"role": "user", "content": x}, {"role": "assistant", "content": y},
+                 {"role": "user", "content": FOLLOW_UPS[i % 4]}, {"role": "assistant", "content": "Of course."}]
+        return {"prompt": x, "prompt_id": f"{i:064x}",
+                "messages": ([{"role": "system", "content": system}] if system else []) + turns}
+    p = {"data": os.path.join(root, "long_train.jsonl"), "eval_data": os.path.join(root, "long_test.jsonl")}
+    with open(p["data"], "w") as f:
+        f.writelines(json.dumps(record(i, s, x, y)) + "\n" for i, (s, x, y, _) in enumerate(train))
+    with open(p["eval_data"], "w") as f:
+        f.writelines(json.dumps(record(i, s, x, "A short answer.")) + "\n" for i, (s, x, _) in enumerate(held_out))
+    p["fate"] = {f"{p['data']}:{i}": r[-1] for i, r in enumerate(train, 1)}
+    p["fate"].update({f"{p['eval_data']}:{i}": r[-1] for i, r in enumerate(held_out, 1)})
     return p
 
 

@@ -29,11 +29,13 @@ again: it goes on from the last finished stage). stages.py says which stage writ
     M/iter{t}/distances.json    line 9: S = mean_i s_i, the weights s_i/S; the distribution of s
                                 (Section 5.2 (1))
     M/iter{t}/policy/           line 10: theta_t (HF safetensors); train_metrics.jsonl: loss and
-                                rewards per optimizer step
+                                rewards per optimizer step, drawn in train_curves.png (matplotlib)
     M/iter{t}/eval.json         theta_t's greedy answers on held-out prompts: exact match, reward
     M/metrics.jsonl, results.md one row per iteration; comparison.md when several methods ran
     dpo/ref_logps_theta0.json   (dpo) the fixed reference's log-probs, computed in iteration 1
+    tensorboard/M/              (--tensorboard true) the same numbers, as they come, for TensorBoard
 """
+import importlib.util
 import math
 import os
 import sys
@@ -117,6 +119,9 @@ DEFAULTS = dict(
     grad_ckpt=False,          # activation checkpointing of the policy (saves memory on 7B)
     compile=False,            # torch.compile each transformer block of the policy: faster steps
     log_every=10,
+    # also write every step's loss, rewards, margin, lr and grad norm and every iteration's S, exact
+    # match, reward and loss to out/tensorboard/<method>/ (needs `pip install tensorboard`)
+    tensorboard=False,
     # evaluation (Section 5.1.3) and the analyses of Section 5.2:
     # any HF sequence-classification reward model (the paper: reward-model-deberta-v3-large-v2)
     reward_model="",
@@ -186,6 +191,8 @@ def parse_args(argv):
         if cfg[f"{k}_revision"] and (cfg[k] in ("", "tiny") or os.path.isdir(cfg[k])):
             raise SystemExit(f"--{k}_revision is for a hub id; --{k} {cfg[k]!r} is "
                              f"{'a local folder' if cfg[k] not in ('', 'tiny') else 'not one'}")
+    if cfg["tensorboard"] and importlib.util.find_spec("tensorboard") is None:
+        raise SystemExit("--tensorboard true needs the tensorboard package: pip install tensorboard")
     if cfg["overlength"] not in ("error", "skip"):
         raise SystemExit(f"--overlength is 'error' or 'skip', got {cfg['overlength']!r}")
     bad = [f"--{k} must be > 0, got {cfg[k]!r}" for k in POSITIVE_INT if not cfg[k] > 0]

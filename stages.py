@@ -47,6 +47,9 @@ class Stages:
                                                            revision=cfg.get("reward_model_revision") or None)
         # The one policy in memory and the checkpoint folder it equals (None: none held).
         self.held, self.held_path = None, None
+        # --tensorboard: the scalars of every step and iteration (rank 0), out/tensorboard/<method>/...
+        self.board = analysis.Board(run.path("tensorboard")) if cfg["tensorboard"] and fsdp.rank() == 0 else None
+        self.curves_hint = True  # the "pip install matplotlib" hint, logged once
 
     # ----------------------------------------------------------------------------------------------
     # The policy in memory
@@ -173,6 +176,12 @@ class Stages:
         # From here on the held model is no longer theta_{t-1}.
         self.held_path = None
         history = UPDATES[method](self, method, t, policy, y_prime, w)
+        # the curves before theta_t: every saved theta_t has its train_curves.png (with matplotlib)
+        curves = self.run.path(method, f"iter{t}", "train_curves.png")
+        title = f"{method}, iteration {t}: theta_{t - 1} -> theta_{t}"
+        if fsdp.rank() == 0 and not analysis.save_curves_png(history, curves, title=title) and self.curves_hint:
+            self.log("(pip install matplotlib for train_curves.png; the numbers are in train_metrics.jsonl)")
+            self.curves_hint = False
         self.run.save_policy(policy, self.data.tok, method, t, history, self.update_inputs(method, t))
         self.held_path = self.run.policy_path(method, t)
 
@@ -195,6 +204,12 @@ class Stages:
         cfg = self.cfg
 
         def log_step(r):
+            # called after every step: TensorBoard gets each one, the log every --log_every-th and the last
+            if self.board:
+                keys = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_acc", "lr", "grad_norm")
+                self.board.step(method, {k: r.get(k) for k in keys}, (t - 1) * r["steps"] + r["step"])
+            if (r["step"] - 1) % cfg["log_every"] and r["step"] != r["steps"]:
+                return
             extra = f"reward acc {r['reward_acc']:.2f} margin {r['reward_margin']:.3f} " if "reward_acc" in r else ""
             self.log(f"  step {r['step']}/{r['steps']} loss {r['loss']:.4f} {extra}lr {r['lr']:.2e} | "
                      f"{r['elapsed_s']:.0f}s, eta {r['eta_s']:.0f}s")
@@ -206,7 +221,7 @@ class Stages:
         return dict(lr=setting_at(cfg, "lr", t), epochs=cfg["epochs"], batch_size=cfg["batch_size"],
                     micro_batch_size=cfg["micro_batch_size"], device=self.device, optimizer=cfg["optimizer"],
                     warmup_ratio=cfg["warmup_ratio"], max_grad_norm=cfg["max_grad_norm"],
-                    seed=cfg["seed"] + 1000 * t, log_every=cfg["log_every"], log_fn=log_step, on_step=on_step)
+                    seed=cfg["seed"] + 1000 * t, log_every=1, log_fn=log_step, on_step=on_step)
 
     # ----------------------------------------------------------------------------------------------
     # Resume, evaluation and reports (Sections 5.1.3 and 5.2)
@@ -270,7 +285,10 @@ class Stages:
             rows = [r for r in (read_jsonl(path) if os.path.exists(path) else []) if r["iter"] != t]
             row = {"iter": t, "S": S, "loss": loss, "steps": len(history), "exact_match": ev["exact_match"],
                    "reward": ev["reward"]}
-            write_jsonl(path, sorted(rows + [row], key=lambda r: r["iter"]))
+            rows = sorted(rows + [row], key=lambda r: r["iter"])
+            write_jsonl(path, rows)
+            if self.board:  # (rank 0's only)
+                self.board.iterations(method, rows)
 
     def recorded(self, method, t):
         """Has theta_t of `method` its row in metrics.jsonl? (A run killed after saving theta_t has not.)"""

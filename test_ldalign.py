@@ -41,6 +41,7 @@ Equation / Algorithm 1 line -> tests
         test_compiled_decode_of_a_sliding_window_policy_compiles_once
         slow: test_paper_preset_one_process, test_paper_preset_two_processes_fsdp2,
         test_heldout_prompts_are_not_filtered_by_the_guides_context, test_guide_steps_do_not_depend_on_the_process_count
+        and test_paper_preset_at_the_papers_lengths_in_one_process (pairs of 1024, prompts of 512, 256 new tokens)
     Section 5.1.4, the competing methods as the paper ran them (train.sh paper-baselines: SPIN's data recipe and
     per-iteration lr / beta, DPO, continual SFT on all of --data)
         fast: test_baseline_recipe_settings_are_checked_and_bound_per_method
@@ -60,13 +61,15 @@ Engineering
         compute, parse_args, no pickle, the lock (a dead or half-written one), a folder without its manifest,
         unreadable input and an unwritable --out as one-line errors
     analysis (analysis.py, Sections 5.1.3 and 5.2): edit distance, toy judge, ranking agreement, histogram,
-        PNG, reward models, the seeds report (means with 95% intervals)
+        PNG, reward models, the seeds report (means with 95% intervals); watching a run: train_curves.png,
+        --tensorboard (its one-line error without the package; slow: the scalars of a killed and resumed run)
     Table 1 (harness.py) and provenance: lm-eval's version and each column's settings in table1.md, the chat
         template an option, --*_revision reaching every from_pretrained, config.json's resolved revisions and versions
     bench.py: smoke tests on the CPU with a tiny model
     GPU only (skipped without CUDA): CUDA-graph decoding, bf16 training on one GPU
 """
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -102,6 +105,7 @@ from conftest import (
     GEN_VOCAB,
     GOOD,
     HERE,
+    LONG_SYSTEM,
     MIXED_LEN,
     MODELS,
     N_EVAL,
@@ -140,6 +144,7 @@ from conftest import (
     _train_sh_two_nodes,
     _train_under_outer_autocast,
     _write,
+    build_long_records,
     gen_gpt2,
     gen_llama,
     gen_prompts,
@@ -586,7 +591,9 @@ def test_algorithm_1_loop_on_a_minimal_slice(tmp_path):
     assert len(_read_jsonl(os.path.join(out, "iter0", "samples.jsonl"))) == n
     assert os.path.exists(os.path.join(out, "guide", "latent.safetensors"))  # line 4
     assert [r["iter"] for r in _read_jsonl(os.path.join(out, "ldalign", "metrics.jsonl"))] == list(range(T + 1))
-    assert sorted(os.listdir(os.path.join(out, "ldalign"))) == ["iter1", "iter2", "metrics.jsonl", "results.md"]
+    # (and distances.png, where matplotlib is installed)
+    assert set(os.listdir(os.path.join(out, "ldalign"))) - {"distances.png"} == {"iter1", "iter2", "metrics.jsonl",
+                                                                                  "results.md"}
 
     def eq4_grad_norm(policy, rows, w):
         """||grad of mean_i -w_i log sigma(z_i)|| at the reference (z = 0), computed by hand from a checkpoint."""
@@ -1044,6 +1051,93 @@ def test_paper_baselines_recipe_fills_every_row_of_table_1(paper_inputs, one_pro
     for argv in (spin_argv, commands[1], commands[2]):
         ldalign.main(argv)
     assert "=====" not in capsys.readouterr().out and len(calls) == 4
+@pytest.mark.slow
+def test_paper_preset_at_the_papers_lengths_in_one_process(paper_inputs, tmp_path, monkeypatch):
+    """The paper preset's lengths, not shrunk: max_len 1024, prompts up to 512 tokens, 256 new tokens, a guide of
+    1024 positions (GPT-2's), on the tiny zephyr-shaped policy (Mistral, GQA, zephyr's template with a system turn)
+    and long four-turn records (build_long_records), end to end in this process (ldalign.main), T = 1. What each
+    model is fed is read off its embedding tables (a global forward hook: the longest input, the largest id):
+      - over-length records are listed in skipped.jsonl with their reason (prompt > 512, prompt + answer > 1024,
+        a guide input over 1024 positions while the policy's tokens fit), the others make D;
+      - y' ~ theta_0 runs to 256 tokens when no EOS comes, never further; prompts are left-padded to 512, and a
+        short prompt behind ~480 pad positions is answered as it is alone;
+      - the update's sequences reach 1000-1024 tokens (a pair of 512 + 512) and never pass 1024;
+      - the guide reads at most 1024 positions; the reward model (DeBERTa, 512 positions) at most 512.
+    The guide's tokenizer needs ~0.86x the policy's tokens for English (as GPT-2's against Mistral's): its longest
+    input is x + y of the 512 + 512 pair (~830); the record it cannot hold is made of accented words (1.07x)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    guide = str(tmp_path / "gpt2_1024")
+    save_tiny_gpt2(guide, n_positions=1024, vocab_size=1200)
+    long = build_long_records(str(tmp_path), paper_inputs["policy"], guide)
+    out = str(tmp_path / "run")
+    seen = {}  # (rows, width) of an embedding table -> {"lengths": the input lengths it saw, "top": largest id}
+
+    def record_input(module, args):
+        if isinstance(module, torch.nn.Embedding):
+            table = seen.setdefault((module.num_embeddings, module.embedding_dim), {"lengths": set(), "top": -1})
+            table["lengths"].add(args[0].shape[-1])
+            table["top"] = max(table["top"], int(args[0].max()))
+    monkeypatch.setattr(cli, "_LOG", [])  # RunDir points the user-error log at this run's log.txt: not for later tests
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record_input)
+    try:
+        ldalign.main(["--preset", "paper", "--out", out, "--policy", paper_inputs["policy"], "--guide", guide,
+                      "--reward_model", paper_inputs["rm"], "--data", long["data"], "--eval_data", long["eval_data"],
+                      "--method", "ldalign", "--T", "1", "--epochs", "1", "--batch_size", "4", "--gen_batch_size", "4",
+                      "--guide_batch_size", "4", "--guide_epochs", "1", "--agreement_n", "2", "--lr", "1e-4",
+                      "--gen_compile", "false"])
+    finally:
+        hook.remove()
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert [cfg[k] for k in ("max_len", "max_prompt_len", "max_new_tokens", "micro_batch_size")] == [1024, 512, 256, 2]
+    assert cfg["gen_static"] and cfg["grad_ckpt"] and cfg["overlength"] == "skip"
+    # the records: skipped with their reason, or in D
+    skipped = {r["where"]: r["why"] for r in _read_jsonl(os.path.join(out, "skipped.jsonl"))}
+    why = {"max_prompt_len": "> max_prompt_len=512", "max_len": "> max_len=1024",
+           "guide": "guide input would exceed the guide's 1024 positions"}
+    assert sorted(skipped) == sorted(w for w, f in long["fate"].items() if f != "kept")
+    for where, reason in skipped.items():
+        assert why[long["fate"][where]] in reason, (where, reason)
+    samples = _read_jsonl(os.path.join(out, "iter0", "samples.jsonl"))
+    kept = [w for w, f in long["fate"].items() if f == "kept" and w.startswith(long["data"])]
+    assert [r["where"] for r in samples] == kept
+    # y' ~ theta_0: at most 256 tokens; a sample without EOS is cut at exactly 256
+    tok = AutoTokenizer.from_pretrained(paper_inputs["policy"])
+    lengths = [len(r["y_prime_ids"]) for r in samples]
+    assert max(lengths) == 256 and all(n == 256 or r["y_prime_ids"][-1] == tok.eos_token_id
+                                       for n, r in zip(lengths, samples)), lengths
+    # what each model was fed (the tables of the tiny checkpoints: policy 64 wide, guide and RM 32)
+    policy = seen[len(tok), 64]["lengths"]
+    guide_positions = seen[1024, 32]  # GPT-2's wpe
+    rm = seen[len(AutoTokenizer.from_pretrained(paper_inputs["rm"])), 32]["lengths"]
+    print(f"[paper lengths] y' lengths {lengths}; longest input: policy {max(policy)}, guide "
+          f"{max(guide_positions['lengths'])}, reward model {max(rm)}", flush=True)
+    assert 1000 <= max(policy) <= 1024  # the update's longest pair: 512 + 512, padded to the micro-batch
+    # the prefill of the one sampling batch: D's prompts left-padded to the longest, 500-512 tokens
+    prompts = [dataset.prompt_ids(tok, r["x"], LONG_SYSTEM if i == 0 else None) for i, r in enumerate(samples)]
+    longest = max(len(p) for p in prompts)
+    assert 500 <= longest <= 512 and longest in policy and 1 in policy  # then one token per step
+    # left padding at these lengths (a short prompt behind ~480 pad positions, the preset's StaticCache) changes
+    # no token: greedy answers equal those of each prompt alone, without cache (generate_naive)
+    model = AutoModelForCausalLM.from_pretrained(paper_inputs["policy"], dtype=torch.float32).eval()
+    short = min(range(len(prompts)), key=lambda i: len(prompts[i]))
+    pair = [prompts[0], prompts[short]]
+    batched = generate_module.sample_responses(model, pair, batch_size=2, max_new_tokens=16, eos_token_id=-1,
+                                               pad_token_id=tok.eos_token_id, temperature=0.0, top_p=1.0, top_k=0,
+                                               seed=0, device=torch.device("cpu"), static=True)
+    for p, y in zip(pair, batched):
+        alone = generate_naive(model, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), 16, -1,
+                               tok.eos_token_id, temperature=0.0)
+        assert alone[0].tolist() == y, len(p)
+    assert max(guide_positions["lengths"]) <= 1024 and guide_positions["top"] <= 1023
+    assert max(rm) <= 512
+    # the stages' results at these lengths
+    s = torch.tensor([r["s"] for r in _read_jsonl(os.path.join(out, "ldalign", "iter1", "distances.jsonl"))])
+    assert len(s) == len(kept) and torch.isfinite(s).all() and (s >= 0).all()
+    steps = _read_jsonl(os.path.join(out, "ldalign", "iter1", "train_metrics.jsonl"))
+    assert len(steps) == 1 and math.isfinite(steps[0]["loss"]) and math.isfinite(steps[0]["grad_norm"])
+    ev = json.load(open(os.path.join(out, "ldalign", "iter1", "eval.json")))
+    assert ev["n"] == 2 and math.isfinite(ev["reward"])
+
 
 # ####################################################################################################
 # Engineering
@@ -2550,6 +2644,79 @@ def test_save_histogram_png_with_matplotlib(tmp_path):
     assert ok is True
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert os.listdir(tmp_path) == ["hist.png"]  # the temp file was renamed, not left behind
+
+
+# ----------------------------------------------------------------------------------------------------
+# Watching a run: train_curves.png and TensorBoard (--tensorboard)
+# ----------------------------------------------------------------------------------------------------
+def test_save_curves_png_with_and_without_matplotlib(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    history = [{"step": k, "steps": 3, "loss": 0.7 - 0.1 * k, "lr": 1e-3, "grad_norm": 1.0 + k, "reward_chosen": 0.1,
+                "reward_rejected": -0.1, "reward_acc": 0.5, "reward_margin": 0.2} for k in (1, 2, 3)]
+    sft = [{k: h[k] for k in ("step", "steps", "loss", "lr", "grad_norm")} for h in history]  # no rewards: 3 panels
+    for name, rows in (("dpo.png", history), ("sft.png", sft)):
+        assert analysis.save_curves_png(rows, str(tmp_path / name), title="ldalign, iteration 1") is True
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == ["dpo.png", "sft.png"]  # no temp file left behind
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
+    assert analysis.save_curves_png(history, str(tmp_path / "none.png")) is False
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error_before_compute(tmp_path, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli.report_errors(ldalign.main, ["--out", str(out), "--tensorboard", "true"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err == "error: --tensorboard true needs the tensorboard package: pip install tensorboard\n"
+    assert not out.exists()  # before anything ran
+    assert ldalign.parse_args(["--out", str(out)])["tensorboard"] is False  # the default needs no package
+
+
+@pytest.mark.slow
+def test_watching_a_run_tensorboard_scalars_and_train_curves(tmp_path):
+    """--tensorboard true: out/tensorboard/ldalign/steps holds train/<key> for every optimizer step, numbered across
+    iterations, as train_metrics.jsonl has it; out/tensorboard/ldalign/iterations holds iteration/<key> per
+    iteration (theta_0 as 0), as metrics.jsonl has it; beside each train_metrics.jsonl a train_curves.png. A resumed
+    run writes the killed iteration's steps and metrics.jsonl's rows again: TensorBoard shows each once."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("matplotlib")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out, T = str(tmp_path / "run"), 2
+    # 8 pairs in batches of 4: 2 optimizer steps per iteration
+    args = ["--out", out, "--data", _minimal_data(tmp_path)] + MINIMAL_RUN + [
+        "--max_examples", "8", "--batch_size", "4", "--micro_batch_size", "4", "--tensorboard", "true",
+        "--log_every", "100"]
+    # killed half-way through iteration 2's update (after its step 1, global step 3), then resumed
+    p = _cli(args, env_extra={"LDALIGN_KILL_AT": "ldalign/iter2/train"})
+    assert p.returncode == 137, p.stdout[-2000:] + p.stderr[-2000:]
+    log = _run(args)
+    assert "step 1/2 loss" in log and "step 2/2 loss" in log  # the log: the first step and the last, as before
+
+    def scalars(run):
+        board = EventAccumulator(os.path.join(out, "tensorboard", "ldalign", run))
+        board.Reload()
+        return {tag: [(e.step, e.value) for e in board.Scalars(tag)] for tag in board.Tags()["scalars"]}
+    assert len(os.listdir(os.path.join(out, "tensorboard", "ldalign", "steps"))) == 2  # the killed run's, the resumed's
+    steps = [r for t in range(1, T + 1) for r in _read_jsonl(os.path.join(out, f"ldalign/iter{t}/train_metrics.jsonl"))]
+    assert len(steps) == 2 * T
+    train = scalars("steps")
+    keys = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_acc", "lr", "grad_norm")
+    assert sorted(train) == sorted(f"train/{k}" for k in keys)
+    for k in keys:
+        assert train[f"train/{k}"] == [(n + 1, pytest.approx(r[k], rel=1e-6, abs=1e-7)) for n, r in enumerate(steps)], k
+    rows = _read_jsonl(os.path.join(out, "ldalign", "metrics.jsonl"))
+    it = scalars("iterations")
+    assert sorted(it) == ["iteration/S", "iteration/exact_match", "iteration/loss"]  # no --reward_model: no reward
+    assert it["iteration/exact_match"] == [(r["iter"], pytest.approx(r["exact_match"])) for r in rows]
+    assert it["iteration/S"] == [(r["iter"], pytest.approx(r["S"], rel=1e-6)) for r in rows[1:]]  # none at 0
+    assert it["iteration/loss"] == [(r["iter"], pytest.approx(r["loss"], rel=1e-6)) for r in rows[1:]]
+    for t in range(1, T + 1):
+        png = os.path.join(out, "ldalign", f"iter{t}", "train_curves.png")
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import os
 import torch
 import torch.distributed as dist
 
+import lora
+
 
 # ----------------------------------------------------------------------------------------------------
 # The process group
@@ -168,9 +170,13 @@ def compile_blocks(model):
         m.compile()
 
 
-def load_policy(path, device, *, exact_fp32, grad_ckpt=False, compile=False, trust_remote_code=False):
+def load_policy(path, device, *, exact_fp32, grad_ckpt=False, compile=False, trust_remote_code=False, lora_r=0,
+                lora_targets=""):
     """A policy checkpoint, ready to sample and train: fp32 master weights on `device` (FSDP2-sharded when
     world > 1, whose mixed precision then computes in bf16), activation checkpointing / compiled blocks.
+
+    lora_r > 0 (--lora_r): the targeted linear layers get rank-r LoRA adapters (lora.add: inactive until the update
+    begins, every other weight frozen), added here, before FSDP2 shards the model, so that FSDP2 owns A and B.
 
     exact_fp32=False (theta_0 from outside, --policy) loads in the dtype it is stored in ("auto": zephyr's bf16
     weights are 14 GB in CPU memory, not 28; the cast to fp32 below is exact). exact_fp32=True (the
@@ -186,7 +192,9 @@ def load_policy(path, device, *, exact_fp32, grad_ckpt=False, compile=False, tru
     dtype = torch.float32 if exact_fp32 else "auto"
 
     def read():
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        # rank 0's full copy has the adapters too: its state dict is that of the wrapped model
+        return lora.add(m, lora_targets, lora_r) if lora_r else m
     if world() == 1:
         m = read()
     else:
@@ -194,6 +202,8 @@ def load_policy(path, device, *, exact_fp32, grad_ckpt=False, compile=False, tru
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             m = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+            if lora_r:
+                lora.add(m, lora_targets, lora_r)
     if grad_ckpt:
         # Recompute each decoder block's activations in backward (HF's activation checkpointing, per
         # block; it keeps FSDP2's hooks outside the checkpoint). HF turns the cache off in training only.

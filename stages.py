@@ -28,6 +28,7 @@ import dpo
 import fsdp
 import generate
 import guide as guide_lib
+import lora
 from cli import UserError
 from rundir import METHODS, read_json, read_jsonl, save_hf, verify, write_atomic, write_json, write_jsonl
 
@@ -166,6 +167,9 @@ class Stages:
         policy = self.policy(t - 1, method)
         # From here on the held model is no longer theta_{t-1}.
         self.held_path = None
+        if self.cfg.get("lora_r"):
+            # --lora_r: fresh adapters (B = 0: still theta_{t-1}), trained alone; merged when theta_t is saved
+            lora.begin(policy, self.cfg["lora_alpha"] or self.cfg["lora_r"], seed=self.cfg["seed"] + 1000 * t)
         history = UPDATES[method](self, method, t, policy, y_prime, w)
         self.run.save_policy(policy, self.data.tok, method, t, history, self.update_inputs(method, t))
         self.held_path = self.run.policy_path(method, t)
@@ -352,7 +356,8 @@ def load_policy(path, cfg, device):
     if path != cfg["policy"]:
         verify(path)
     return fsdp.load_policy(path, device, exact_fp32=path != cfg["policy"], grad_ckpt=cfg["grad_ckpt"],
-                            compile=cfg["compile"], trust_remote_code=cfg["trust_remote_code"])
+                            compile=cfg["compile"], trust_remote_code=cfg["trust_remote_code"],
+                            lora_r=cfg.get("lora_r", 0), lora_targets=cfg.get("lora_targets", ""))
 
 
 def toy_theta0(data, cfg, device, log):

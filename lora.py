@@ -7,6 +7,7 @@ targeted projection, only A and B trained, theta_t saved merged.
     ... train ...                      # dpo's loop: the optimizer sees A and B only (requires_grad)
     config = lora.merge(model)         # theta_t is saved (RunDir.save_policy): W += scaling * B @ A, adapters off
     sd, tensors = lora.plain_state_dict(model, sd)     # a standard HF checkpoint's names; A and B in peft's
+    lora.numel(model)                  # (adapter, other) parameter counts: trained vs frozen, for a memory plan
 
 Its own file, hand-written (no peft): ~40 lines of layer, no new dependency, and the two things this project
 needs that a library hides: adapters that exist before FSDP2 shards the model (FSDP2 must own A and B, or their
@@ -152,6 +153,9 @@ def save_adapter(adapter, config, folder, base):
                        lora_dropout=0.0, bias="none", init_lora_weights="orthogonal (lora.py)"), f, indent=1)
 
 
-def trainable_parameters(model):
-    """What the optimizer updates: every parameter with requires_grad (A and B only under LoRA)."""
-    return [p for p in model.parameters() if p.requires_grad]
+def numel(model):
+    """(adapter parameters, all other parameters) of a wrapped model, e.g. one built on the meta device from a
+    config and lora.add-ed: what a memory plan counts as trained (fp32, with gradients and optimizer state) and
+    as frozen (the base, in the dtype it is loaded in: fp32, see merge)."""
+    adapter = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B")))
+    return adapter, sum(p.numel() for p in model.parameters()) - adapter

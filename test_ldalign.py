@@ -967,6 +967,9 @@ def test_lora_theta_t_is_saved_merged_and_reloads_to_the_same_logps(tmp_path):
                lora_targets="q_proj,v_proj,down_proj")
     model = stages.load_policy(theta0, cfg, cpu)
     assert len(lora.wrapped(model)) == 2 * 3 and not any(p.requires_grad for p in model.parameters())
+    # per block: q_proj and v_proj (32 -> 32, 32 -> 16: GQA), down_proj (64 -> 32), 4 (in + out) each
+    n_base = sum(p.numel() for p in tiny_llama().parameters())
+    assert lora.numel(model) == (2 * 4 * ((32 + 32) + (32 + 16) + (64 + 32)), n_base)
     lora.begin(model, alpha=8.0, seed=1)
     pairs = _pairs(8)
     rc, rr = dpo.reference_logps(model, pairs, 4, cpu)

@@ -1,25 +1,26 @@
 """LoRA (Hu et al. 2021) for the update of Algorithm 1, line 10: theta_t = theta_{t-1} + scaling * B @ A per
 targeted projection, only A and B trained, theta_t saved merged.
 
-    lora.add(model, targets)           # at load (fsdp.load_policy, before FSDP2): every targeted nn.Linear gets
+    lora.add(model, targets, r)        # at load (fsdp.load_policy, before FSDP2): every targeted nn.Linear gets
                                        # an (inactive) adapter; every parameter of the model is frozen
-    lora.begin(model, r, alpha, seed)  # the update starts (Stages.update): A seeded, B = 0, adapters on
+    lora.begin(model, alpha, seed)     # the update starts (Stages.update): A seeded, B = 0, adapters on
     ... train ...                      # dpo's loop: the optimizer sees A and B only (requires_grad)
     config = lora.merge(model)         # theta_t is saved (RunDir.save_policy): W += scaling * B @ A, adapters off
     sd, tensors = lora.plain_state_dict(model, sd)     # a standard HF checkpoint's names; A and B in peft's
     lora.numel(model)                  # (adapter, other) parameter counts: trained vs frozen, for a memory plan
 
-Its own file, hand-written (no peft): ~40 lines of layer, no new dependency, and the two things this project
-needs that a library hides: adapters that exist before FSDP2 shards the model (FSDP2 must own A and B, or their
+Its own file, hand-written (no peft): ~40 lines of layer, no new dependency, and what this project needs
+spelled out: adapters that exist before FSDP2 shards the model (FSDP2 must own A and B, or their
 gradients would not be averaged over ranks) and are off outside the update (sampling and evaluation run the plain
 linear), and a merge that keeps theta_t in fp32. The adapters of theta_t are saved beside it in peft's layout
-(policy/adapter/: adapter_config.json, adapter_model.safetensors), which peft loads on theta_{t-1}.
+(policy/adapter/: adapter_config.json, adapter_model.safetensors: peft's file names, tensor names and config
+fields; not tried with peft itself, which this project does not install).
 
 Why A is orthogonal (not peft's kaiming-uniform): at step 0, B = 0, so the gradient reaches B only, as
 grad_B = scaling * G @ A^T (G = the full gradient of W), and one step moves the effective weight by
-scaling * dB @ A, i.e. along -G @ A^T A. With orthonormal rows (r <= in) A^T A is the projection onto A's row
-space: the LoRA step is the full step restricted to a random r-dimensional subspace of the inputs; at full rank
-(r >= in, orthonormal columns) A^T A is the identity and the step is the full fine-tuning step
+scaling * dB @ A, i.e. along -G @ A^T A. With orthonormal rows (r <= in) A^T A is (a multiple of) the projection
+onto A's row space: the LoRA step is the full step restricted to a random r-dimensional subspace of the inputs;
+at full rank (r >= in, orthonormal columns) A^T A is a multiple of the identity: the full fine-tuning step
 (test_lora_at_full_rank_steps_along_full_fine_tuning). A random kaiming A gives G @ (a random positive matrix)
 instead. The gain 1/sqrt(3) gives A's entries peft's size (kaiming-uniform: variance 1/(3 in)) when r <= in.
 """
@@ -150,7 +151,7 @@ def save_adapter(adapter, config, folder, base):
     save_file({k: v.contiguous() for k, v in adapter.items()}, os.path.join(folder, "adapter_model.safetensors"))
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(dict(config, peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base,
-                       lora_dropout=0.0, bias="none", init_lora_weights="orthogonal (lora.py)"), f, indent=1)
+                       lora_dropout=0.0, bias="none"), f, indent=1)
 
 
 def numel(model):

@@ -349,9 +349,10 @@ class RunDir:
         if fsdp.rank() == 0:
             write_jsonl(self.path(method, f"iter{t}", "train_metrics.jsonl"), history)
         # LoRA: theta_t = theta_{t-1} + scaling * B @ A, merged in fp32; the adapters beside (adapter/)
-        adapter = lora.merge(model)
-        save_hf(model, tokenizer, self.policy_path(method, t),
-                adapter=adapter and (adapter, os.path.abspath(self.policy_path(method, t - 1))))
+        adapter, base = lora.merge(model), self.policy_path(method, t - 1)
+        # the adapter's base: theta_{t-1}'s folder (a hub id for a theta_0 given as one)
+        base = os.path.abspath(base) if os.path.exists(base) else base
+        save_hf(model, tokenizer, self.policy_path(method, t), adapter=adapter and (adapter, base))
         self.kill_point(f"{method}/iter{t}/policy")  # a kill between saving theta_t and evaluating it
 
     @staticmethod

@@ -83,6 +83,14 @@ def add(model, targets, r):
     return model
 
 
+def check(config, targets, trust_remote_code=False):
+    """--lora_targets against theta_0's architecture (an HF config), before any compute: the model is built on the
+    meta device (no memory, no weights read) and wrapped; a target that names no nn.Linear is a UserError."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        add(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code), targets, 1)
+
+
 def begin(model, alpha, seed):
     """Fresh adapters for one update: A orthogonal (seeded: the same on every rank and on a resume), B = 0, so that
     the model is still exactly theta_{t-1} (reference log-probs and step 0 unchanged); scaling = alpha / r."""

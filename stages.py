@@ -45,6 +45,12 @@ class Stages:
         if cfg["reward_model"]:
             self.reward_model = analysis.load_reward_model(cfg["reward_model"], device=torch.device("cpu"),
                                                            trust_remote_code=cfg["trust_remote_code"])
+        if cfg.get("lora_r"):
+            # --lora_targets checked against theta_0's architecture now, not at the first update
+            from transformers import AutoConfig
+            config = dataset.tiny_policy_config(data.tok, cfg["max_len"]) if cfg["policy"] == "tiny" else \
+                AutoConfig.from_pretrained(cfg["policy"], trust_remote_code=cfg["trust_remote_code"])
+            lora.check(config, cfg["lora_targets"], cfg["trust_remote_code"])
         # The one policy in memory and the checkpoint folder it equals (None: none held).
         self.held, self.held_path = None, None
 

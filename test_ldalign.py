@@ -44,7 +44,8 @@ Equation / Algorithm 1 line -> tests
     One GPU: line 10 with LoRA (lora.py, --lora_r), and the small preset (a tiny Qwen2 with Qwen2.5-Instruct's template)
         fast: test_lora_at_full_rank_steps_along_full_fine_tuning,
         test_lora_theta_t_is_saved_merged_and_reloads_to_the_same_logps,
-        test_prompt_and_golden_tokens_follow_qwen_template
+        test_prompt_and_golden_tokens_follow_qwen_template,
+        test_lora_targets_that_name_no_linear_layer_are_a_user_error_before_compute
         slow: test_lora_fsdp2_two_processes_equal_one_process, test_small_preset_with_lora_end_to_end_then_resume
 
 Engineering
@@ -1003,6 +1004,21 @@ def test_lora_theta_t_is_saved_merged_and_reloads_to_the_same_logps(tmp_path):
     assert torch.equal(torch.cat(dpo.reference_logps(reloaded, pairs, 4, cpu)), merged)
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # what sampling, evaluation, lm-eval read
     torch.testing.assert_close(torch.cat(dpo.reference_logps(plain, pairs, 4, cpu)), merged, atol=1e-5, rtol=0)
+
+
+def test_lora_targets_that_name_no_linear_layer_are_a_user_error_before_compute(tmp_path, capsys):
+    """--lora_targets c_attn (GPT-2's name) on a Llama: one line naming the option and the model's linear layers,
+    exit status 2, before theta_0 (the toy's SFT) is trained."""
+    out = str(tmp_path / "run")
+    with open(os.path.join(HERE, "data", "sort_train.jsonl")) as f:
+        (tmp_path / "train.jsonl").write_text("".join(f.readlines()[:16]))
+    with pytest.raises(SystemExit) as e:
+        cli.report_errors(ldalign.main, ["--out", out, "--data", str(tmp_path / "train.jsonl"), "--max_examples", "8",
+                                         "--lora_r", "2", "--lora_targets", "q_proj,c_attn"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "--lora_targets q_proj,c_attn: c_attn is no nn.Linear of LlamaForCausalLM" in err and "down_proj" in err
+    assert not os.path.exists(os.path.join(out, "sft"))
 
 
 def _lora_worker(folder, out):

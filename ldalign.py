@@ -5,7 +5,7 @@
     python ldalign.py --preset paper --data ultrachat_50k.jsonl      # the paper's setting
     torchrun --nproc_per_node=8 ldalign.py --preset paper ...         # the same, FSDP2 on 8 GPUs
     python ldalign.py --preset small --data train_sft.parquet   # Qwen2.5-0.5B-Instruct, 1 GPU
-    python ldalign.py --preset paper --lora_r 64 ...            # LoRA: the 7B on one GPU
+    python ldalign.py --preset paper --lora_r 64 --lora_base_dtype bfloat16 ...  # the 7B, 1 GPU
     python ldalign.py --out runs/x --T 5             # any default below, overridden as --key value
 
 Each stage writes its result under --out and a rerun reads back what is stored (kill it and start it
@@ -112,6 +112,10 @@ DEFAULTS = dict(
     lora_r=0,
     lora_alpha=0.0,           # scaling = lora_alpha / lora_r; 0 = lora_r (scaling 1)
     lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",  # attention and MLP
+    # the frozen base's dtype in memory under LoRA: "bfloat16" halves it (one process only: the
+    # 7B on one GPU). theta_{t-1} is then rounded to bf16 for every stage (as for inference; exact
+    # for a bf16 theta_0 such as zephyr's); theta_t is saved in fp32: rounded theta_{t-1} + B A.
+    lora_base_dtype="float32",
     grad_ckpt=False,          # activation checkpointing of the policy (saves memory on 7B)
     compile=False,            # torch.compile each transformer block of the policy: faster steps
     log_every=10,
@@ -207,6 +211,12 @@ def parse_args(argv):
     if not 0 <= cfg["lora_alpha"] < math.inf:
         bad.append(f"--lora_alpha must be a finite number >= 0 (0 = lora_r), got "
                    f"{cfg['lora_alpha']!r}")
+    if cfg["lora_base_dtype"] not in ("float32", "bfloat16"):
+        bad.append(f"--lora_base_dtype is 'float32' or 'bfloat16', got {cfg['lora_base_dtype']!r}")
+    elif cfg["lora_base_dtype"] == "bfloat16" and not (cfg["lora_r"] and
+                                                       os.environ.get("WORLD_SIZE", "1") == "1"):
+        bad.append("--lora_base_dtype bfloat16 needs --lora_r > 0 and one process (under torchrun "
+                   "the base is sharded in fp32)")
     if cfg["lora_r"] and not cfg["lora_targets"].strip(", "):
         bad.append("--lora_targets names no module (e.g. q_proj,v_proj)")
     if not 0 <= cfg["warmup_ratio"] < 1:

@@ -91,6 +91,16 @@ def check(config, targets, trust_remote_code=False):
         add(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code), targets, 1)
 
 
+def cast_base(model, dtype):
+    """--lora_base_dtype bfloat16 (one process): every parameter but A and B in `dtype` (the frozen base: half the
+    memory), A and B in fp32. theta_{t-1} is then rounded to bf16, as for inference: at the start of every update,
+    whether held or reloaded (merge keeps the two the same)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.data = p.data.to(torch.float32 if n.endswith((".lora_A", ".lora_B")) else dtype)
+    return model
+
+
 def begin(model, alpha, seed):
     """Fresh adapters for one update: A orthogonal (seeded: the same on every rank and on a resume), B = 0, so that
     the model is still exactly theta_{t-1} (reference log-probs and step 0 unchanged); scaling = alpha / r."""
@@ -118,14 +128,22 @@ def _set(param, full):
 def merge(model):
     """theta_t = theta_{t-1} + scaling * B @ A, in place in every targeted weight (every rank: under FSDP2 each
     computes its rows of B @ A), then the adapters are off and frozen: the model in memory is theta_t, a plain
-    model. Returns the adapter's config (None without LoRA). Merged in fp32 (the weights' dtype): at lr 1e-6 an
-    update is far below bf16's spacing, and a bf16 merge would round most of it away."""
+    model. Returns the adapter's config (None without LoRA). Merged in fp32: at DPO's learning rates much of an
+    update is below bf16's spacing, and a bf16 merge would round it away."""
     mods = wrapped(model)
     if not any(m.active for m in mods.values()):
         return None
     with torch.no_grad():
         for m in mods.values():
-            m.base.weight.add_((m.lora_B @ m.lora_A).to(m.base.weight.dtype), alpha=m.scaling)
+            W = m.base.weight
+            if W.dtype == torch.float32:
+                W.add_(m.lora_B @ m.lora_A, alpha=m.scaling)
+            else:
+                # a bf16 base (--lora_base_dtype): theta_t's fp32 weight is kept for the checkpoint (host memory,
+                # plain_state_dict); in memory its bf16 rounding, as a reload of that checkpoint gives
+                merged = W.float().add_(m.lora_B @ m.lora_A, alpha=m.scaling)
+                m.merged = merged.cpu()
+                W.copy_(merged)
             m.active = False
             m.lora_A.requires_grad_(False)
             m.lora_B.requires_grad_(False)
@@ -148,6 +166,12 @@ def plain_state_dict(model, state_dict):
             adapter[f"base_model.model.{k}.weight"] = v
         else:
             plain[rename.get(k, k)] = v
+    # a bf16 base: theta_t in fp32 as every checkpoint of the run (exact for the frozen weights), the merged
+    # weights as merge() computed them
+    for name, m in wrapped(model).items():
+        if getattr(m, "merged", None) is not None:
+            plain[f"{name}.weight"], m.merged = m.merged, None
+    plain = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in plain.items()}
     return plain, adapter
 
 

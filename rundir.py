@@ -169,7 +169,8 @@ def save_hf(model, tokenizer, out_dir, adapter=None):
 SHARED_KEYS = ("data", "max_examples", "overlength", "seed", "policy", "max_len", "max_prompt_len", "max_new_tokens",
                "sft_steps", "sft_lr", "sft_batch_size", "temperature", "top_p", "top_k",
                "guide", "latent_dim", "guide_epochs", "guide_lr", "guide_batch_size",  # theta_0, iter0/, guide/
-               "eval_data", "max_eval", "reward_model", "judge", "agreement_n")  # every eval.json, agreement.json
+               "eval_data", "max_eval", "reward_model", "judge", "agreement_n",  # every eval.json, agreement.json
+               "lora_base_dtype")  # the policy every stage computes with
 METHODS = ("ldalign", "spin", "dpo", "sft")  # Algorithm 1 and the competitors of Section 5.1.4: one folder each
 # <method>/iter*/: each method its own (a later call may run dpo at its lr). The data a method's stages read
 # is bound by any of them; the update's settings only by a saved theta_t (an update that stopped at a NaN

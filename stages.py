@@ -363,7 +363,8 @@ def load_policy(path, cfg, device):
         verify(path)
     return fsdp.load_policy(path, device, exact_fp32=path != cfg["policy"], grad_ckpt=cfg["grad_ckpt"],
                             compile=cfg["compile"], trust_remote_code=cfg["trust_remote_code"],
-                            lora_r=cfg.get("lora_r", 0), lora_targets=cfg.get("lora_targets", ""))
+                            lora_r=cfg.get("lora_r", 0), lora_targets=cfg.get("lora_targets", ""),
+                            lora_base_dtype=cfg.get("lora_base_dtype", "float32"))
 
 
 def toy_theta0(data, cfg, device, log):

@@ -45,7 +45,8 @@ Equation / Algorithm 1 line -> tests
         fast: test_lora_at_full_rank_steps_along_full_fine_tuning,
         test_lora_theta_t_is_saved_merged_and_reloads_to_the_same_logps,
         test_prompt_and_golden_tokens_follow_qwen_template,
-        test_lora_targets_that_name_no_linear_layer_are_a_user_error_before_compute
+        test_lora_targets_that_name_no_linear_layer_are_a_user_error_before_compute,
+        test_lora_on_a_bf16_base_saves_theta_t_in_fp32_and_holds_what_a_reload_gives, test_lora_settings_are_checked
         slow: test_lora_fsdp2_two_processes_equal_one_process, test_small_preset_with_lora_end_to_end_then_resume
 
 Engineering
@@ -1019,6 +1020,61 @@ def test_lora_targets_that_name_no_linear_layer_are_a_user_error_before_compute(
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
     assert "--lora_targets q_proj,c_attn: c_attn is no nn.Linear of LlamaForCausalLM" in err and "down_proj" in err
     assert not os.path.exists(os.path.join(out, "sft"))
+
+
+def test_lora_settings_are_checked(monkeypatch):
+    """parse_args: --lora_alpha >= 0, targets given, a bf16 base only with LoRA and in one process."""
+    for argv, msg in [(["--lora_alpha", "-1"], "--lora_alpha must be a finite number >= 0"),
+                      (["--lora_r", "2", "--lora_targets", ","], "--lora_targets names no module"),
+                      (["--lora_base_dtype", "bfloat16"], "needs --lora_r > 0 and one process"),
+                      (["--lora_r", "2", "--lora_base_dtype", "float16"], "is 'float32' or 'bfloat16'")]:
+        with pytest.raises(SystemExit, match=msg):
+            ldalign.parse_args(argv)
+    assert ldalign.parse_args(["--lora_r", "2", "--lora_base_dtype", "bfloat16"])["lora_base_dtype"] == "bfloat16"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="one process"):
+        ldalign.parse_args(["--lora_r", "2", "--lora_base_dtype", "bfloat16"])
+
+
+def test_lora_on_a_bf16_base_saves_theta_t_in_fp32_and_holds_what_a_reload_gives(tmp_path):
+    """--lora_base_dtype bfloat16 (the 7B on one GPU): the frozen weights in bf16, A and B in fp32. theta_t is
+    saved in fp32: bf16(theta_{t-1}) + scaling * B @ A, computed in fp32 (the update is not rounded away), the
+    frozen weights exact; the model held in memory after the merge is bit for bit what reloading theta_t gives
+    (its bf16 rounding), so a resumed run computes with the same weights as an uninterrupted one."""
+    from safetensors.torch import load_file
+    cpu = torch.device("cpu")
+    theta0 = str(tmp_path / "theta0")
+    with rundir.atomic_path(theta0) as tmp:
+        tiny_llama(seed=0).save_pretrained(tmp)
+    cfg = dict(policy="elsewhere", grad_ckpt=False, compile=False, trust_remote_code=False, lora_r=4,
+               lora_targets="q_proj,v_proj", lora_base_dtype="bfloat16")
+    model = stages.load_policy(theta0, cfg, cpu)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    lora.begin(model, alpha=4.0, seed=1)
+    pairs = _pairs(8)
+    rc, rr = dpo.reference_logps(model, pairs, 4, cpu)
+    dpo.dpo_train(model, pairs, rc, rr, torch.ones(8), beta=0.5, lr=1e-3, epochs=1, batch_size=4,
+                  micro_batch_size=4, device=cpu, optimizer="adamw")
+    out = str(tmp_path / "theta1")
+    rundir.save_hf(model, _toy_tok(), out, adapter=(lora.merge(model), theta0))
+    saved = load_file(os.path.join(out, "model.safetensors"))
+    before = load_file(os.path.join(theta0, "model.safetensors"))
+    adapter = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {torch.float32}
+    for k, v in saved.items():
+        base = before[k].to(torch.bfloat16).float()  # theta_{t-1} as the update saw it
+        if k.endswith(("q_proj.weight", "v_proj.weight")):
+            a, b = (adapter[f"base_model.model.{k[:-len('.weight')]}.lora_{x}.weight"] for x in "AB")
+            torch.testing.assert_close(v, base + b @ a, atol=1e-7, rtol=0)
+            assert not torch.equal(v.to(torch.bfloat16).float(), base)  # the update survives the next rounding
+        else:
+            assert torch.equal(v, base), k
+    reloaded = stages.load_policy(out, cfg, cpu)
+    held = model.state_dict()
+    for k, v in reloaded.state_dict().items():
+        if "lora_" not in k:  # the (inactive) adapters: lora.begin draws them again
+            assert v.dtype == held[k].dtype and torch.equal(v, held[k]), k
 
 
 def _lora_worker(folder, out):

@@ -4,7 +4,8 @@
 #   bash train.sh                 # preset "tiny" (default): toy sorting task, CPU or GPU, ~3 min on 2 cores
 #   bash train.sh paper           # the paper's setting on 8 GPUs (see README, "The paper's setting")
 #   bash train.sh small           # one 24 GB GPU: Qwen2.5-0.5B-Instruct, 2,000 UltraChat records (README, "One GPU")
-#   NPROC=1 bash train.sh paper --lora_r 64 --lr 5e-6 --out runs/paper_lora   # the 7B, LoRA, one 80 GB GPU
+#   NPROC=1 bash train.sh paper --lora_r 64 --lora_base_dtype bfloat16 --lr 5e-6 --out runs/paper_lora
+#                                 # the paper's 7B with LoRA on one 80 GB GPU (README, "One GPU")
 #   bash train.sh compare         # the toy task with ldalign, spin, dpo and sft at equal budget (~8 min, CPU)
 #   bash train.sh eval runs/paper  # the paper's Table 1 (lm-evaluation-harness) for every policy of a run folder
 #   bash train.sh seeds           # the compare run for SEEDS seeds (default 5): means with 95% intervals (~40 min)

@@ -8,6 +8,7 @@ targeted projection, only A and B trained, theta_t saved merged.
     config = lora.merge(model)         # theta_t is saved (RunDir.save_policy): W += scaling * B @ A, adapters off
     sd, tensors = lora.plain_state_dict(model, sd)     # a standard HF checkpoint's names; A and B in peft's
     lora.numel(model)                  # (adapter, other) parameter counts: trained vs frozen, for a memory plan
+    lora.cast_base(model, torch.bfloat16)   # --lora_base_dtype bfloat16 (one process): the frozen base in bf16
 
 Its own file, hand-written (no peft): ~40 lines of layer, no new dependency, and what this project needs
 spelled out: adapters that exist before FSDP2 shards the model (FSDP2 must own A and B, or their

@@ -857,6 +857,84 @@ def build_long_records(root, policy, guide):
     p["fate"] = {f"{p['data']}:{i}": r[-1] for i, r in enumerate(train, 1)}
     p["fate"].update({f"{p['eval_data']}:{i}": r[-1] for i, r in enumerate(held_out, 1)})
     return p
+# The small preset (--preset small): a tiny Qwen2.5-0.5B-Instruct, its real chat template and tokenizer settings
+# ----------------------------------------------------------------------------------------------------
+# Qwen2.5-0.5B-Instruct's tokenizer_config.json "chat_template", verbatim (tool calls included; a conversation
+# without a system message gets Qwen's default system turn).
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN_TEMPLATE = (
+    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- messages[0]['content'] }}\n    {%- else %}\n"
+    "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n    {%- endif %}\n"
+    "    {{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are "
+    "provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n"
+    "    {%- for tool in tools %}\n        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
+    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n{%- else %}\n"
+    "    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n"
+    "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n{%- for message in messages %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
+    "(message.role == \"assistant\" and not message.tool_calls) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- elif message.role == \"assistant\" %}\n        {{- '<|im_start|>' + message.role }}\n"
+    "        {%- if message.content %}\n            {{- '\\n' + message.content }}\n        {%- endif %}\n"
+    "        {%- for tool_call in message.tool_calls %}\n            {%- if tool_call.function is defined %}\n"
+    "                {%- set tool_call = tool_call.function %}\n            {%- endif %}\n"
+    "            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n            {{- tool_call.name }}\n"
+    "            {{- '\", \"arguments\": ' }}\n            {{- tool_call.arguments | tojson }}\n"
+    "            {{- '}\\n</tool_call>' }}\n        {%- endfor %}\n        {{- '<|im_end|>\\n' }}\n"
+    "    {%- elif message.role == \"tool\" %}\n"
+    "        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n"
+    "        {{- message.content }}\n        {{- '\\n</tool_response>' }}\n"
+    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n")
+
+
+def save_qwen_tokenizer(path):
+    """A Qwen2.5-Instruct-like tokenizer into `path`: byte-level BPE (trained on the corpus here) with Qwen's special
+    tokens <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos), no BOS, and the real chat template above."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab, merges = _trained_bpe(_corpus(), 600, pre_tokenizers.ByteLevel(add_prefix_space=False),
+                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.save_pretrained(path)
+    # as on the hub: Qwen2Tokenizer, bos null, the template inside tokenizer_config.json
+    tc_path = os.path.join(path, "tokenizer_config.json")
+    tc = json.load(open(tc_path))
+    tc.update(tokenizer_class="Qwen2Tokenizer", bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+              model_max_length=131072, split_special_tokens=False, errors="replace",
+              clean_up_tokenization_spaces=False, chat_template=QWEN_TEMPLATE)
+    json.dump(tc, open(tc_path, "w"), indent=2)
+    if os.path.exists(os.path.join(path, "chat_template.jinja")):
+        os.remove(os.path.join(path, "chat_template.jinja"))
+
+
+def save_tiny_qwen(path):
+    """A tiny Qwen2.5-0.5B-Instruct: Qwen2ForCausalLM (q/k/v biases, GQA, tied embeddings), stored in bf16 as on
+    the hub, with its tokenizer (save_qwen_tokenizer) and generation config (eos <|im_end|> and <|endoftext|>)."""
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    save_qwen_tokenizer(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+                      tie_word_embeddings=True, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(bos_token_id=tok.pad_token_id,
+                                               eos_token_id=[tok.eos_token_id, tok.pad_token_id],
+                                               pad_token_id=tok.pad_token_id)
+    model.save_pretrained(path)
 
 
 # ----------------------------------------------------------------------------------------------------

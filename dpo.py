@@ -202,10 +202,12 @@ def reference_logps(model, pairs, micro_batch_size, device):
 # The optimisation loop shared by DPO and SFT: optimizer, warmup, accumulation, clipping, logging.
 # ----------------------------------------------------------------------------------------------------
 def make_optimizer(model, name, lr, weight_decay=0.0):
+    # the trainable parameters: all of them, or only the LoRA adapters (--lora_r, lora.py)
+    params = [p for p in model.parameters() if p.requires_grad]
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "rmsprop":  # SPIN's choice, which the paper keeps for its SPIN-style iterations
-        return torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=weight_decay)
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}: use 'adamw' or 'rmsprop'")
 
 

@@ -4,6 +4,8 @@
     python ldalign.py --method ldalign,spin,dpo,sft  # the competing methods, same epochs and batch
     python ldalign.py --preset paper --data ultrachat_50k.jsonl      # the paper's setting
     torchrun --nproc_per_node=8 ldalign.py --preset paper ...         # the same, FSDP2 on 8 GPUs
+    python ldalign.py --preset small --data train_sft.parquet   # Qwen2.5-0.5B-Instruct, 1 GPU
+    python ldalign.py --preset paper --lora_r 64 --lora_base_dtype bfloat16 ...  # the 7B, 1 GPU
     python ldalign.py --out runs/x --T 5             # any default below, overridden as --key value
 
 Each stage writes its result under --out and a rerun reads back what is stored (kill it and start it
@@ -53,7 +55,7 @@ from stages import Stages, per_iteration
 # Defaults: the embedded toy run. Every key can be overridden on the command line as --key value.
 # --------------------------------------------------------------------------------------------------
 DEFAULTS = dict(
-    # "tiny" (toy sorting task, builds everything from configs) or "paper"
+    # "tiny" (toy sorting task, builds everything from configs), "paper" (8 GPUs), "small" (1 GPU)
     preset="tiny",
     out="runs/tiny",          # run folder: every stage writes here, a rerun resumes from here
     # SFT set D, UltraChat-style JSONL: (x, y) = the first user / assistant turn
@@ -116,6 +118,16 @@ DEFAULTS = dict(
     # (RESULTS.md, "A weaker theta_0"). The paper preset keeps SPIN's RMSprop at 5e-7.
     lr=1e-5, optimizer="adamw", warmup_ratio=0.1, max_grad_norm=1.0,
     epochs=2, batch_size=32, micro_batch_size=32,
+    # LoRA (lora.py): 0 = full fine-tuning; r > 0 trains rank-r adapters on --lora_targets (A
+    # orthogonal, B = 0), every other weight frozen; theta_t is saved merged (fp32), its adapters
+    # beside (policy/adapter/, peft's layout). Each iteration's adapters start fresh on theta_{t-1}.
+    lora_r=0,
+    lora_alpha=0.0,           # scaling = lora_alpha / lora_r; 0 = lora_r (scaling 1)
+    lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",  # attention and MLP
+    # the frozen base's dtype in memory under LoRA: "bfloat16" halves it (one process only: the
+    # 7B on one GPU). theta_{t-1} is then rounded to bf16 for every stage (as for inference; exact
+    # for a bf16 theta_0 such as zephyr's); theta_t is saved in fp32: rounded theta_{t-1} + B A.
+    lora_base_dtype="float32",
     grad_ckpt=False,          # activation checkpointing of the policy (saves memory on 7B)
     compile=False,            # torch.compile each transformer block of the policy: faster steps
     log_every=10,
@@ -140,7 +152,7 @@ DEFAULTS = dict(
 POSITIVE_INT = ("max_len", "max_prompt_len", "max_new_tokens", "sft_steps", "sft_batch_size",
                 "gen_batch_size", "latent_dim", "guide_epochs", "guide_batch_size", "T", "epochs",
                 "batch_size", "micro_batch_size", "log_every")
-NONNEGATIVE_INT = ("max_examples", "max_eval", "top_k", "agreement_n")
+NONNEGATIVE_INT = ("max_examples", "max_eval", "top_k", "agreement_n", "lora_r")
 POSITIVE_FINITE = ("sft_lr", "guide_lr", "beta", "lr", "max_grad_norm")
 
 PRESETS = {
@@ -161,6 +173,25 @@ PRESETS = {
         reward_model="OpenAssistant/reward-model-deberta-v3-large-v2",
         # SPIN's data recipe, and continual SFT on all of --data (the Section 5.1.4 rows)
         spin_keep_previous=True, sft_data=""),
+    # One GPU of 24 GB (README, "One GPU"): Qwen2.5-0.5B-Instruct (0.49B, Qwen2 architecture, a
+    # chat template with a system turn; widely used, Apache-2.0) fully fine-tuned from theta_0, the
+    # GPT-2 guide, the first 2,000 UltraChat 200k records, three iterations. The paper's beta,
+    # epochs, lengths (1024: prompt 512, 256 new tokens), RMSprop and guide settings. Differs:
+    # 2,000 records (not 50k); batch 32 and lr 1e-6 (125 optimizer steps per iteration, not 1,562
+    # at 64 and 5e-7). Memory, fp32 master weights: weights, gradients and RMSprop state 3 x 2.0 GB;
+    # a micro-batch of 2 pairs = 4 sequences: <= 4 x 1023 positions x 151,936 logits = 2.5 GB in
+    # fp32, ~4x that with log_softmax and the gradients; checkpointed activations < 0.2 GB;
+    # sampling's KV cache 64 x 768 tokens = 0.6 GB: ~16 GB of 24.
+    "small": dict(
+        out="runs/small", policy="Qwen/Qwen2.5-0.5B-Instruct", guide="gpt2",
+        data="data/ultrachat_50k.jsonl", eval_data="", max_examples=2000, overlength="skip",
+        max_len=1024, max_prompt_len=512, max_new_tokens=256, temperature=1.0, gen_batch_size=64,
+        gen_static=True, gen_compile=True,
+        latent_dim=64, guide_epochs=1, guide_lr=5e-5, guide_batch_size=32,
+        T=3, beta=0.1, lr=1e-6, optimizer="rmsprop", epochs=2, batch_size=32, micro_batch_size=2,
+        grad_ckpt=True, log_every=10, pref_data="data/ultrafeedback_binarized.jsonl",
+        measure_S=False, judge="reward", agreement_n=200,
+        reward_model="OpenAssistant/reward-model-deberta-v3-large-v2"),
 }
 
 
@@ -204,6 +235,17 @@ def parse_args(argv):
         bad.append(f"--temperature must be >= 0 (0 = greedy), got {cfg['temperature']!r}")
     if not 0 < cfg["top_p"] <= 1:
         bad.append(f"--top_p must be in (0, 1], got {cfg['top_p']!r}")
+    if not 0 <= cfg["lora_alpha"] < math.inf:
+        bad.append(f"--lora_alpha must be a finite number >= 0 (0 = lora_r), got "
+                   f"{cfg['lora_alpha']!r}")
+    if cfg["lora_base_dtype"] not in ("float32", "bfloat16"):
+        bad.append(f"--lora_base_dtype is 'float32' or 'bfloat16', got {cfg['lora_base_dtype']!r}")
+    elif cfg["lora_base_dtype"] == "bfloat16" and not (cfg["lora_r"] and
+                                                       os.environ.get("WORLD_SIZE", "1") == "1"):
+        bad.append("--lora_base_dtype bfloat16 needs --lora_r > 0 and one process (under torchrun "
+                   "the base is sharded in fp32)")
+    if cfg["lora_r"] and not cfg["lora_targets"].strip(", "):
+        bad.append("--lora_targets names no module (e.g. q_proj,v_proj)")
     if not 0 <= cfg["warmup_ratio"] < 1:
         bad.append(f"--warmup_ratio must be in [0, 1), got {cfg['warmup_ratio']!r}")
     for k in ("lr", "beta"):

@@ -21,6 +21,7 @@ import shutil
 
 import cli
 import fsdp
+import lora
 from cli import UserError
 
 
@@ -185,13 +186,20 @@ def read_jsonl(path):
         raise UserError(f"{path}: corrupt or truncated ({e}); delete it to recompute it") from None
 
 
-def save_hf(model, tokenizer, out_dir):
+def save_hf(model, tokenizer, out_dir, adapter=None):
     """A causal LM as an HF checkpoint (config.json + model.safetensors + tokenizer), written atomically.
-    Under FSDP2 the full state dict is gathered to rank 0's CPU first: every rank must call this."""
+    Under FSDP2 the full state dict is gathered to rank 0's CPU first: every rank must call this.
+    A LoRA-wrapped model (lora.py) is written under the plain names; adapter = (its config, theta_{t-1}'s path):
+    its A and B go beside, into adapter/ (peft's layout)."""
     state_dict = fsdp.full_state_dict(model)
+    if lora.wrapped(model):
+        state_dict, adapter_tensors = lora.plain_state_dict(model, model.state_dict() if state_dict is None
+                                                            else state_dict)
     if fsdp.rank() == 0:
         with atomic_path(out_dir) as tmp:
             model.save_pretrained(tmp, state_dict=state_dict)  # safetensors is the default format
+            if adapter:
+                lora.save_adapter(adapter_tensors, adapter[0], os.path.join(tmp, "adapter"), adapter[1])
             cfg = read_json(os.path.join(tmp, "config.json"))
             # FSDP2 renames the class (FSDPLlamaForCausalLM); store the real architecture name.
             cfg["architectures"] = [a[4:] if a.startswith("FSDP") else a for a in cfg.get("architectures") or []]
@@ -209,14 +217,15 @@ SHARED_KEYS = ("data", "max_examples", "overlength", "seed", "policy", "max_len"
                "sft_steps", "sft_lr", "sft_batch_size", "temperature", "top_p", "top_k",
                "guide", "latent_dim", "guide_epochs", "guide_lr", "guide_batch_size",  # theta_0, iter0/, guide/
                "eval_data", "max_eval", "reward_model", "judge", "agreement_n",  # every eval.json, agreement.json
-               "policy_revision", "guide_revision", "reward_model_revision")
+               "policy_revision", "guide_revision", "reward_model_revision",
+               "lora_base_dtype")  # the policy every stage computes with
 METHODS = ("ldalign", "spin", "dpo", "sft")  # Algorithm 1 and the competitors of Section 5.1.4: one folder each
 # <method>/iter*/: each method its own (a later call may run dpo at its lr). The data a method's stages read
 # is bound by any of them; the update's settings only by a saved theta_t (an update that stopped at a NaN
 # binds nothing, and may be rerun at a lower --lr or --beta).
 METHOD_DATA_KEYS = ("reuse_line2_samples", "pref_data")
 UPDATE_KEYS = ("beta", "lr", "optimizer", "warmup_ratio", "max_grad_norm", "epochs", "batch_size", "lr_per_iter",
-               "beta_per_iter")
+               "beta_per_iter", "lora_r", "lora_alpha", "lora_targets")
 # settings that one method alone reads, bound in its section only (the pairs spin and sft train on)
 METHOD_OWN_KEYS = {"spin": ("spin_keep_previous",), "sft": ("sft_data",)}
 
@@ -393,7 +402,11 @@ class RunDir:
         self.record(name, inputs)
         if fsdp.rank() == 0:
             write_jsonl(self.path(method, f"iter{t}", "train_metrics.jsonl"), history)
-        save_hf(model, tokenizer, self.policy_path(method, t))
+        # LoRA: theta_t = theta_{t-1} + scaling * B @ A, merged in fp32; the adapters beside (adapter/)
+        adapter, base = lora.merge(model), self.policy_path(method, t - 1)
+        # the adapter's base: theta_{t-1}'s folder (a hub id for a theta_0 given as one)
+        base = os.path.abspath(base) if os.path.exists(base) else base
+        save_hf(model, tokenizer, self.policy_path(method, t), adapter=adapter and (adapter, base))
         self.kill_point(f"{method}/iter{t}/policy")  # a kill between saving theta_t and evaluating it
 
     @staticmethod

@@ -28,6 +28,7 @@ import dpo
 import fsdp
 import generate
 import guide as guide_lib
+import lora
 from cli import UserError
 from rundir import METHODS, read_json, read_jsonl, save_hf, verify, write_atomic, write_json, write_jsonl
 
@@ -45,6 +46,13 @@ class Stages:
             self.reward_model = analysis.load_reward_model(cfg["reward_model"], device=torch.device("cpu"),
                                                            trust_remote_code=cfg["trust_remote_code"],
                                                            revision=cfg.get("reward_model_revision") or None)
+        if cfg.get("lora_r"):
+            # --lora_targets checked against theta_0's architecture now, not at the first update
+            from transformers import AutoConfig
+            config = dataset.tiny_policy_config(data.tok, cfg["max_len"]) if cfg["policy"] == "tiny" else \
+                AutoConfig.from_pretrained(cfg["policy"], trust_remote_code=cfg["trust_remote_code"],
+                                                  revision=cfg["policy_revision"] or None)
+            lora.check(config, cfg["lora_targets"], cfg["trust_remote_code"])
         # The one policy in memory and the checkpoint folder it equals (None: none held).
         self.held, self.held_path = None, None
         # --tensorboard: the scalars of every step and iteration (rank 0), out/tensorboard/<method>/...
@@ -175,6 +183,9 @@ class Stages:
         policy = self.policy(t - 1, method)
         # From here on the held model is no longer theta_{t-1}.
         self.held_path = None
+        if self.cfg.get("lora_r"):
+            # --lora_r: fresh adapters (B = 0: still theta_{t-1}), trained alone; merged when theta_t is saved
+            lora.begin(policy, self.cfg["lora_alpha"] or self.cfg["lora_r"], seed=self.cfg["seed"] + 1000 * t)
         history = UPDATES[method](self, method, t, policy, y_prime, w)
         # the curves before theta_t: every saved theta_t has its train_curves.png (with matplotlib)
         curves = self.run.path(method, f"iter{t}", "train_curves.png")
@@ -415,7 +426,9 @@ def load_policy(path, cfg, device):
         verify(path)
     return fsdp.load_policy(path, device, exact_fp32=path != cfg["policy"], grad_ckpt=cfg["grad_ckpt"],
                             compile=cfg["compile"], trust_remote_code=cfg["trust_remote_code"],
-                            revision=cfg.get("policy_revision") or None if path == cfg["policy"] else None)
+                            revision=cfg.get("policy_revision") or None if path == cfg["policy"] else None,
+                            lora_r=cfg.get("lora_r", 0), lora_targets=cfg.get("lora_targets", ""),
+                            lora_base_dtype=cfg.get("lora_base_dtype", "float32"))
 
 
 def toy_theta0(data, cfg, device, log):

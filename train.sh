@@ -5,6 +5,9 @@
 #   bash train.sh paper           # the paper's setting on 8 GPUs (see README, "The paper's setting")
 #   bash train.sh paper-baselines # then Table 1's other rows on the same --out: SPIN, DPO, continual SFT as the
 #                                 # paper ran them (README, "Table 1's rows")
+#   bash train.sh small           # one 24 GB GPU: Qwen2.5-0.5B-Instruct, 2,000 UltraChat records (README, "One GPU")
+#   NPROC=1 bash train.sh paper --lora_r 64 --lora_base_dtype bfloat16 --lr 5e-6 --out runs/paper_lora
+#                                 # the paper's 7B with LoRA on one 80 GB GPU (README, "One GPU")
 #   bash train.sh compare         # the toy task with ldalign, spin, dpo and sft at equal budget (~8 min, CPU)
 #   bash train.sh eval runs/paper  # the paper's Table 1 (lm-evaluation-harness) for every policy of a run folder
 #   bash train.sh seeds           # the compare run for SEEDS seeds (default 5): means with 95% intervals (~40 min)
@@ -140,8 +143,19 @@ case "$PRESET" in
       exit
     fi
     ;;
+  small)
+    # One GPU: Qwen2.5-0.5B-Instruct is theta_0 (fully fine-tuned; --lora_r 16 for LoRA), gpt2 the guide's
+    # backbone, the first 2,000 records of UltraChat 200k (train_sft) D. Then a few of Table 1's tasks:
+    #   bash train.sh eval runs/small --tasks "TruthfulQA=truthfulqa_mc2:0:acc,none;PIQA=piqa:0:acc_norm,none;ARC=arc_challenge:25:acc_norm,none"
+    NPROC="${NPROC:-1}"
+    ARGS=(--preset small --out "runs/small"
+          --policy "${POLICY:-Qwen/Qwen2.5-0.5B-Instruct}"
+          --guide "${GUIDE:-gpt2}"
+          --data "${DATA:-data/ultrachat_50k.jsonl}"
+          --reward_model "${REWARD_MODEL:-OpenAssistant/reward-model-deberta-v3-large-v2}")
+    ;;
   *)
-    echo "unknown preset '$PRESET': use tiny, compare, seeds, eval, paper or paper-baselines" >&2
+    echo "unknown preset '$PRESET': use tiny, compare, seeds, eval, paper, paper-baselines or small" >&2
     exit 2
     ;;
 esac

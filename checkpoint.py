@@ -11,10 +11,10 @@ torchtitan's CheckpointManager, for the update of one iteration (Algorithm 1, li
                                                                     # when SIGTERM came (then exits, status 143)
 
 A step checkpoint is a folder step{k}/ in torch.distributed.checkpoint's sharded format: every rank writes its own
-shards of the fp32 weights and of the optimizer state (FSDP2 DTensors; in one process, whole tensors), and it loads
-back into any number of processes. Beside them: meta.json (the step, and the step log up to it) and each rank's
-RNG states (rng_rank{r}.safetensors). The lr is a function of the step, and the data order one of the step and
-the seed (dpo.global_batches), so they need no state. The folder is written as step{k}.tmp and renamed
+shards of the fp32 weights and of the optimizer state (FSDP2 DTensors; in one process, whole tensors); the tests
+resume it with as many processes as saved it (1, 2). Beside them: meta.json (the step, and the step log up to it)
+and each rank's RNG states (rng_rank{r}.safetensors). The lr is a function of the step, and the data order one of
+the step and the seed (dpo.global_batches), so they need no state. The folder is written as step{k}.tmp and renamed
 (rundir.atomic_path, with its sha256 manifest); the older one is removed only after that, so a kill at any moment
 leaves a complete checkpoint. DCP's own .metadata file is a pickle; it is the run's own file, verified against the
 manifest before DCP reads it, and every tensor is read with weights_only=True.

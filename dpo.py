@@ -271,13 +271,14 @@ def _train_loop(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micr
     # SIGTERM: stop at the next step boundary (checkpoint.after_step), not at once
     with checkpoint_lib.stop_at_boundaries() if checkpoint else contextlib.nullcontext():
         for step in range(start, total):
-            history.append(_train_step(model, opt, batches[step], loss_fn, step, total, device=device,
-                                       lr=lr, warmup=warmup, micro_batch_size=micro_batch_size,
-                                       max_grad_norm=max_grad_norm, stats_names=stats_names))
+            rec = _train_step(model, opt, batches[step], loss_fn, step, total, device=device, lr=lr,
+                              warmup=warmup, micro_batch_size=micro_batch_size,
+                              max_grad_norm=max_grad_norm, stats_names=stats_names)
+            history.append(rec)
             if log_fn and (step % log_every == 0 or step + 1 == total):
                 el = time.time() - t0
                 eta = el / (step + 1 - start) * (total - step - 1)
-                log_fn(dict(history[-1], elapsed_s=round(el, 1), eta_s=round(eta, 1)))
+                log_fn(dict(rec, elapsed_s=round(el, 1), eta_s=round(eta, 1)))
             if checkpoint:
                 checkpoint.after_step(model, opt, step + 1, total, history)
             if on_step:

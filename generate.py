@@ -364,7 +364,8 @@ def sample_dataset(model, prompts, tok, cfg, seed, device, greedy=False, log=Non
     # {first prompt: responses} of the batches sampled by an earlier, killed call
     finished = _read_parts(parts, starts, [len(prompts[k:k + bs]) for k in starts]) if parts else {}
     if finished and log:
-        log(f"  [resume] sampling {what}: {len(finished)} of {len(starts)} batches read back from {parts}")
+        log(f"  [resume] sampling {what}: {len(finished)} of {len(starts)} batches read back from "
+            f"{parts}")
     all_starts, starts = starts, [k for k in starts if k not in finished]  # what is left to sample
     n_batches = math.ceil(len(starts) / fsdp.world())
     # one width for all ranks
@@ -382,7 +383,7 @@ def sample_dataset(model, prompts, tok, cfg, seed, device, greedy=False, log=Non
     mine = set(starts[fsdp.rank()::fsdp.world()])
 
     def on_batch(share, j, rows):
-        """The j-th batch of this rank's share is sampled: write it, then stop there after a SIGTERM."""
+        """The j-th batch of this rank's share is sampled: write it; stop there after a SIGTERM."""
         if share[j] in mine:
             write_json(os.path.join(parts, f"batch{share[j]}.json"), rows)
         if after_batch:
@@ -425,7 +426,7 @@ def _read_parts(parts, starts, sizes):
         if os.path.exists(path):
             rows = read_json(path)
             if len(rows) != n:
-                raise UserError(f"{path} holds {len(rows)} responses, not the batch's {n}; delete it to "
-                                "sample the batch again")
+                raise UserError(f"{path} holds {len(rows)} responses, not the batch's {n}; delete "
+                                "it to sample the batch again")
             done[k] = rows
     return done

@@ -145,11 +145,11 @@ PRESETS = {
         latent_dim=64, guide_epochs=1, guide_lr=5e-5, guide_batch_size=32,
         T=3, beta=0.1, lr=5e-7, optimizer="rmsprop", epochs=2, batch_size=64, micro_batch_size=2,
         grad_ckpt=True, log_every=10, pref_data="data/ultrafeedback_binarized.jsonl",
-        # A step checkpoint is zephyr's fp32 weights and RMSprop state, 2 x 29 GB, 7.2 GB per rank on
-        # 8 GPUs: ~30 s at ~2 GB/s per node to shared storage, plus ~5 s of sha256 per rank. One
-        # step is ~1.4 s (README's estimate: 1563 steps per iteration in 0.59 h), so saving every
-        # 600 steps costs 35 / (600 x 1.4) = 4% of the update, and a pre-emption loses at most
-        # 600 steps (~14 min). Provisional: from an estimated step time, not a measured one.
+        # A step checkpoint is zephyr's fp32 weights and RMSprop state, 2 x 29 GB, 7.2 GB per
+        # rank on 8 GPUs: ~30 s at ~2 GB/s per node to shared storage, plus ~5 s of sha256 per
+        # rank. One step is ~1.4 s (README's estimate: 1563 steps per iteration in 0.59 h), so
+        # saving every 600 steps costs 35 / (600 x 1.4) = 4% of the update, and a pre-emption
+        # loses at most 600 steps (~14 min). Provisional: the step time is estimated, not measured.
         save_steps=600,
         measure_S=False, judge="reward", agreement_n=500,
         reward_model="OpenAssistant/reward-model-deberta-v3-large-v2"),

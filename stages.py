@@ -96,7 +96,6 @@ class Stages:
         name, cfg = self.samples_name(t, method), self.cfg
         seed = cfg["seed"] if name == "iter0/samples.jsonl" else cfg["seed"] + t + 1
         prompts = [d["prompt_ids"] for d in self.data.D]
-
         inputs = [self.run.policy_path(method or "", t)]
 
         def compute():

@@ -63,7 +63,7 @@ def stop_at_boundaries():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)  # (None: not set from Python)
         if _SIGTERM["received"]:
             _SIGTERM["received"] = False
             os.kill(os.getpid(), signal.SIGTERM)

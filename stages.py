@@ -329,7 +329,8 @@ def weighted_dpo(stages, method, t, policy, y_prime, w):
     pairs = [(d["prompt_ids"], d["response_ids"], yp) for d, yp in zip(stages.data.D, y_prime)]
     micro_batch_size = stages.cfg["micro_batch_size"]
     # The reference is theta_{t-1}, the policy right now: every pair is scored once, then the policy moves.
-    # Kept beside the step checkpoints: an update resumed after step k holds theta_{t-1} no more.
+    # Kept beside the step checkpoints: a resumed update reads them back instead of scoring every pair again
+    # (they must come from theta_{t-1}: the policy is theta_{t-1} until dpo's loop loads a step checkpoint).
     path = os.path.join(stages.update_state(method, t), "ref_logps.json")
     if os.path.exists(path):
         stages.log(f"[line 10] reference log-probs under theta_{{t-1}}: read back from {path}")

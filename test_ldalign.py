@@ -1736,7 +1736,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, stage, uninterrupted):
     """Killed at a stage (LDALIGN_KILL_AT), or sent SIGTERM there (LDALIGN_TERM_AT), then rerun: the weights of the
     uninterrupted run, bit for bit. With --save_steps 2 (the uninterrupted run saved none: step checkpoints change
     nothing), an update killed half-way (after step 2 of 4) goes on from its step checkpoint, and reads back the
-    reference log-probs of theta_{t-1} (recomputed from the half-trained policy, they would give other weights);
+    reference log-probs of theta_{t-1} (not scored again);
     sampling killed after the first of its 2 batches samples only the second; SIGTERM after step 1 stops the run at
     step 2 (saved) with status 143. Nothing of the .partial folders is left."""
     out = str(tmp_path / "run")

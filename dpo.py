@@ -13,6 +13,7 @@ chosen response is the golden y from the SFT set D and the rejected one is the p
 y' (Section 4.2.2: "we regard y as the winner sample and y' as the loser sample"). Response ids
 already end with EOS, so the model also learns where to stop.
 """
+import contextlib
 import inspect
 import math
 import time
@@ -20,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import checkpoint as checkpoint_lib
 import fsdp
 
 IGNORE = -100  # label value of prompt and padding tokens: not part of log p(y|x)
@@ -243,10 +245,14 @@ def global_batches(n, batch_size, epochs, seed, world):
 
 def _train_loop(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micro_batch_size, optimizer,
                 warmup_ratio, max_grad_norm, seed, log_every, log_fn, stats_names, max_steps=0,
-                on_step=None):
+                on_step=None, checkpoint=None):
     """Shared by dpo_train and sft_train. loss_fn(idx, valid) -> (sum of per-item losses over the
     real items of this micro-batch, stats tensor summed the same way). Returns the list of logged
     dicts. on_step(step, steps), if given, is called after each optimizer step.
+
+    checkpoint: a checkpoint.StepCheckpoint, or None. Loaded before the loop (a killed update goes
+    on after its last saved step, with that step's weights, optimizer state and step log: the lr
+    and the batches are functions of the step), saved inside it every few steps and at a SIGTERM.
 
     Data parallel with FSDP2: each global batch is split between ranks (rank r takes every world-th
     index), each rank accumulates over micro-batches, and FSDP2 AVERAGES gradients over ranks.
@@ -254,62 +260,79 @@ def _train_loop(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micr
     exactly the gradient of the global-batch mean, whatever the world size (tested: 1 process ==
     2 processes).
     """
-    world, rank = fsdp.world(), fsdp.rank()
-    batches = global_batches(n_items, batch_size, epochs, seed, world)
+    batches = global_batches(n_items, batch_size, epochs, seed, fsdp.world())
     if max_steps:
         batches = batches[:max_steps]  # stop after max_steps optimizer steps (the schedule ends there)
     total = len(batches)
     warmup = max(1, int(warmup_ratio * total))
     opt = make_optimizer(model, optimizer, lr)
     model.train()
-    history, t0 = [], time.time()
-    for step, (idx, valid) in enumerate(batches):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, warmup, lr)
-        # this rank's share of the batch
-        local_idx, local_valid = idx[rank::world], valid[rank::world]
-        n_real = sum(valid)  # real items in the GLOBAL batch
-        stats = 0.0
-        micro = list(range(0, len(local_idx), micro_batch_size))
-        for k, m in enumerate(micro):
-            # reduce-scatter gradients only on the last micro-batch of the step
-            if fsdp.is_fsdp(model):
-                model.set_requires_gradient_sync(k == len(micro) - 1)
-            # the forward and the loss under autocast; backward and step run outside
-            with fsdp.autocast(device, model):
-                loss_sum, st = loss_fn(local_idx[m:m + micro_batch_size], local_valid[m:m + micro_batch_size])
-            (loss_sum * world / n_real).backward()  # FSDP divides by world again: global-batch mean
-            # Statistics stay on the device: a .cpu() here would make the CPU wait for this
-            # backward before it could queue the next forward (the GPU idles meanwhile), and NCCL
-            # reduces only GPU tensors.
-            stats = stats + torch.cat([loss_sum.detach().float().reshape(1), st.float().to(loss_sum.device)])
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # DTensor under FSDP2
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        # If a caller wraps this whole loop in its own `with torch.autocast`, the nested blocks above
-        # do not empty autocast's cache, which still holds bf16 copies of the weights of before this
-        # step: drop them.
-        torch.clear_autocast_cache()
-        stats = (fsdp.all_reduce(stats) / n_real).cpu()  # batch means over all ranks
-        rec = {"step": step + 1, "steps": total, "loss": stats[0].item(), "lr": opt.param_groups[0]["lr"],
-               "grad_norm": float(gnorm)}
-        rec.update({k: v.item() for k, v in zip(stats_names, stats[1:])})
-        # A finite loss can still come with an inf gradient, which has just been applied: stop now,
-        # not one step later.
-        if not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])):
-            raise FloatingPointError(
-                f"loss is {rec['loss']} at step {step + 1}/{total} (gradient norm {rec['grad_norm']}); "
-                "stopping before the weights are saved (the last finished checkpoint on disk is intact). "
-                "Lower --lr or --beta.")
-        history.append(rec)
-        if log_fn and (step % log_every == 0 or step + 1 == total):
-            el = time.time() - t0
-            rec = dict(rec, elapsed_s=round(el, 1), eta_s=round(el / (step + 1) * (total - step - 1), 1))
-            log_fn(rec)
-        if on_step:
-            on_step(step + 1, total)
+    # the step to go on after, and the step log up to it ((0, []): from the start)
+    start, history = checkpoint.load(model, opt) if checkpoint else (0, [])
+    t0 = time.time()
+    # SIGTERM: stop at the next step boundary (checkpoint.after_step), not at once
+    with checkpoint_lib.stop_at_boundaries() if checkpoint else contextlib.nullcontext():
+        for step in range(start, total):
+            rec = _train_step(model, opt, batches[step], loss_fn, step, total, device=device, lr=lr,
+                              warmup=warmup, micro_batch_size=micro_batch_size,
+                              max_grad_norm=max_grad_norm, stats_names=stats_names)
+            history.append(rec)
+            if log_fn and (step % log_every == 0 or step + 1 == total):
+                el = time.time() - t0
+                eta = el / (step + 1 - start) * (total - step - 1)
+                log_fn(dict(rec, elapsed_s=round(el, 1), eta_s=round(eta, 1)))
+            if checkpoint:
+                checkpoint.after_step(model, opt, step + 1, total, history)
+            if on_step:
+                on_step(step + 1, total)
     return history
+
+
+def _train_step(model, opt, batch, loss_fn, step, total, *, device, lr, warmup, micro_batch_size,
+                max_grad_norm, stats_names):
+    """One optimizer step of _train_loop on the global batch `batch` (idx, valid); returns its
+    record (a row of the step log)."""
+    world, rank = fsdp.world(), fsdp.rank()
+    idx, valid = batch
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, total, warmup, lr)
+    # this rank's share of the batch
+    local_idx, local_valid = idx[rank::world], valid[rank::world]
+    n_real = sum(valid)  # real items in the GLOBAL batch
+    stats = 0.0
+    micro = list(range(0, len(local_idx), micro_batch_size))
+    for k, m in enumerate(micro):
+        # reduce-scatter gradients only on the last micro-batch of the step
+        if fsdp.is_fsdp(model):
+            model.set_requires_gradient_sync(k == len(micro) - 1)
+        # the forward and the loss under autocast; backward and step run outside
+        with fsdp.autocast(device, model):
+            loss_sum, st = loss_fn(local_idx[m:m + micro_batch_size], local_valid[m:m + micro_batch_size])
+        (loss_sum * world / n_real).backward()  # FSDP divides by world again: global-batch mean
+        # Statistics stay on the device: a .cpu() here would make the CPU wait for this
+        # backward before it could queue the next forward (the GPU idles meanwhile), and NCCL
+        # reduces only GPU tensors.
+        stats = stats + torch.cat([loss_sum.detach().float().reshape(1), st.float().to(loss_sum.device)])
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # DTensor under FSDP2
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    # If a caller wraps this whole loop in its own `with torch.autocast`, the nested blocks above
+    # do not empty autocast's cache, which still holds bf16 copies of the weights of before this
+    # step: drop them.
+    torch.clear_autocast_cache()
+    stats = (fsdp.all_reduce(stats) / n_real).cpu()  # batch means over all ranks
+    rec = {"step": step + 1, "steps": total, "loss": stats[0].item(), "lr": opt.param_groups[0]["lr"],
+           "grad_norm": float(gnorm)}
+    rec.update({k: v.item() for k, v in zip(stats_names, stats[1:])})
+    # A finite loss can still come with an inf gradient, which has just been applied: stop now,
+    # not one step later.
+    if not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])):
+        raise FloatingPointError(
+            f"loss is {rec['loss']} at step {step + 1}/{total} (gradient norm {rec['grad_norm']}); "
+            "stopping before the weights are saved (the last finished checkpoint on disk is intact). "
+            "Lower --lr or --beta.")
+    return rec
 
 
 def disable_dropout(model):
@@ -331,7 +354,7 @@ def disable_dropout(model):
 
 def dpo_train(model, pairs, ref_chosen, ref_rejected, weights, *, beta, lr, epochs, batch_size,
               micro_batch_size, device, optimizer="rmsprop", warmup_ratio=0.1, max_grad_norm=1.0, seed=0,
-              log_every=10, log_fn=None, on_step=None):
+              log_every=10, log_fn=None, on_step=None, checkpoint=None):
     """Algorithm 1, line 10:
         theta_t = argmax_theta sum_i (s_i/S) log sigma(beta log-ratio(y) - beta log-ratio(y')).
 
@@ -356,12 +379,12 @@ def dpo_train(model, pairs, ref_chosen, ref_rejected, weights, *, beta, lr, epoc
                        micro_batch_size=micro_batch_size, optimizer=optimizer, warmup_ratio=warmup_ratio,
                        max_grad_norm=max_grad_norm, seed=seed, log_every=log_every, log_fn=log_fn,
                        stats_names=["reward_chosen", "reward_rejected", "reward_acc", "reward_margin"],
-                       on_step=on_step)
+                       on_step=on_step, checkpoint=checkpoint)
 
 
 def sft_train(model, examples, *, lr, epochs, batch_size, micro_batch_size, device, optimizer="adamw",
               warmup_ratio=0.1, max_grad_norm=1.0, seed=0, log_every=10, log_fn=None, max_steps=0,
-              on_step=None):
+              on_step=None, checkpoint=None):
     """SFT objective of Section 3: max E[log p_theta(y|x)], here the per-token mean NLL of each
     response.
 
@@ -380,4 +403,5 @@ def sft_train(model, examples, *, lr, epochs, batch_size, micro_batch_size, devi
     return _train_loop(model, len(examples), loss_fn, device=device, lr=lr, epochs=epochs,
                        batch_size=batch_size, micro_batch_size=micro_batch_size, optimizer=optimizer,
                        warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, seed=seed, log_every=log_every,
-                       log_fn=log_fn, stats_names=[], max_steps=max_steps, on_step=on_step)
+                       log_fn=log_fn, stats_names=[], max_steps=max_steps, on_step=on_step,
+                       checkpoint=checkpoint)

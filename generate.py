@@ -17,12 +17,16 @@ import contextlib
 import inspect
 import itertools
 import math
+import os
 import time
 
 import torch
 from transformers import DynamicCache
 
+import checkpoint
 import fsdp
+from cli import UserError
+from rundir import read_json, write_json
 
 
 def pad_sequences(seqs, pad_id, side="left", width=0):
@@ -298,7 +302,7 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
 
 def sample_responses(model, prompts, *, batch_size, max_new_tokens, eos_token_id, pad_token_id,
                      temperature, top_p, top_k, seed, device, static=False, compile=False, progress=None,
-                     offsets=None, width=None):
+                     offsets=None, width=None, on_batch=None):
     """One response per prompt (lists of token ids in, lists of token ids out), batch_size prompts
     at a time.
 
@@ -306,7 +310,7 @@ def sample_responses(model, prompts, *, batch_size, max_new_tokens, eos_token_id
     for the j-th batch, when the batches are some of a larger set's: sample_dataset): the same seed
     gives the same samples, and a batch's samples do not depend on the batches before it. Each
     response keeps its EOS token at the end if one was produced; what follows (pad) is dropped.
-    progress(done, total) after each batch.
+    progress(done, total) and on_batch(j, the j-th batch's responses) after each batch.
 
     static / compile: see generate(). With static=True every batch is left-padded to one width (the
     longest prompt, rounded up to PAD_MULTIPLE) and a short last batch is filled up with copies of
@@ -333,20 +337,36 @@ def sample_responses(model, prompts, *, batch_size, max_new_tokens, eos_token_id
             if eos_token_id is not None and eos_token_id in row:
                 row = row[:row.index(eos_token_id) + 1]  # keep the EOS, drop the padding after it
             responses.append(row)
+        if on_batch:
+            on_batch(j, responses[b:])
         if progress:
             progress(b + n_real, len(prompts))
     return responses
 
 
-def sample_dataset(model, prompts, tok, cfg, seed, device, greedy=False, log=None, what="y'"):
+def sample_dataset(model, prompts, tok, cfg, seed, device, greedy=False, log=None, what="y'",
+                   parts=None, after_batch=None):
     """Algorithm 1, lines 2 / 7 (and greedy evaluation): one response per prompt (token-id lists)
     from the current policy, every rank returning all of them in order.
 
     The batches are global: batch k holds prompts k*B .. k*B + B - 1 and draws from a generator
     seeded by its first prompt's index, and the ranks share out whole batches; so N processes sample
-    exactly what one process does."""
+    exactly what one process does.
+
+    parts: a folder (rundir.RunDir.partial) where each batch is written as it finishes
+    (batch<first prompt>.json, by the rank that sampled it); the batches found there are read back,
+    not sampled again, and the others give the same tokens as in an uninterrupted run (each batch
+    has its own generator). With parts, SIGTERM stops at the next batch boundary (every rank at the
+    same one), the finished batches written: exit status checkpoint.STOPPED.
+    after_batch(n): after this rank's n-th batch is written (the tests' kill hook)."""
     bs, t0 = min(cfg["gen_batch_size"], max(1, len(prompts))), time.time()
     starts = list(range(0, len(prompts), bs))  # the global batches, by their first prompt
+    # {first prompt: responses} of the batches sampled by an earlier, killed call
+    finished = _read_parts(parts, starts, [len(prompts[k:k + bs]) for k in starts]) if parts else {}
+    if finished and log:
+        log(f"  [resume] sampling {what}: {len(finished)} of {len(starts)} batches read back from "
+            f"{parts}")
+    all_starts, starts = starts, [k for k in starts if k not in finished]  # what is left to sample
     n_batches = math.ceil(len(starts) / fsdp.world())
     # one width for all ranks
     width = static_width(max([len(p) for p in prompts] + [1])) if cfg["gen_static"] else None
@@ -359,6 +379,20 @@ def sample_dataset(model, prompts, tok, cfg, seed, device, greedy=False, log=Non
             done = min(done_local * fsdp.world(), len(prompts))
             log(f"  sampling {what}: {done}/{len(prompts)} prompts, {time.time() - t0:.0f}s")
 
+    # this rank's own batches (shard_gather pads a share by repeating a batch: written once)
+    mine = set(starts[fsdp.rank()::fsdp.world()])
+
+    def on_batch(share, j, rows):
+        """The j-th batch of this rank's share is sampled: write it; stop there after a SIGTERM."""
+        if share[j] in mine:
+            write_json(os.path.join(parts, f"batch{share[j]}.json"), rows)
+        if after_batch:
+            after_batch(j + 1)
+        if checkpoint.stop_requested():
+            fsdp.barrier()  # every rank's batches are written
+            checkpoint.stop(log or print,
+                            f"while sampling {what}; its finished batches are in {parts}")
+
     # this rank's batches, by their first prompt -> their responses, one list per batch
     def sample_share(share):
         batches = [prompts[k:k + bs] for k in share]  # the last one may be short
@@ -367,7 +401,7 @@ def sample_dataset(model, prompts, tok, cfg, seed, device, greedy=False, log=Non
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=temperature,
             top_p=cfg["top_p"], top_k=cfg["top_k"], seed=seed * 100003, device=device,
             static=cfg["gen_static"], compile=cfg["gen_compile"], progress=progress, offsets=share,
-            width=width))
+            width=width, on_batch=(lambda j, rows: on_batch(share, j, rows)) if parts else None))
         return [list(itertools.islice(out, len(b))) for b in batches]
 
     # --compile compiles the blocks for training; decoding into a DynamicCache changes their input
@@ -377,5 +411,22 @@ def sample_dataset(model, prompts, tok, cfg, seed, device, greedy=False, log=Non
         eager = torch.compiler.set_stance("force_eager")
     else:
         eager = contextlib.nullcontext()
-    with fsdp.gathered_weights(model), fsdp.autocast(device, model), eager:
-        return [y for batch in fsdp.shard_gather(starts, sample_share) for y in batch]
+    # SIGTERM: stop at the next batch boundary (on_batch), when the batches are kept in parts
+    stops = checkpoint.stop_at_boundaries() if parts else contextlib.nullcontext()
+    with fsdp.gathered_weights(model), fsdp.autocast(device, model), eager, stops:
+        finished.update(zip(starts, fsdp.shard_gather(starts, sample_share)))
+    return [y for k in all_starts for y in finished[k]]
+
+
+def _read_parts(parts, starts, sizes):
+    """{first prompt: responses} of the batches that sample_dataset wrote to the folder `parts`."""
+    done = {}
+    for k, n in zip(starts, sizes):
+        path = os.path.join(parts, f"batch{k}.json")
+        if os.path.exists(path):
+            rows = read_json(path)
+            if len(rows) != n:
+                raise UserError(f"{path} holds {len(rows)} responses, not the batch's {n}; delete "
+                                "it to sample the batch again")
+            done[k] = rows
+    return done

@@ -9,7 +9,8 @@ writes which file lives in stages.py.
     x = run.cached(name, compute, save, load, inputs)   # stored -> read back; else compute, write, barrier
     run.stored(name, inputs)            # is it stored, from these inputs? (a stale one is removed)
     run.save_policy(model, tok, "ldalign", 1, history)   # theta_1 as an HF checkpoint, its step log
-    run.kill_point("ldalign/iter1/train")    # the tests' crash hook (LDALIGN_KILL_AT)
+    folder = run.partial(name, inputs, keys)  # name.partial/: a stage's finished pieces while it runs
+    run.kill_point("ldalign/iter1/train")    # the tests' crash hook (LDALIGN_KILL_AT, LDALIGN_TERM_AT)
 
 Written atomically means: into a sibling "<name>.tmp", then renamed over the name (atomic_path). A file or
 folder that exists is therefore complete, and a killed run never leaves a half-written result a rerun would trust.
@@ -29,12 +30,14 @@ from cli import UserError
 # Files
 # ----------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, hashed=None):
     """Yield a temporary sibling path; write a file or a folder there; on success it replaces `path`.
 
     The one atomic-write helper of the project (files, JSON, checkpoints, the guide, the tokenizer, PNGs).
     A folder gets a manifest.json with the sha256 of each of its files (verify checks it when the folder is read
-    back). On an exception the temporary is removed and `path` is left as it was.
+    back); hashed: {relative path: sha256} of files whose hashes the caller has (other processes wrote and hashed
+    them: checkpoint.py), filled in before the block ends. On an exception the temporary is removed and `path`
+    is left as it was.
     """
     path = os.fspath(path)
     tmp = path + ".tmp"
@@ -43,8 +46,10 @@ def atomic_path(path):
     try:
         yield tmp
         if os.path.isdir(tmp):
+            manifest = _sha256_of_files(tmp, skip=hashed or {})
+            manifest.update(hashed or {})
             with open(os.path.join(tmp, MANIFEST), "w") as f:
-                json.dump(_sha256_of_files(tmp), f, indent=1)
+                json.dump(manifest, f, indent=1)
         if os.path.isdir(path) and not os.path.islink(path):  # os.replace cannot overwrite a non-empty folder
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -56,14 +61,14 @@ def atomic_path(path):
 MANIFEST = "manifest.json"
 
 
-def _sha256_of_files(folder):
-    """{relative path: sha256} of every file under `folder` but the manifest itself."""
+def _sha256_of_files(folder, skip=()):
+    """{relative path: sha256} of every file under `folder` but the manifest itself and those in `skip`."""
     import hashlib
     out = {}
     for root, _, files in sorted(os.walk(folder)):
         for name in sorted(files):
             rel = os.path.relpath(os.path.join(root, name), folder)
-            if rel != MANIFEST:
+            if rel != MANIFEST and rel not in skip:
                 h = hashlib.sha256()
                 with open(os.path.join(root, name), "rb") as f:
                     for block in iter(lambda: f.read(1 << 24), b""):
@@ -355,6 +360,7 @@ class RunDir:
         (save or _SAVE[os.path.splitext(name)[1]])(value, path)
         # written before any rank reads it
         fsdp.barrier()
+        self.remove_partial(name)
         return value
 
     def stored(self, name, inputs=()):
@@ -366,6 +372,7 @@ class RunDir:
         now = self._digests(inputs)
         then = self._records().get(name, now)
         if then == now:
+            self.remove_partial(name)  # left by a kill between storing the result and removing it
             return True
         changed = [k for k in now if then.get(k) != now[k]]
         self.log(f"[stale] {name} was computed from another {', '.join(changed)}: computing it again")
@@ -407,17 +414,51 @@ class RunDir:
         # the adapter's base: theta_{t-1}'s folder (a hub id for a theta_0 given as one)
         base = os.path.abspath(base) if os.path.exists(base) else base
         save_hf(model, tokenizer, self.policy_path(method, t), adapter=adapter and (adapter, base))
+        self.remove_partial(name)  # its step checkpoints
         self.kill_point(f"{method}/iter{t}/policy")  # a kill between saving theta_t and evaluating it
+
+    def partial(self, name, inputs, keys):
+        """The folder <name>.partial/ where stage `name` keeps what it has finished while it runs, so that a
+        killed or pre-empted run goes on from there: sampling's finished batches; the update's reference
+        log-probs and its latest step checkpoint (checkpoint.py). Reused only when made from the same `inputs`
+        (their digests) and the same settings `keys` (its key.json), else emptied first; removed once the
+        stage is stored. Every rank calls this."""
+        path = self.path(name + ".partial")
+        key = {"inputs": self._digests(inputs), "settings": {k: self.cfg[k] for k in keys}}
+        key_path = os.path.join(path, "key.json")
+        stale = os.path.exists(path) and (not os.path.exists(key_path) or read_json(key_path) != key)
+        # every rank has looked before rank 0 changes anything
+        fsdp.barrier()
+        if stale:
+            self.log(f"[stale] {name}.partial was made from other inputs or settings: {name} starts over")
+            if fsdp.rank() == 0:
+                _remove(path)
+        if fsdp.rank() == 0 and not os.path.exists(key_path):
+            write_json(key_path, key)
+        fsdp.barrier()
+        return path
+
+    def remove_partial(self, name):
+        """Remove <name>.partial/ (rank 0), once the result of `name` is stored."""
+        if fsdp.rank() == 0:
+            _remove(self.path(name + ".partial"))
 
     @staticmethod
     def kill_point(stage):
         """Test hook for the resume tests: LDALIGN_KILL_AT=<stage> kills the process here, as a crash or a
-        pre-empted job would (no cleanup, no atexit). Stages: the names given to cached() ("sft", "guide",
-        "iter0/samples.jsonl", ...), "<method>/iter<t>/train" (half-way through the update) and
+        pre-empted job would (no cleanup, no atexit); LDALIGN_TERM_AT=<stage> sends SIGTERM to the process of
+        the last rank (the only one in one process), as a scheduler does first, and goes on. Stages: the names
+        given to cached() ("sft", "guide", "iter0/samples.jsonl", ...), "<name>/batch<k>" (sampling's k-th
+        batch on this rank written), "<method>/iter<t>/train" (half-way through the update),
+        "<method>/iter<t>/step<k>" (after optimizer step k and its step checkpoint, if one) and
         "<method>/iter<t>/policy" (theta_t saved, not yet evaluated)."""
         if os.environ.get("LDALIGN_KILL_AT") == stage:
             print(f"LDALIGN_KILL_AT={stage}: killing the run here", flush=True)
             os._exit(137)
+        if os.environ.get("LDALIGN_TERM_AT") == stage and fsdp.rank() == fsdp.world() - 1:
+            import signal
+            print(f"LDALIGN_TERM_AT={stage}: sending SIGTERM to rank {fsdp.rank()}", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 # Where a run folder keeps theta_t: RunDir's methods above, and harness.py reading a finished run folder.

@@ -23,6 +23,7 @@ import os
 import torch
 
 import analysis
+import checkpoint
 import dataset
 import dpo
 import fsdp
@@ -30,10 +31,17 @@ import generate
 import guide as guide_lib
 import lora
 from cli import UserError
-from rundir import METHODS, read_json, read_jsonl, save_hf, verify, write_atomic, write_json, write_jsonl
+from rundir import METHODS, UPDATE_KEYS, read_json, read_jsonl, save_hf, verify, write_atomic, write_json, write_jsonl
 
 # theta_0's log-probs of the annotated pairs: the DPO baseline's reference in every iteration
 DPO_REFERENCE = "dpo/ref_logps_theta0.json"
+# The settings a stage's <name>.partial/ (rundir.RunDir.partial) is made with, besides its inputs' digests: a
+# rerun with other values starts the stage over. Sampling: the prompts and each batch's tokens; the update: the
+# pairs, the data order (--seed) and every step.
+SAMPLING_KEYS = ("data", "max_examples", "overlength", "max_prompt_len", "seed", "temperature", "top_p", "top_k",
+                 "max_new_tokens", "gen_batch_size", "gen_static")
+UPDATE_STATE_KEYS = UPDATE_KEYS + ("data", "max_examples", "overlength", "max_len", "max_prompt_len", "seed",
+                                   "pref_data", "spin_keep_previous", "sft_data", "lora_base_dtype")
 
 
 class Stages:
@@ -58,6 +66,8 @@ class Stages:
         # --tensorboard: the scalars of every step and iteration (rank 0), out/tensorboard/<method>/...
         self.board = analysis.Board(run.path("tensorboard")) if cfg["tensorboard"] and fsdp.rank() == 0 else None
         self.curves_hint = True  # the "pip install matplotlib" hint, logged once
+        # The running update's M/iter{t}/policy.partial/ folder (update_state)
+        self.partial = None
 
     # ----------------------------------------------------------------------------------------------
     # The policy in memory
@@ -98,12 +108,15 @@ class Stages:
         name, cfg = self.samples_name(t, method), self.cfg
         seed = cfg["seed"] if name == "iter0/samples.jsonl" else cfg["seed"] + t + 1
         prompts = [d["prompt_ids"] for d in self.data.D]
+        inputs = [self.run.policy_path(method or "", t)]
 
         def compute():
+            # each batch written as it finishes (<name>.partial/): a rerun samples only the others
+            parts = self.run.partial(name, inputs, SAMPLING_KEYS)
             return generate.sample_dataset(self.policy(t, method), prompts, self.data.tok, cfg, seed, self.device,
-                                           log=self.log, what=f"y' ~ p_theta_{t}")
-        return self.run.cached(name, compute, save=self._write_samples, load=self._read_samples,
-                               inputs=[self.run.policy_path(method or "", t)])
+                                           log=self.log, what=f"y' ~ p_theta_{t}", parts=parts,
+                                           after_batch=lambda n: self.run.kill_point(f"{name}/batch{n}"))
+        return self.run.cached(name, compute, save=self._write_samples, load=self._read_samples, inputs=inputs)
 
     def _write_samples(self, ids, path):
         """samples.jsonl: one row per pair, {where, x, y, y_prime (text), y_prime_ids}; rank 0 writes."""
@@ -183,6 +196,7 @@ class Stages:
         policy = self.policy(t - 1, method)
         # From here on the held model is no longer theta_{t-1}.
         self.held_path = None
+        self.partial = None  # (update_state)
         if self.cfg.get("lora_r"):
             # --lora_r: fresh adapters (B = 0: still theta_{t-1}), trained alone; merged when theta_t is saved
             lora.begin(policy, self.cfg["lora_alpha"] or self.cfg["lora_r"], seed=self.cfg["seed"] + 1000 * t)
@@ -210,6 +224,15 @@ class Stages:
             inputs.append(self.run.path(DPO_REFERENCE))
         return inputs
 
+    def update_state(self, method, t):
+        """M/iter{t}/policy.partial/, what a killed update goes on from: its reference log-probs and its latest
+        step checkpoint (rundir.RunDir.partial). Made when first asked for, once every input of theta_t exists
+        (the DPO baseline's reference is computed in its iteration 1)."""
+        if self.partial is None:
+            self.partial = self.run.partial(f"{method}/iter{t}/policy", self.update_inputs(method, t),
+                                            UPDATE_STATE_KEYS)
+        return self.partial
+
     def train_settings(self, method, t):
         """The keyword arguments of dpo.dpo_train / dpo.sft_train shared by every method."""
         cfg = self.cfg
@@ -226,13 +249,17 @@ class Stages:
                      f"{r['elapsed_s']:.0f}s, eta {r['eta_s']:.0f}s")
 
         def on_step(step, steps):
-            # The tests' crash hook: a kill half-way through the update.
+            # The tests' crash hooks: a kill half-way through the update, or after a given step.
             if step * 2 >= steps:
                 self.run.kill_point(f"{method}/iter{t}/train")
+            self.run.kill_point(f"{method}/iter{t}/step{step}")
+        ckpt = checkpoint.StepCheckpoint(self.update_state(method, t), cfg["save_steps"], self.log,
+                                         f"{method} iteration {t}")
         return dict(lr=setting_at(cfg, "lr", t), epochs=cfg["epochs"], batch_size=cfg["batch_size"],
                     micro_batch_size=cfg["micro_batch_size"], device=self.device, optimizer=cfg["optimizer"],
                     warmup_ratio=cfg["warmup_ratio"], max_grad_norm=cfg["max_grad_norm"],
-                    seed=cfg["seed"] + 1000 * t, log_every=1, log_fn=log_step, on_step=on_step)
+                    seed=cfg["seed"] + 1000 * t, log_every=1, log_fn=log_step, on_step=on_step,
+                    checkpoint=ckpt)
 
     # ----------------------------------------------------------------------------------------------
     # Resume, evaluation and reports (Sections 5.1.3 and 5.2)
@@ -350,8 +377,20 @@ def weighted_dpo(stages, method, t, policy, y_prime, w):
         w = torch.cat([torch.ones(len(previous)), w])
     micro_batch_size = stages.cfg["micro_batch_size"]
     # The reference is theta_{t-1}, the policy right now: every pair is scored once, then the policy moves.
-    stages.log("[line 10] reference log-probs under theta_{t-1} (computed once, before the update)")
-    ref_chosen, ref_rejected = dpo.reference_logps(policy, pairs, micro_batch_size, stages.device)
+    # Kept beside the step checkpoints: a resumed update reads them back instead of scoring every pair again
+    # (they must come from theta_{t-1}: the policy is theta_{t-1} until dpo's loop loads a step checkpoint).
+    path = os.path.join(stages.update_state(method, t), "ref_logps.json")
+    if os.path.exists(path):
+        stages.log(f"[line 10] reference log-probs under theta_{{t-1}}: read back from {path}")
+        ref = read_json(path)
+    else:
+        stages.log("[line 10] reference log-probs under theta_{t-1} (computed once, before the update)")
+        chosen, rejected = dpo.reference_logps(policy, pairs, micro_batch_size, stages.device)
+        ref = {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
+        if fsdp.rank() == 0:
+            write_json(path, ref)
+        fsdp.barrier()
+    ref_chosen, ref_rejected = torch.tensor(ref["chosen"]), torch.tensor(ref["rejected"])
     return _dpo(stages, method, t, policy, pairs, ref_chosen, ref_rejected, w)
 
 

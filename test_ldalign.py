@@ -67,6 +67,8 @@ Engineering
     run folder and resume (rundir.py, ldalign.py): settings check, kill and resume, NaN stop, bad data before
         compute, parse_args, no pickle, the lock (a dead or half-written one), a folder without its manifest,
         unreadable input and an unwritable --out as one-line errors
+    pre-emption (checkpoint.py): an update resumed from its step checkpoint, and sampling from its finished
+        batches, give the uninterrupted weights and tokens (1 process; FSDP2 on 2); SIGTERM stops at a boundary
     analysis (analysis.py, Sections 5.1.3 and 5.2): edit distance, toy judge, ranking agreement, histogram,
         PNG, reward models, the seeds report (means with 95% intervals); watching a run: train_curves.png,
         --tensorboard (its one-line error without the package; slow: the scalars of a killed and resumed run)
@@ -96,6 +98,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import analysis
+import checkpoint
 import cli
 import dataset
 import dpo
@@ -2307,16 +2310,34 @@ def test_a_resume_with_other_settings_or_data_stops(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sft", "iter0/samples.jsonl", "guide", "ldalign/iter1/train", "ldalign/iter2/train",
-                                   "ldalign/iter2/policy"])
+@pytest.mark.parametrize("stage", ["sft", "iter0/samples.jsonl/batch1", "guide", "ldalign/iter1/train",
+                                   "ldalign/iter2/train", "ldalign/iter2/policy", "SIGTERM ldalign/iter2/step1"])
 def test_killed_run_resumes_to_the_same_weights(tmp_path, stage, uninterrupted):
+    """Killed at a stage (LDALIGN_KILL_AT), or sent SIGTERM there (LDALIGN_TERM_AT), then rerun: the weights of the
+    uninterrupted run, bit for bit. With --save_steps 2 (the uninterrupted run saved none: step checkpoints change
+    nothing), an update killed half-way (after step 2 of 4) goes on from its step checkpoint, and reads back the
+    reference log-probs of theta_{t-1} (not scored again);
+    sampling killed after the first of its 2 batches samples only the second; SIGTERM after step 1 stops the run at
+    step 2 (saved) with status 143. Nothing of the .partial folders is left."""
     out = str(tmp_path / "run")
-    env = dict(os.environ, OMP_NUM_THREADS="1", LDALIGN_KILL_AT=stage)
-    p = subprocess.run([sys.executable, os.path.join(HERE, "ldalign.py"), "--out", out] + TINY_RUN, cwd=HERE,
-                       env=env, timeout=600, capture_output=True, text=True)
-    assert p.returncode == 137 and f"LDALIGN_KILL_AT={stage}" in p.stdout
+    args = ["--out", out] + TINY_RUN + ["--save_steps", "2"]
+    term, stage = stage.startswith("SIGTERM "), stage.removeprefix("SIGTERM ")
+    p = _cli(args, env_extra={"LDALIGN_TERM_AT" if term else "LDALIGN_KILL_AT": stage})
+    if term:
+        assert p.returncode == checkpoint.STOPPED, p.stderr[-2000:]
+        assert ("stopped by SIGTERM at step 2/4 of ldalign iteration 2; step checkpoint saved: rerun the same command "
+                "to resume") in p.stdout
+    else:
+        assert p.returncode == 137 and f"LDALIGN_KILL_AT={stage}" in p.stdout
     assert not any(f.endswith(".tmp") for f in os.listdir(out))  # no half-written result left to trust
-    _run(["--out", out] + TINY_RUN)
+    log = _run(args)
+    if stage.endswith(("/train", "/step1")):
+        t = stage.split("/")[1][len("iter"):]
+        assert f"[resume] ldalign iteration {t}: from the step checkpoint of step 2/4" in log
+        assert "reference log-probs under theta_{t-1}: read back" in log
+    if stage.endswith("/batch1"):
+        assert "[resume] sampling y' ~ p_theta_0: 1 of 2 batches read back" in log
+    assert not [f for f in _all_files(out) if ".partial" in f]
     resumed = _check_run_folder(out).state_dict()  # every iteration's metrics row too
     for k, v in uninterrupted.items():
         assert torch.equal(v, resumed[k]), k
@@ -2657,11 +2678,116 @@ def test_a_run_folder_without_its_manifest_is_an_error(tmp_path):
 
 def test_no_pickle_checkpoints_and_no_remote_code_by_default():
     for name in ("ldalign.py", "stages.py", "dpo.py", "guide.py", "generate.py", "dataset.py", "rundir.py", "fsdp.py",
-                 "analysis.py"):
+                 "analysis.py", "checkpoint.py"):
         src = open(os.path.join(HERE, name)).read()
         assert "torch.load(" not in src or "weights_only=True" in src
         assert "trust_remote_code=True" not in src
     assert ldalign.DEFAULTS["trust_remote_code"] is False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pre-emption: step checkpoints of the update, sampling kept batch by batch, SIGTERM (checkpoint.py)
+# ----------------------------------------------------------------------------------------------------
+def _update_in_steps(folder, every=2, stop_after=0, term_after=0, optimizer="adamw"):
+    """An LD-Align update of a tiny Llama (FSDP2 when world > 1) in 8 optimizer steps, with its step checkpoints in
+    `folder` every `every` steps (folder None: none). stop_after: raise KeyboardInterrupt after that step (a kill);
+    term_after: SIGTERM to the last rank after that step. Returns (full weights, step log)."""
+    import signal
+    torch.manual_seed(0)
+    cpu, model = torch.device("cpu"), tiny_llama(seed=0).train()
+    if fsdp.world() > 1:
+        model = fsdp.parallelize(model, cpu)
+    g = torch.Generator().manual_seed(1)
+    pairs = [([1] + torch.randint(3, 64, (int(n),), generator=g).tolist(),
+              torch.randint(3, 64, (int(m),), generator=g).tolist() + [2],
+              torch.randint(3, 64, (int(k),), generator=g).tolist() + [2])
+             for n, m, k in torch.randint(1, 6, (13, 3), generator=g)]
+    ref_c, ref_r = dpo.reference_logps(model, pairs, 2, cpu)
+
+    def on_step(step, steps):
+        if step == stop_after:
+            raise KeyboardInterrupt
+        if step == term_after and fsdp.rank() == fsdp.world() - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+    ckpt = checkpoint.StepCheckpoint(folder, every, lambda m: None, "the test update") if folder else None
+    hist = dpo.dpo_train(model, pairs, ref_c, ref_r, torch.linspace(0.5, 1.5, 13), beta=0.5, lr=1e-2, epochs=2,
+                         batch_size=4, micro_batch_size=2, device=cpu, optimizer=optimizer, seed=3, on_step=on_step,
+                         checkpoint=ckpt)
+    sd = fsdp.full_state_dict(model) if fsdp.is_fsdp(model) else model.state_dict()
+    return {k: v.clone() for k, v in sd.items()}, hist
+
+
+def _resumes_exactly(folder, optimizer):
+    """Killed after step 3 (checkpoint of step 2), then SIGTERM after step 5 (checkpoint of step 6, at once): each
+    rerun goes on from the latest checkpoint, and the update ends with the uninterrupted weights and step log, bit
+    for bit. Returns what differs (empty: nothing)."""
+    want, want_hist = _update_in_steps(None, optimizer=optimizer)
+    with pytest.raises(KeyboardInterrupt):
+        _update_in_steps(folder, stop_after=3, optimizer=optimizer)
+    saved = sorted(os.listdir(folder))
+    with pytest.raises(SystemExit) as stopped:
+        _update_in_steps(folder, term_after=5, optimizer=optimizer)
+    assert stopped.value.code == checkpoint.STOPPED
+    saved.append(sorted(os.listdir(folder)))
+    got, hist = _update_in_steps(folder, optimizer=optimizer)
+    differ = [k for k in want if not torch.equal(want[k], got[k])]
+    return differ + ([] if hist == want_hist else ["step log"]) + ([] if saved == ["step2", ["step6"]] else [saved])
+
+
+def test_an_update_resumes_from_its_step_checkpoint_to_the_same_weights(tmp_path):
+    for optimizer in ("adamw", "rmsprop"):
+        assert _resumes_exactly(str(tmp_path / optimizer), optimizer) == [], optimizer
+    with pytest.raises(SystemExit, match="--save_steps must be >= 0"):
+        ldalign.parse_args(["--save_steps", "-1"])
+
+
+def _resume_worker(rank, results, folder):
+    torch.set_num_threads(1)
+    results[rank] = _resumes_exactly(folder, "rmsprop")
+
+
+@pytest.mark.slow
+def test_two_processes_resume_an_update_from_its_step_checkpoint(tmp_path):
+    """FSDP2 on 2 processes: every rank writes its shards of the weights and of the RMSprop state; a rerun loads them
+    and ends with the weights of an uninterrupted 2-process update exactly. SIGTERM reaches rank 1 only: both ranks
+    stop at the same step (stop_requested is all-reduced)."""
+    import functools
+    results = _run_gloo(functools.partial(_resume_worker, folder=str(tmp_path / "steps")))
+    assert results == {0: [], 1: []}
+
+
+def test_sampling_resumes_at_the_first_unfinished_batch(tmp_path):
+    """sample_dataset writes each finished batch to `parts`; killed after its 2nd batch, or stopped by SIGTERM after
+    the 3rd, a rerun reads them back, samples only the others, and returns the tokens of an uninterrupted run."""
+    import signal
+    prompts = gen_prompts([3, 9, 5, 1, 7, 4, 8, 2, 6, 6, 3, 9, 5], seed=4)  # 4 batches of 4, the last short
+    model, cpu = gen_llama(), torch.device("cpu")
+    for static in (False, True):
+        cfg, parts = dict(SAMPLE_CFG, gen_static=static), str(tmp_path / f"parts{static}")
+        want = generate_module.sample_dataset(model, prompts, SAMPLE_TOK, cfg, 3, cpu)
+
+        def sample(after_batch=None):
+            return generate_module.sample_dataset(model, prompts, SAMPLE_TOK, cfg, 3, cpu, parts=parts,
+                                                  after_batch=after_batch)
+
+        def kill_after(k):
+            def hook(n):
+                if n == k:
+                    raise KeyboardInterrupt
+            return hook
+        with pytest.raises(KeyboardInterrupt):
+            sample(kill_after(2))
+        assert sorted(os.listdir(parts)) == ["batch0.json", "batch4.json"]
+        with pytest.raises(SystemExit) as stopped:
+            sample(lambda n: n == 1 and os.kill(os.getpid(), signal.SIGTERM))  # the 3rd batch, 1st of this call
+        assert stopped.value.code == checkpoint.STOPPED and len(os.listdir(parts)) == 3
+        calls = []
+        assert sample(calls.append) == want and calls == [1]  # one batch left to sample
+        assert sample(calls.append) == want and calls == [1]  # none left
+
+
+def _all_files(folder):
+    return [os.path.join(r, f) for r, ds, fs in os.walk(folder) for f in fs + ds]
 
 
 # ====================================================================================================

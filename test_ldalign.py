@@ -2688,13 +2688,17 @@ def test_no_pickle_checkpoints_and_no_remote_code_by_default():
 # ----------------------------------------------------------------------------------------------------
 # Pre-emption: step checkpoints of the update, sampling kept batch by batch, SIGTERM (checkpoint.py)
 # ----------------------------------------------------------------------------------------------------
-def _update_in_steps(folder, every=2, stop_after=0, term_after=0, optimizer="adamw"):
+def _update_in_steps(folder, every=2, stop_after=0, term_after=0, optimizer="adamw", lora_r=0):
     """An LD-Align update of a tiny Llama (FSDP2 when world > 1) in 8 optimizer steps, with its step checkpoints in
     `folder` every `every` steps (folder None: none). stop_after: raise KeyboardInterrupt after that step (a kill);
-    term_after: SIGTERM to the last rank after that step. Returns (full weights, step log)."""
+    term_after: SIGTERM to the last rank after that step; lora_r > 0: rank-r adapters trained alone, as
+    Stages.update begins them. Returns (full weights, step log)."""
     import signal
     torch.manual_seed(0)
     cpu, model = torch.device("cpu"), tiny_llama(seed=0).train()
+    if lora_r:
+        lora.add(model, lora.DEFAULT_TARGETS, lora_r)
+        lora.begin(model, lora_r, seed=5)
     if fsdp.world() > 1:
         model = fsdp.parallelize(model, cpu)
     g = torch.Generator().manual_seed(1)
@@ -2717,19 +2721,19 @@ def _update_in_steps(folder, every=2, stop_after=0, term_after=0, optimizer="ada
     return {k: v.clone() for k, v in sd.items()}, hist
 
 
-def _resumes_exactly(folder, optimizer):
+def _resumes_exactly(folder, optimizer, lora_r=0):
     """Killed after step 3 (checkpoint of step 2), then SIGTERM after step 5 (checkpoint of step 6, at once): each
     rerun goes on from the latest checkpoint, and the update ends with the uninterrupted weights and step log, bit
     for bit. Returns what differs (empty: nothing)."""
-    want, want_hist = _update_in_steps(None, optimizer=optimizer)
+    want, want_hist = _update_in_steps(None, optimizer=optimizer, lora_r=lora_r)
     with pytest.raises(KeyboardInterrupt):
-        _update_in_steps(folder, stop_after=3, optimizer=optimizer)
+        _update_in_steps(folder, stop_after=3, optimizer=optimizer, lora_r=lora_r)
     saved = sorted(os.listdir(folder))
     with pytest.raises(SystemExit) as stopped:
-        _update_in_steps(folder, term_after=5, optimizer=optimizer)
+        _update_in_steps(folder, term_after=5, optimizer=optimizer, lora_r=lora_r)
     assert stopped.value.code == checkpoint.STOPPED
     saved.append(sorted(os.listdir(folder)))
-    got, hist = _update_in_steps(folder, optimizer=optimizer)
+    got, hist = _update_in_steps(folder, optimizer=optimizer, lora_r=lora_r)
     differ = [k for k in want if not torch.equal(want[k], got[k])]
     return differ + ([] if hist == want_hist else ["step log"]) + ([] if saved == ["step2", ["step6"]] else [saved])
 
@@ -2737,6 +2741,8 @@ def _resumes_exactly(folder, optimizer):
 def test_an_update_resumes_from_its_step_checkpoint_to_the_same_weights(tmp_path):
     for optimizer in ("adamw", "rmsprop"):
         assert _resumes_exactly(str(tmp_path / optimizer), optimizer) == [], optimizer
+    # LoRA (issue 21): the adapters and their optimizer state resume as full fine-tuning does
+    assert _resumes_exactly(str(tmp_path / "lora"), "adamw", lora_r=4) == [], "lora"
     with pytest.raises(SystemExit, match="--save_steps must be >= 0"):
         ldalign.parse_args(["--save_steps", "-1"])
 

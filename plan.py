@@ -31,9 +31,11 @@ those resident bytes are added from the shards the tracker counted.
 
 What the tracker cannot see, and how it is added: the CUDA context, NCCL's and cuBLAS's buffers and the caching
 allocator's fragmentation are a fixed reserve (RESERVE_GIB plus FRAGMENTATION of the GPU) taken off the GPU's
-memory; torch.compile's CUDA-graph pool (--gen_compile) is not counted (it holds the decode step's (B, V) logits);
-the baseline sft trains on micro_batch_size sequences, not 2x, so its row is the update's with the activations
-halved (scaled, not tracked). The largest micro-batch and sampling batch that fit assume that activations, KV
+memory; the foreach kernels of a GPU's optimizer step (one fp32 copy of the trainable shards) are added to the
+step's moment (with_foreach_step); torch.compile's CUDA-graph pool (--gen_compile) is not counted (it holds the
+decode step's (B, V) logits); gradient clipping is tracked with per-tensor norms (clip); the baseline sft trains
+on micro_batch_size sequences, not 2x, so its row is the update's with the activations halved (scaled, not
+tracked). The largest micro-batch and sampling batch that fit assume that activations, KV
 cache and temporaries grow linearly with the batch and the rest does not.
 
 The step checkpoint (--save_steps) is each rank's fp32 weight and optimizer-state shards; its save time is the
@@ -191,12 +193,12 @@ def fake_tensors():
             masking.is_torchdynamo_compiling = saved
 
 
-def _foreach(opt):
-    """The optimizer's step as on a GPU, where PyTorch defaults to the foreach kernels (on the CPU it steps one
-    tensor at a time): their temporaries (e.g. the square roots of every state shard at once) are counted."""
-    for group in opt.param_groups:
-        group["foreach"] = True
-    return opt
+def clip(params, max_norm):
+    """Gradient clipping as the training loops do it, with per-tensor norms: the foreach norm on fake DTensors
+    makes the tracker count an unsharded copy of every gradient (4.2 GiB on a 1.1B-parameter model), which
+    DTensor's own rule for that op (partial norms of the shards) should not make on a GPU. Not yet confirmed
+    on one."""
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
 
 
 def _ids(batch, length, vocab):
@@ -213,7 +215,6 @@ def policy_train(model, *, batch, length, vocab, optimizer, beta=0.1, micro_batc
     last only: the first leaves FSDP2's unsharded gradients). Returns track()'s record; its marks:
     after_forward (the activations kept for backward), after_backward, after_step."""
     opt = dpo.make_optimizer(model, optimizer, 1e-6)
-    _foreach(opt)
     model.train()
 
     def micro(sync, last):
@@ -230,7 +231,7 @@ def policy_train(model, *, batch, length, vocab, optimizer, beta=0.1, micro_batc
             losses.sum().backward()
             if last:
                 mark("after_backward")
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+                clip(model.parameters(), max_grad_norm)
                 opt.step()
                 mark("after_step")
                 opt.zero_grad(set_to_none=True)
@@ -244,6 +245,18 @@ def policy_train(model, *, batch, length, vocab, optimizer, beta=0.1, micro_batc
     between = record["marks"].get("before_last_micro")
     acc = min(between["kinds"].get("Temp", 0), record["kinds"].get("Temp", 0)) if between else 0
     record.update(grads=record["grads"] + acc, activations=record["activations"] - acc, accumulated=acc)
+    return with_foreach_step(record, model)
+
+
+def with_foreach_step(record, model):
+    """On a GPU the optimizer steps with PyTorch's foreach kernels, which make one temporary per state shard at
+    once (RMSprop's and AdamW's square roots): one fp32 copy of the trainable shards, which the tracker does not
+    see (on the CPU the step goes one tensor at a time; forcing foreach on fake DTensors makes the tracker count
+    far more than a GPU holds). The step's peak is the memory after backward plus that copy."""
+    copy = sum(p.to_local().numel() * 4 for p in model.parameters() if p.requires_grad)
+    step_peak = record["marks"]["after_backward"]["peak"] + copy
+    if step_peak > record["peak"]:
+        record.update(peak=step_peak, optimizer=record["marks"]["after_backward"]["optimizer"] + copy)
     return record
 
 
@@ -279,7 +292,7 @@ def policy_sample(model, *, batch, width, new_tokens, static):
 
 def guide_train(guide, *, batch, length):
     """Algorithm 1, line 4 (guide.train_guide): two AdamW steps of Eq. 2 on `batch` rows of `length`."""
-    opt = _foreach(torch.optim.AdamW([p for p in guide.parameters() if p.requires_grad], lr=1e-4))
+    opt = torch.optim.AdamW([p for p in guide.parameters() if p.requires_grad], lr=1e-4)
     dpo.disable_dropout(guide)
     guide.train()
     vocab = guide.decoder.config.vocab_size
@@ -289,10 +302,11 @@ def guide_train(guide, *, batch, length):
         ones = torch.ones_like(ids)
         nll, n_tok = guide(input_ids=ids, attention_mask=ones, response_mask=ones)
         (nll.sum() / n_tok.sum()).backward()
-        torch.nn.utils.clip_grad_norm_(guide.parameters(), 1.0)
+        mark("after_backward")
+        clip(guide.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return track(guide, [run, run], opt)
+    return with_foreach_step(track(guide, [run, run], opt), guide)
 
 
 def guide_distances(guide, *, batch, length):

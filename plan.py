@@ -15,10 +15,10 @@ optimizer state, activations and temporaries, FSDP2's all-gather and reduce-scat
 
     stage                     what is run under the tracker (per rank)
     sample y' (lines 2, 7)    fsdp.gathered_weights + generate.generate: the prefill of gen_batch_size prompts at
-                              the sampler's width and one decode step. The StaticCache is allocated at its full
-                              length at the prefill, so the later steps add nothing; a DynamicCache (gen_static
-                              false) is stood for by a prefill of width + max_new_tokens - 1 tokens (its final
-                              length; the longer prefill is an upper bound)
+                              the sampler's width. The StaticCache is allocated at its full length at the
+                              prefill, and a decode step feeds one token per row into it; a DynamicCache
+                              (gen_static false) is stood for by a prefill of width + max_new_tokens - 1 tokens
+                              (its final length; the longer prefill is an upper bound)
     guide training (line 4)   two steps of Eq. 2 at guide_batch_size / world rows of the guide's n_positions
     distances (line 8)        guide.encode of 2 x guide_batch_size rows, weights gathered (guide.distances)
     reference log-probs       dpo.sequence_logps of 2 x micro_batch_size sequences of max_len, no grad
@@ -35,8 +35,10 @@ memory; the foreach kernels of a GPU's optimizer step (one fp32 copy of the trai
 step's moment (with_foreach_step); torch.compile's CUDA-graph pool (--gen_compile) is not counted (it holds the
 decode step's (B, V) logits); gradient clipping is tracked with per-tensor norms (clip); the baseline sft trains
 on micro_batch_size sequences, not 2x, so its row is the update's with the activations halved (scaled, not
-tracked). The largest micro-batch and sampling batch that fit assume that activations, KV
-cache and temporaries grow linearly with the batch and the rest does not.
+tracked). The largest micro-batch and sampling batch that fit are extrapolated from the tracked batch:
+activations, KV cache and temporaries taken linear in the batch, the rest fixed. They can be optimistic (the
+activations at the peak of an accumulating step are fewer than at a single micro-batch's own peak): rerun the
+plan at the batch you choose.
 
 The step checkpoint (--save_steps) is each rank's fp32 weight and optimizer-state shards; its save time is the
 total over --plan_disk_gbps, the step time 6 x parameters x tokens per step (8 with activation checkpointing)
@@ -424,7 +426,7 @@ def report(cfg, m, world, gpu_gb):
     ok = all(fits[name] for name in used)
     worst = max(used, key=peaks.get)
     lines += ["", f"Verdict: {'FITS' if ok else 'DOES NOT FIT'} on {world} x {gpu_gb:g} GiB "
-                  f"(largest stage: {worst.split(',')[0]}, {peaks[worst] / GiB:.1f} GiB)"]
+                  f"(largest stage: {worst.rsplit(',', 1)[0]}, {peaks[worst] / GiB:.1f} GiB)"]
     lines += largest_batches(cfg, m, usable)
     lines += checkpoint_lines(cfg, m, world)
     return lines, ok

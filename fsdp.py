@@ -135,17 +135,18 @@ def transformer_blocks(model):
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def parallelize(model, device):
+def parallelize(model, device, bf16=None):
     """FSDP2: shard every transformer block, then the root (embeddings, final norm, head, extra layers).
 
     On GPU, bf16 compute with fp32 master weights and fp32 gradient reduction; the fp32 output cast goes on the
-    root only (on a block it would feed fp32 into the next bf16 block's norm).
+    root only (on a block it would feed fp32 into the next bf16 block's norm). bf16=True asks for the GPU's
+    mixed precision on another device (plan.py: fake tensors on the CPU standing for a GPU's).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world(),))
-    bf16 = device.type == "cuda"
+    bf16 = device.type == "cuda" if bf16 is None else bf16
     if bf16:
         block_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:

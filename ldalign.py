@@ -7,6 +7,7 @@
     python ldalign.py --preset small --data train_sft.parquet   # Qwen2.5-0.5B-Instruct, 1 GPU
     python ldalign.py --preset paper --lora_r 64 --lora_base_dtype bfloat16 ...  # the 7B, 1 GPU
     python ldalign.py --out runs/x --T 5             # any default below, overridden as --key value
+    python ldalign.py --preset paper --plan          # each stage's peak memory per GPU, before any compute
 
 Each stage writes its result under --out and a rerun reads back what is stored (kill it and start it
 again: it goes on from the last finished stage). stages.py says which stage writes which file:
@@ -50,6 +51,7 @@ import torch
 import dataset
 import dpo
 import fsdp
+import plan
 from cli import read_overrides, report_errors
 from rundir import METHODS, RunDir
 from stages import Stages, per_iteration
@@ -152,6 +154,12 @@ DEFAULTS = dict(
     # every from_pretrained of that model ("" = the hub's default branch). Hub ids only: a local
     # folder is read as it is. config.json records the commit each model resolved to.
     policy_revision="", guide_revision="", reward_model_revision="",
+    # --plan: print each stage's peak memory per GPU (plan.py: config.json only, fake tensors, no GPU,
+    # no data, no run folder) for --plan_world GPUs of --plan_gpu_gb GiB, then exit
+    plan=False, plan_world=8, plan_gpu_gb=80.0,
+    # the plan's step-checkpoint estimate: bf16 dense TFLOP/s per GPU (312: A100; 989: H100 SXM), the
+    # assumed MFU of the update, the write bandwidth to --out in GB/s (all ranks together)
+    plan_tflops=312.0, plan_mfu=0.4, plan_disk_gbps=1.0,
 )
 
 # The range of every numeric setting, checked by parse_args before anything runs (NaN fails every
@@ -274,6 +282,13 @@ def parse_args(argv):
             bad.append(f"--{k}_per_iter has {len(values)} value(s) for --T {cfg['T']} iterations")
     if cfg["optimizer"] not in ("adamw", "rmsprop"):
         bad.append(f"--optimizer is 'adamw' or 'rmsprop', got {cfg['optimizer']!r}")
+    # --plan's GPUs and assumptions
+    if not cfg["plan_world"] > 0:
+        bad.append(f"--plan_world must be > 0, got {cfg['plan_world']!r}")
+    bad += [f"--{k} must be a finite number > 0, got {cfg[k]!r}"
+            for k in ("plan_gpu_gb", "plan_tflops", "plan_disk_gbps") if not 0 < cfg[k] < math.inf]
+    if not 0 < cfg["plan_mfu"] <= 1:
+        bad.append(f"--plan_mfu must be in (0, 1], got {cfg['plan_mfu']!r}")
     if bad:
         raise SystemExit("; ".join(bad))
     if cfg["max_prompt_len"] + cfg["max_new_tokens"] > cfg["max_len"]:
@@ -290,6 +305,8 @@ def parse_args(argv):
 
 def main(argv=None):
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    if cfg["plan"]:
+        return plan.main(cfg)  # the memory plan: printed, nothing computed, no run folder
     rank, world, device = fsdp.init()
     run = RunDir(cfg)
     run.log(f"LD-Align | preset={cfg['preset']} method={cfg['method']} T={cfg['T']} | "

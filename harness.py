@@ -120,9 +120,16 @@ def table(scores, columns):
 
 
 def parse_tasks(spec):
-    """"table1", or "COLUMN=TASK:FEWSHOT:KEY;..." (KEY as lm-eval reports it, e.g. exact_match,none)."""
+    """"table1"; some of its columns by name ("TruthfulQA,PIQA,ARC"); or "COLUMN=TASK:FEWSHOT:KEY;..." (KEY as
+    lm-eval reports it, e.g. exact_match,none)."""
     if spec == "table1":
         return TABLE1
+    columns = {row[0]: row for row in TABLE1}
+    if "=" not in spec:
+        unknown = [c for c in spec.split(",") if c not in columns]
+        if unknown:
+            raise UserError(f"--tasks {spec!r}: {', '.join(unknown)} is not a column of Table 1 ({', '.join(columns)})")
+        return [columns[c] for c in spec.split(",")]
     out = []
     for item in spec.split(";"):
         try:

@@ -2895,6 +2895,18 @@ def test_table1_avg_is_the_papers_mean_relative_improvement():
 # ----------------------------------------------------------------------------------------------------
 # Table 1's settings (harness.py) and what a run read (--*_revision, config.json's provenance)
 # ----------------------------------------------------------------------------------------------------
+def test_harness_tasks_name_columns_of_table_1_or_spell_them_out():
+    """--tasks: table1, a few of its columns by name (the small preset's eval), or COLUMN=TASK:FEWSHOT:KEY;..."""
+    import harness
+    assert harness.parse_tasks("table1") == harness.TABLE1
+    assert [c for c, _, _, _ in harness.parse_tasks("TruthfulQA,PIQA,ARC")] == ["TruthfulQA", "PIQA", "ARC"]
+    assert harness.parse_tasks("ARC") == [r for r in harness.TABLE1 if r[0] == "ARC"]
+    assert harness.parse_tasks("Sort=toy_sort:0:exact_match,none") == [("Sort", "toy_sort", 0, "exact_match,none")]
+    for bad in ("TruthfulQA,MMLU", "Sort=toy_sort"):
+        with pytest.raises(cli.UserError, match="--tasks"):
+            harness.parse_tasks(bad)
+
+
 def test_harness_records_lm_eval_version_settings_and_passes_template_and_revision(tmp_path, monkeypatch):
     """harness.main with lm-eval's model and simple_evaluate replaced by fakes: plain prompts by default,
     --chat_template true applies the template (few-shot as turns), theta_0 of a hub id is read at the run's

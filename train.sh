@@ -146,7 +146,7 @@ case "$PRESET" in
   small)
     # One GPU: Qwen2.5-0.5B-Instruct is theta_0 (fully fine-tuned; --lora_r 16 for LoRA), gpt2 the guide's
     # backbone, the first 2,000 records of UltraChat 200k (train_sft) D. Then a few of Table 1's tasks:
-    #   bash train.sh eval runs/small --tasks "TruthfulQA=truthfulqa_mc2:0:acc,none;PIQA=piqa:0:acc_norm,none;ARC=arc_challenge:25:acc_norm,none"
+    #   bash train.sh eval runs/small --tasks TruthfulQA,PIQA,ARC
     NPROC="${NPROC:-1}"
     ARGS=(--preset small --out "runs/small"
           --policy "${POLICY:-Qwen/Qwen2.5-0.5B-Instruct}"

@@ -182,14 +182,20 @@ PRESETS = {
         max_len=1024, max_prompt_len=512, max_new_tokens=256, temperature=1.0, gen_batch_size=64,
         gen_static=True, gen_compile=True,
         latent_dim=64, guide_epochs=1, guide_lr=5e-5, guide_batch_size=32,
-        T=3, beta=0.1, lr=5e-7, optimizer="rmsprop", epochs=2, batch_size=64, micro_batch_size=2,
+        T=3, beta=0.1, lr=5e-7, optimizer="rmsprop", epochs=2, batch_size=64,
+        # 64 / 8 GPUs = 8 pairs per rank: one micro-batch per step. With several (2: four per step)
+        # FSDP2 keeps the step's fp32 gradients unsharded until its last micro-batch, 27 GiB per GPU
+        # (7.24B x 4 bytes): the update peaks at 37.6 GiB, over 8 x 40 GB; at 8, with activation
+        # checkpointing, at 17.7 GiB, and sampling (26.6 GiB) is the largest stage (README, "Memory
+        # plan"). On 4 GPUs (16 pairs per rank) 8 gives two micro-batches: 51.6 GiB per GPU.
+        micro_batch_size=8,
         grad_ckpt=True, log_every=10, pref_data="data/ultrafeedback_binarized.jsonl",
-        # A step checkpoint is zephyr's fp32 weights and RMSprop state, 2 x 29 GB, 7.2 GB per
-        # rank on 8 GPUs: ~30 s at ~2 GB/s per node to shared storage, plus ~5 s of sha256 per
-        # rank. One step is ~1.4 s (README's estimate: 1563 steps per iteration in 0.59 h), so
-        # saving every 600 steps costs 35 / (600 x 1.4) = 4% of the update, and a pre-emption
-        # loses at most 600 steps (~14 min). Provisional: the step time is estimated, not measured.
-        save_steps=600,
+        # The plan's step checkpoint on 8 GPUs: fp32 weights + RMSprop state, 6.74 GiB per rank
+        # (54 GiB in all), ~58 s at 1 GB/s; a step ~7.6 s (8 x 7.24B parameters x 131,072 tokens at
+        # 40% of 312 TFLOP/s per GPU). Every 153 steps saving costs under 5% of the update, and a
+        # pre-emption loses at most 153 steps (~19 min at that step time; 1,564 steps per
+        # iteration). On 4 GPUs the plan suggests 77. Estimated, not measured on a GPU.
+        save_steps=153,
         measure_S=False, judge="reward", agreement_n=500,
         reward_model="OpenAssistant/reward-model-deberta-v3-large-v2",
         # SPIN's data recipe, and continual SFT on all of --data (the Section 5.1.4 rows)
@@ -197,18 +203,19 @@ PRESETS = {
     # One GPU of 24 GB (README, "One GPU"): Qwen2.5-0.5B-Instruct (0.49B, Qwen2 architecture, a
     # chat template with a system turn; widely used, Apache-2.0) fully fine-tuned from theta_0, the
     # GPT-2 guide, the first 2,000 UltraChat 200k records, three iterations. The paper's beta,
-    # epochs, lengths (1024: prompt 512, 256 new tokens), RMSprop and guide settings. Differs:
+    # epochs, lengths (1024: prompt 512, 256 new tokens), RMSprop, guide lr and epochs. Differs:
     # 2,000 records (not 50k); batch 32 and lr 1e-6 (125 optimizer steps per iteration, not 1,562
-    # at 64 and 5e-7). Memory, fp32 master weights: weights, gradients and RMSprop state 3 x 2.0 GB;
-    # a micro-batch of 2 pairs = 4 sequences: <= 4 x 1023 positions x 151,936 logits = 2.5 GB in
-    # fp32, ~4x that with log_softmax and the gradients; checkpointed activations < 0.2 GB;
-    # sampling's KV cache 64 x 768 tokens = 0.6 GB: ~16 GB of 24.
+    # at 64 and 5e-7); the guide's batch 8, not 32. Memory (`--plan --plan_world 1 --plan_gpu_gb
+    # 24`, 19.6 GiB usable): the guide's Eq. 2 on 32 rows of 1024 tokens needs 56 GiB (its two
+    # GPT-2s' activations and 50,257-entry logits), on 8 rows 17.7 GiB, the largest stage; the
+    # update (fp32 weights, gradients, RMSprop state 1.84 GiB each; micro-batches of 2 pairs,
+    # checkpointed) 13.9 GiB; sampling 256 prompts at once 10.5 GiB (64: 5.4 GiB).
     "small": dict(
         out="runs/small", policy="Qwen/Qwen2.5-0.5B-Instruct", guide="gpt2",
         data="data/ultrachat_50k.jsonl", eval_data="", max_examples=2000, overlength="skip",
-        max_len=1024, max_prompt_len=512, max_new_tokens=256, temperature=1.0, gen_batch_size=64,
+        max_len=1024, max_prompt_len=512, max_new_tokens=256, temperature=1.0, gen_batch_size=256,
         gen_static=True, gen_compile=True,
-        latent_dim=64, guide_epochs=1, guide_lr=5e-5, guide_batch_size=32,
+        latent_dim=64, guide_epochs=1, guide_lr=5e-5, guide_batch_size=8,
         T=3, beta=0.1, lr=1e-6, optimizer="rmsprop", epochs=2, batch_size=32, micro_batch_size=2,
         grad_ckpt=True, log_every=10, pref_data="data/ultrafeedback_binarized.jsonl",
         measure_S=False, judge="reward", agreement_n=200,

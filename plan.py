@@ -29,6 +29,24 @@ Every sequence is at its cap and every micro-batch's shortest prompt is 1 token 
 Stages after line 4 hold the frozen guide's shard, and line 4 the policy's shard (stages.py holds one policy);
 those resident bytes are added from the shards the tracker counted.
 
+LoRA (--lora_r > 0): the policy is built as fsdp.load_policy builds it, lora.add with --lora_targets and --lora_r
+before FSDP2 shards it, the frozen base in --lora_base_dtype (lora.cast_base). The update runs with the adapters on
+(lora.begin): A and B alone are trained, in fp32 with their gradients and optimizer state (RMSprop 1x, AdamW 2x);
+the base is counted as weights, with no gradient. The update is tracked first (FSDP2 fixes each unit's gradient
+dtype at its first forward, from the parameters trainable then), then the adapters are merged and off
+(lora.merge) for sampling and the reference log-probs, as in the run. Its step time counts 4 FLOPs per frozen
+parameter and token (no weight gradients; 6 with activation checkpointing), the adapters' left out.
+--lora_base_dtype bfloat16 is for one process: with --plan_world > 1 the plan refuses it, as parse_args does
+under torchrun.
+
+One GPU (--plan_world 1): the run has no FSDP2 (fsdp.autocast's bf16 autocast); the plan still shards over a fake
+group of 1, so FSDP2's gathered bf16 copies stand for autocast's. With fp32 weights autocast caches a bf16 copy of
+every trainable weight until the forward ends, where the plan holds one block's and the root's (so up to one bf16
+copy of the blocks more at the end of a forward than counted: 0.7 GiB for a 0.49B model); an fp32 frozen base is
+cast op by op, not cached, where the sampler's gathered copy is counted (an upper bound). A bf16 base is computed
+on as it is: FSDP2's gathered copies of it are taken off (one_gpu_bf16_base), the adapters' bf16 copies (cached by
+autocast in the update) kept.
+
 What the tracker cannot see, and how it is added: the CUDA context, NCCL's and cuBLAS's buffers and the caching
 allocator's fragmentation are a fixed reserve (RESERVE_GIB plus FRAGMENTATION of the GPU) taken off the GPU's
 memory; the foreach kernels of a GPU's optimizer step (one fp32 copy of the trainable shards) are added to the
@@ -57,11 +75,13 @@ import dpo
 import fsdp
 import generate
 import guide as guide_lib
+import lora
 from cli import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# the public config.json of the paper preset's hub ids, shipped: the plan needs no download
+# the public config.json of the paper and small presets' hub ids, shipped: the plan needs no download
 HUB_CONFIGS = {"alignment-handbook/zephyr-7b-sft-full": "data/zephyr-7b-sft-full.config.json",
+               "Qwen/Qwen2.5-0.5B-Instruct": "data/Qwen2.5-0.5B-Instruct.config.json",
                "gpt2": "data/gpt2.config.json"}
 GiB = 2 ** 30
 # off each GPU's memory: the CUDA context, NCCL and cuBLAS buffers (GiB), and the allocator's fragmentation
@@ -119,14 +139,21 @@ def fake_world(world):
         dist.destroy_process_group()
 
 
-def sharded(build, *, weight_dtype=torch.float32, trainable=None, grad_ckpt=False, bf16=True):
-    """build() on the meta device, activation checkpointing as fsdp.load_policy sets it, sharded by
-    fsdp.parallelize; still on the meta device (fake() gives it fake storage). The one place where what is
-    trained is chosen: weight_dtype (the master weights) and trainable(name) -> bool (None: every parameter)."""
+def sharded(build, *, weight_dtype=torch.float32, trainable=None, grad_ckpt=False, bf16=True, lora_r=0,
+            lora_targets="", base_dtype=torch.float32):
+    """build() on the meta device, LoRA and activation checkpointing as fsdp.load_policy sets them, sharded by
+    fsdp.parallelize; still on the meta device (to_empty under fake_tensors() gives it fake storage). The one
+    place where what is trained is chosen: weight_dtype (the master weights) and trainable(name) -> bool (None:
+    every parameter); lora_r > 0: rank-lora_r adapters on lora_targets (lora.add: every other weight frozen, the
+    adapters too until lora.begin), the frozen base in base_dtype (lora.cast_base; A and B in fp32)."""
     with torch.device("meta"):
         model = build().to(weight_dtype)
     for name, p in model.named_parameters():
         p.requires_grad_(trainable is None or trainable(name))
+    if lora_r:
+        lora.add(model, lora_targets, lora_r)
+        if base_dtype != torch.float32:
+            lora.cast_base(model, base_dtype)
     if grad_ckpt:
         model.activation_checkpointing_enable()
     return fsdp.parallelize(model, torch.device("cpu"), bf16=bf16)
@@ -246,6 +273,8 @@ def policy_train(model, *, batch, length, vocab, optimizer, beta=0.1, micro_batc
     # the plan counts them as gradients (they do not grow with the micro-batch)
     between = record["marks"].get("before_last_micro")
     acc = min(between["kinds"].get("Temp", 0), record["kinds"].get("Temp", 0)) if between else 0
+    # (at most every trainable parameter's unsharded fp32 gradient: with LoRA, the adapters')
+    acc = min(acc, sum(p.numel() * 4 for p in model.parameters() if p.requires_grad))
     record.update(grads=record["grads"] + acc, activations=record["activations"] - acc, accumulated=acc)
     return with_foreach_step(record, model)
 
@@ -337,26 +366,51 @@ def measure(cfg, world):
     n_micro = math.ceil(local / mb)
     width = generate.static_width(cfg["max_prompt_len"]) if cfg["gen_static"] else cfg["max_prompt_len"]
     glen = gconf.n_positions
+    # LoRA (--lora_r): the adapters of fsdp.load_policy, on in the update only (lora.begin)
+    r = cfg["lora_r"]
+    base_dtype = getattr(torch, cfg["lora_base_dtype"]) if r else torch.float32
+    # one process with a bf16 base: no FSDP2, hence none of its gathered bf16 copies (one_gpu_bf16_base)
+    bf16_base = world == 1 and base_dtype == torch.bfloat16
+
+    def policy_model(grad_ckpt):
+        return sharded(lambda: AutoModelForCausalLM.from_config(pconf), grad_ckpt=grad_ckpt, lora_r=r,
+                       lora_targets=cfg["lora_targets"], base_dtype=base_dtype)
+
+    def update(model):
+        if r:
+            lora.begin(model, cfg["lora_alpha"] or r, cfg["seed"])
+        record = policy_train(model, batch=mb, length=cfg["max_len"], vocab=pconf.vocab_size,
+                              optimizer=cfg["optimizer"], beta=cfg["beta"], micro_batches=n_micro)
+        return one_gpu_bf16_base(record, model, train=True) if bf16_base else record
     rows = {}
     with fake_world(world):
-        policy = sharded(lambda: AutoModelForCausalLM.from_config(pconf), grad_ckpt=cfg["grad_ckpt"])
+        policy = policy_model(cfg["grad_ckpt"])
         n_params = sum(p.numel() for p in policy.parameters())
-        trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        adapters, base = lora.numel(policy)
+        trainable = adapters if r else n_params
         with fake_tensors():
             policy.to_empty(device="cpu")
+            if r:
+                # with LoRA the update goes first: FSDP2 fixes each unit's gradient dtype at its first forward
+                # from the parameters trainable then (fp32 adapters; a bf16 base alone would give bf16
+                # gradients); then merged and off for sampling and the reference log-probs, as in the run
+                rows["update"] = update(policy)
+                lora.merge(policy)
             rows["sample"] = policy_sample(policy, batch=cfg["gen_batch_size"], width=width,
                                            new_tokens=cfg["max_new_tokens"], static=cfg["gen_static"])
             rows["reference"] = policy_reference(policy, batch=mb, length=cfg["max_len"], vocab=pconf.vocab_size)
-            rows["update"] = policy_train(policy, batch=mb, length=cfg["max_len"], vocab=pconf.vocab_size,
-                                          optimizer=cfg["optimizer"], beta=cfg["beta"], micro_batches=n_micro)
+            if not r:
+                rows["update"] = update(policy)
+            if bf16_base:
+                for k in ("sample", "reference"):
+                    rows[k] = one_gpu_bf16_base(rows[k], policy, train=False)
         policy_shard = shard_bytes(policy)
         # the other setting of activation checkpointing
         del policy
-        other = sharded(lambda: AutoModelForCausalLM.from_config(pconf), grad_ckpt=not cfg["grad_ckpt"])
+        other = policy_model(not cfg["grad_ckpt"])
         with fake_tensors():
             other.to_empty(device="cpu")
-            rows["update_other"] = policy_train(other, batch=mb, length=cfg["max_len"], vocab=pconf.vocab_size,
-                                                optimizer=cfg["optimizer"], beta=cfg["beta"], micro_batches=n_micro)
+            rows["update_other"] = update(other)
         del other
         guide = sharded(lambda: guide_lib.build_guide(gconf, cfg["latent_dim"]))
         with fake_tensors():
@@ -365,8 +419,20 @@ def measure(cfg, world):
             rows["distances"] = guide_distances(guide, batch=cfg["guide_batch_size"], length=glen)
         guide_shard = shard_bytes(guide)
     return dict(rows=rows, policy_shard=policy_shard, guide_shard=guide_shard, n_params=n_params,
-                trainable=trainable, micro=mb, n_micro=n_micro, local=local, width=width, guide_len=glen,
-                pconf=pconf)
+                trainable=trainable, base_params=base, micro=mb, n_micro=n_micro, local=local, width=width,
+                guide_len=glen, pconf=pconf)
+
+
+def one_gpu_bf16_base(record, model, train):
+    """--lora_base_dtype bfloat16 on one GPU: one process has no FSDP2 and computes on the bf16 base as it is,
+    where FSDP2 over the fake group of 1 gathers a bf16 copy of it (Unsharded Param): those copies are taken off
+    the weights and the peak. In the update autocast keeps a bf16 copy of the fp32 adapters (trainable leaves)
+    from forward to backward: kept."""
+    keep = 2 * sum(p.numel() for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))) \
+        if train else 0
+    gathered = max(record["kinds"].get("Unsharded Param", 0) - keep, 0)
+    record.update(weights=record["weights"] - gathered, peak=record["peak"] - gathered, one_gpu_off=gathered)
+    return record
 
 
 # the table's unit: GiB, or MiB for a model whose every stage is under 1 GiB (the tiny preset)
@@ -403,14 +469,18 @@ def report(cfg, m, world, gpu_gb):
     unit = "GiB" if max(peaks.values()) >= GiB else "MiB"
     lines = [f"Memory plan: preset {cfg['preset']}, policy {cfg['policy']} ({_count(m['n_params'])} parameters), "
              f"guide {cfg['guide']}; {world} GPUs x {gpu_gb:g} GiB, usable {usable:.1f} GiB "
-             f"({RESERVE_GIB:g} GiB CUDA/NCCL reserve, {FRAGMENTATION:.0%} fragmentation)",
-             f"  per rank: update micro-batch {m['micro']} pairs x {m['n_micro']} per step (batch "
-             f"{cfg['batch_size']} / {world}), max_len {cfg['max_len']}, {cfg['optimizer']}; sampling "
-             f"{cfg['gen_batch_size']} prompts x ({m['width']} + {cfg['max_new_tokens']}) tokens; guide rows of "
-             f"{m['guide_len']} tokens",
-             "",
-             f"| {'stage':42s} | weights | grads | optimizer | act./KV | resident | peak/GPU {unit} | fits? |",
-             f"|{'-' * 44}|---------|-------|-----------|---------|----------|--------------|-------|"]
+             f"({RESERVE_GIB:g} GiB CUDA/NCCL reserve, {FRAGMENTATION:.0%} fragmentation)"]
+    if cfg["lora_r"]:
+        lines.append(f"  LoRA rank {cfg['lora_r']} on {cfg['lora_targets']}: {_count(m['trainable'])} adapter "
+                     f"parameters trained (fp32, with their gradients and {cfg['optimizer']} state), "
+                     f"{_count(m['base_params'])} frozen in {cfg['lora_base_dtype']}")
+    lines += [f"  per rank: update micro-batch {m['micro']} pairs x {m['n_micro']} per step (batch "
+              f"{cfg['batch_size']} / {world}), max_len {cfg['max_len']}, {cfg['optimizer']}; sampling "
+              f"{cfg['gen_batch_size']} prompts x ({m['width']} + {cfg['max_new_tokens']}) tokens; guide rows of "
+              f"{m['guide_len']} tokens",
+              "",
+              f"| {'stage':42s} | weights | grads | optimizer | act./KV | resident | peak/GPU {unit} | fits? |",
+              f"|{'-' * 44}|---------|-------|-----------|---------|----------|--------------|-------|"]
     fits = {}
     for name, r, resident in table:
         fits[name] = peaks[name] / GiB <= usable
@@ -418,7 +488,12 @@ def report(cfg, m, world, gpu_gb):
                      f"{_in(r['optimizer'], unit):>9s} | {_in(r['activations'], unit):>7s} | "
                      f"{_in(resident, unit):>8s} | {_in(peaks[name], unit):>12s} | "
                      f"{'yes' if fits[name] else 'NO':5s} |")
-    lines.append(f"({unit} per GPU, rank 0. weights: fp32 shards + gathered bf16; grads: shards + the fp32 "
+    weights = "fp32 shards + gathered bf16"
+    if cfg["lora_r"]:
+        weights = (f"the base's {cfg['lora_base_dtype']} and the adapters' fp32 shards + gathered bf16"
+                   + (" (one GPU with a bf16 base: none gathered)" if world == 1 and
+                      cfg["lora_base_dtype"] == "bfloat16" else ""))
+    lines.append(f"({unit} per GPU, rank 0. weights: {weights}; grads: shards + the fp32 "
                  "gradients kept unsharded between micro-batches; act./KV: activations, temporaries, KV cache; "
                  "resident: the guide's shard after line 4, the policy's during line 4)")
     # the settings' stages (the other checkpointing setting's row is for comparison)
@@ -467,21 +542,25 @@ def checkpoint_lines(cfg, m, world):
     """Issue 19 item 2's step checkpoint: size, save time, step time, and the smallest --save_steps that keeps
     saving under 5% of the update's time."""
     per_rank = m["policy_shard"] + m["rows"]["update"]["marks"]["after_step"]["optimizer"]
+    weights = f"{cfg['lora_base_dtype']} base + fp32 adapter" if cfg["lora_r"] else "fp32"
     total = per_rank * world
     save_s = total / (cfg["plan_disk_gbps"] * 1e9)
     # pairs of 2 sequences at max_len; a checkpointed block's forward runs twice
     tokens = cfg["batch_size"] * 2 * cfg["max_len"]
-    per_token = 8 if cfg["grad_ckpt"] else 6
-    step_s = per_token * m["n_params"] * tokens / (world * cfg["plan_tflops"] * 1e12 * cfg["plan_mfu"])
+    # forward 2, backward 4 FLOPs per parameter and token; with LoRA the frozen base's backward has no weight
+    # gradients (2; the adapters' FLOPs are left out)
+    per_token = (4 if cfg["lora_r"] else 6) + (2 if cfg["grad_ckpt"] else 0)
+    n_params = m["base_params"] if cfg["lora_r"] else m["n_params"]
+    step_s = per_token * n_params * tokens / (world * cfg["plan_tflops"] * 1e12 * cfg["plan_mfu"])
     save_steps = math.ceil(save_s / (0.05 * step_s))
     steps = ""
     if cfg["max_examples"]:
         n_steps = math.ceil(cfg["max_examples"] / cfg["batch_size"]) * cfg["epochs"]
         save_steps, steps = min(save_steps, n_steps), f"; {n_steps} steps per iteration"
     return ["",
-            f"Step checkpoint (fp32 weight + {cfg['optimizer']} state shards): {per_rank / GiB:.2f} GiB per "
+            f"Step checkpoint ({weights} weight + {cfg['optimizer']} state shards): {per_rank / GiB:.2f} GiB per "
             f"rank, {total / GiB:.2f} GiB in all; saved in ~{save_s:.0f} s at {cfg['plan_disk_gbps']:g} GB/s",
-            f"Update step ~{step_s:.2g} s ({per_token} x {_count(m['n_params'])} parameters x {tokens} tokens "
+            f"Update step ~{step_s:.2g} s ({per_token} x {_count(n_params)} parameters x {tokens} tokens "
             f"at {cfg['plan_mfu']:.0%} of {cfg['plan_tflops']:g} TFLOP/s per GPU){steps}",
             f"Suggested --save_steps {save_steps} (saving under 5% of the update's time)"]
 
@@ -492,6 +571,10 @@ def main(cfg):
     if cfg["batch_size"] % world or cfg["guide_batch_size"] % world:
         raise UserError(f"--batch_size {cfg['batch_size']} and --guide_batch_size {cfg['guide_batch_size']} must "
                         f"be multiples of --plan_world {world}")
+    if cfg["lora_r"] and cfg["lora_base_dtype"] == "bfloat16" and world > 1:
+        # as parse_args refuses it under torchrun
+        raise UserError(f"--lora_base_dtype bfloat16 is for one process: --plan_world 1, not {world} (under "
+                        "torchrun the base is sharded in fp32)")
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     m = measure(cfg, world)

@@ -76,7 +76,8 @@ Engineering
         template an option, --*_revision reaching every from_pretrained, config.json's resolved revisions and versions
     bench.py: smoke tests on the CPU with a tiny model
     the memory plan (plan.py, --plan): its table and verdict without a run folder, its option errors; slow: its
-        shard bytes equal a real FSDP2 step's and its activations are within a stated tolerance of the saved ones
+        shard bytes equal a real FSDP2 step's and its activations are within a stated tolerance of the saved ones;
+        with LoRA its weight, gradient and optimizer bytes equal a real step's with adapters
     GPU only (skipped without CUDA): CUDA-graph decoding, bf16 training on one GPU
 """
 import contextlib
@@ -3370,7 +3371,7 @@ def test_plan_prints_every_stage_and_a_verdict_without_a_run_folder(tmp_path, ca
     policy, guide = _plan_folders(tmp_path)
     out = tmp_path / "run"
     argv = ["--preset", "paper", "--plan", "--plan_world", "2", "--plan_gpu_gb", "40", "--policy", policy,
-            "--guide", guide, "--out", str(out), "--data", str(tmp_path / "missing.jsonl")]
+            "--guide", guide, "--out", str(out), "--data", str(tmp_path / "missing.jsonl"), "--micro_batch_size", "2"]
     m = ldalign.main(argv)
     text = capsys.readouterr().out
     for stage in ("sample y' (lines 2, 7), batch 64", "guide training (line 4)", "distances (line 8)",
@@ -3455,6 +3456,52 @@ def test_plan_equals_real_shards_and_saved_activations_in_two_gloo_processes():
         assert real[rank]["optimizer"] == rec["marks"]["after_step"]["optimizer"]
         act = rec["marks"]["after_forward"]["activations"]
         assert real[rank]["saved"] <= act <= (1 + PLAN_ACT_TOLERANCE) * real[rank]["saved"], (act, real[rank])
+
+
+@pytest.mark.slow
+def test_plan_with_lora_counts_what_a_real_step_with_adapters_holds(tmp_path, capsys):
+    """--lora_r: the plan's bytes of weights (a bf16 base, fp32 adapters), gradients and RMSprop state on one GPU
+    (fake tensors, a fake group of 1, lora.add and lora.begin as the run) equal those of a real tiny model with
+    adapters after one real step in this process: the adapters' gradients and state only. The whole plan with
+    LoRA (--preset paper, tiny config folders) prints the adapters' line and counts the adapters as trainable;
+    a bf16 base over several GPUs is refused, as under torchrun."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    targets, r = "q_proj,v_proj", 4
+    with plan.fake_world(1):
+        model = plan.sharded(lambda: LlamaForCausalLM(LlamaConfig(**PLAN_LLAMA)), bf16=False, lora_r=r,
+                             lora_targets=targets, base_dtype=torch.bfloat16)
+        with plan.fake_tensors():
+            model.to_empty(device="cpu")
+            lora.begin(model, r, 0)
+            rec = plan.policy_train(model, batch=PLAN_PAIRS, length=PLAN_LEN, vocab=PLAN_LLAMA["vocab_size"],
+                                    optimizer="rmsprop", micro_batches=1)
+        params = plan.shard_bytes(model)
+    assert not dist.is_initialized()
+    # the real step: one process, no FSDP2, the run's LoRA calls
+    torch.manual_seed(0)
+    real = lora.cast_base(lora.add(LlamaForCausalLM(LlamaConfig(**PLAN_LLAMA)), targets, r), torch.bfloat16)
+    lora.begin(real, r, 0)
+    opt = dpo.make_optimizer(real, "rmsprop", 1e-3)
+    ids = torch.randint(3, PLAN_LLAMA["vocab_size"], (2 * PLAN_PAIRS, PLAN_LEN))
+    logps = dpo.sequence_logps(real, ids, torch.ones_like(ids), ids, start=1)
+    ones, zeros = torch.ones(PLAN_PAIRS), torch.zeros(PLAN_PAIRS)
+    dpo.ldalign_loss(logps[:PLAN_PAIRS], logps[PLAN_PAIRS:], zeros, zeros, ones, 0.1)[0].sum().backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in real.parameters() if p.grad is not None)
+    opt.step()
+    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    adapters, _ = lora.numel(real)
+    assert params == sum(p.numel() * p.element_size() for p in real.parameters())
+    assert rec["marks"]["after_backward"]["grads"] == grads == 4 * adapters
+    assert rec["marks"]["after_step"]["optimizer"] == state >= 4 * adapters
+    # the whole plan with LoRA on one GPU
+    policy, guide = _plan_folders(tmp_path)
+    argv = ["--preset", "paper", "--plan", "--plan_world", "1", "--policy", policy, "--guide", guide,
+            "--lora_r", "2", "--lora_base_dtype", "bfloat16", "--micro_batch_size", "64"]
+    m = ldalign.main(argv)
+    assert "LoRA rank 2 on q_proj" in capsys.readouterr().out
+    assert m["trainable"] < m["base_params"] and m["rows"]["update"]["grads"] == 4 * m["trainable"]
+    assert "is for one process: --plan_world 1, not 2" in _user_error(argv[:4] + ["2"] + argv[5:], capsys)
+    assert not dist.is_initialized()
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "fsdp_worker":

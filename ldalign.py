@@ -170,36 +170,38 @@ POSITIVE_INT = ("max_len", "max_prompt_len", "max_new_tokens", "sft_steps", "sft
 NONNEGATIVE_INT = ("max_examples", "max_eval", "top_k", "agreement_n", "lora_r", "save_steps")
 POSITIVE_FINITE = ("sft_lr", "guide_lr", "beta", "lr", "max_grad_norm")
 
+# The paper's setting (Section 5.1): zephyr-7b-sft-full (Mistral-7B SFT on UltraChat 200k), a
+# GPT-2 guide, a 50k subset of UltraChat, beta 0.1, three iterations. What the paper leaves open
+# follows SPIN (lr 5e-7, RMSprop, 2 epochs, global batch 64, max length 1024, prompt 512, 256
+# new tokens).
+PAPER = dict(
+    out="runs/paper", policy="alignment-handbook/zephyr-7b-sft-full", guide="gpt2",
+    data="data/ultrachat_50k.jsonl", eval_data="", max_examples=50000, overlength="skip",
+    max_len=1024, max_prompt_len=512, max_new_tokens=256, temperature=1.0, gen_batch_size=64,
+    gen_static=True, gen_compile=True,
+    latent_dim=64, guide_epochs=1, guide_lr=5e-5, guide_batch_size=32,
+    T=3, beta=0.1, lr=5e-7, optimizer="rmsprop", epochs=2, batch_size=64,
+    # 64 / 8 GPUs = 8 pairs per rank: one micro-batch per step. With several (2: four per step)
+    # FSDP2 keeps the step's fp32 gradients unsharded until its last micro-batch, 27 GiB per GPU
+    # (7.24B x 4 bytes): the update peaks at 37.6 GiB, over 8 x 40 GB; at 8, with activation
+    # checkpointing, at 17.7 GiB, and sampling (26.6 GiB) is the largest stage (README, "Memory
+    # plan"). On 4 GPUs (16 pairs per rank) 8 gives two micro-batches: 51.6 GiB per GPU.
+    micro_batch_size=8,
+    grad_ckpt=True, log_every=10, pref_data="data/ultrafeedback_binarized.jsonl",
+    # The plan's step checkpoint on 8 GPUs: fp32 weights + RMSprop state, 6.74 GiB per rank
+    # (54 GiB in all), ~58 s at 1 GB/s; a step ~7.6 s (8 x 7.24B parameters x 131,072 tokens at
+    # 40% of 312 TFLOP/s per GPU). Every 153 steps saving costs under 5% of the update, and a
+    # pre-emption loses at most 153 steps (~19 min at that step time; 1,564 steps per
+    # iteration). On 4 GPUs the plan suggests 77. Estimated, not measured on a GPU.
+    save_steps=153,
+    measure_S=False, judge="reward", agreement_n=500,
+    reward_model="OpenAssistant/reward-model-deberta-v3-large-v2",
+    # SPIN's data recipe, and continual SFT on all of --data (the Section 5.1.4 rows)
+    spin_keep_previous=True, sft_data="")
+
 PRESETS = {
     "tiny": {},
-    # The paper's setting (Section 5.1): zephyr-7b-sft-full (Mistral-7B SFT on UltraChat 200k), a
-    # GPT-2 guide, a 50k subset of UltraChat, beta 0.1, three iterations. What the paper leaves open
-    # follows SPIN (lr 5e-7, RMSprop, 2 epochs, global batch 64, max length 1024, prompt 512, 256
-    # new tokens).
-    "paper": dict(
-        out="runs/paper", policy="alignment-handbook/zephyr-7b-sft-full", guide="gpt2",
-        data="data/ultrachat_50k.jsonl", eval_data="", max_examples=50000, overlength="skip",
-        max_len=1024, max_prompt_len=512, max_new_tokens=256, temperature=1.0, gen_batch_size=64,
-        gen_static=True, gen_compile=True,
-        latent_dim=64, guide_epochs=1, guide_lr=5e-5, guide_batch_size=32,
-        T=3, beta=0.1, lr=5e-7, optimizer="rmsprop", epochs=2, batch_size=64,
-        # 64 / 8 GPUs = 8 pairs per rank: one micro-batch per step. With several (2: four per step)
-        # FSDP2 keeps the step's fp32 gradients unsharded until its last micro-batch, 27 GiB per GPU
-        # (7.24B x 4 bytes): the update peaks at 37.6 GiB, over 8 x 40 GB; at 8, with activation
-        # checkpointing, at 17.7 GiB, and sampling (26.6 GiB) is the largest stage (README, "Memory
-        # plan"). On 4 GPUs (16 pairs per rank) 8 gives two micro-batches: 51.6 GiB per GPU.
-        micro_batch_size=8,
-        grad_ckpt=True, log_every=10, pref_data="data/ultrafeedback_binarized.jsonl",
-        # The plan's step checkpoint on 8 GPUs: fp32 weights + RMSprop state, 6.74 GiB per rank
-        # (54 GiB in all), ~58 s at 1 GB/s; a step ~7.6 s (8 x 7.24B parameters x 131,072 tokens at
-        # 40% of 312 TFLOP/s per GPU). Every 153 steps saving costs under 5% of the update, and a
-        # pre-emption loses at most 153 steps (~19 min at that step time; 1,564 steps per
-        # iteration). On 4 GPUs the plan suggests 77. Estimated, not measured on a GPU.
-        save_steps=153,
-        measure_S=False, judge="reward", agreement_n=500,
-        reward_model="OpenAssistant/reward-model-deberta-v3-large-v2",
-        # SPIN's data recipe, and continual SFT on all of --data (the Section 5.1.4 rows)
-        spin_keep_previous=True, sft_data=""),
+    "paper": PAPER,
     # One GPU of 24 GB (README, "One GPU"): Qwen2.5-0.5B-Instruct (0.49B, Qwen2 architecture, a
     # chat template with a system turn; widely used, Apache-2.0) fully fine-tuned from theta_0, the
     # GPT-2 guide, the first 2,000 UltraChat 200k records, three iterations. The paper's beta,
@@ -209,17 +211,12 @@ PRESETS = {
     # 24`, 19.6 GiB usable): the guide's Eq. 2 on 32 rows of 1024 tokens needs 56 GiB (its two
     # GPT-2s' activations and 50,257-entry logits), on 8 rows 17.7 GiB, the largest stage; the
     # update (fp32 weights, gradients, RMSprop state 1.84 GiB each; micro-batches of 2 pairs,
-    # checkpointed) 13.9 GiB; sampling 256 prompts at once 10.5 GiB (64: 5.4 GiB).
+    # checkpointed) 13.9 GiB; sampling 256 prompts at once 10.5 GiB (64: 5.4 GiB). A step
+    # checkpoint every 39 steps (the plan's suggestion). Every other value is the paper preset's.
     "small": dict(
-        out="runs/small", policy="Qwen/Qwen2.5-0.5B-Instruct", guide="gpt2",
-        data="data/ultrachat_50k.jsonl", eval_data="", max_examples=2000, overlength="skip",
-        max_len=1024, max_prompt_len=512, max_new_tokens=256, temperature=1.0, gen_batch_size=256,
-        gen_static=True, gen_compile=True,
-        latent_dim=64, guide_epochs=1, guide_lr=5e-5, guide_batch_size=8,
-        T=3, beta=0.1, lr=1e-6, optimizer="rmsprop", epochs=2, batch_size=32, micro_batch_size=2,
-        grad_ckpt=True, log_every=10, pref_data="data/ultrafeedback_binarized.jsonl",
-        measure_S=False, judge="reward", agreement_n=200,
-        reward_model="OpenAssistant/reward-model-deberta-v3-large-v2"),
+        PAPER, out="runs/small", policy="Qwen/Qwen2.5-0.5B-Instruct", max_examples=2000,
+        gen_batch_size=256, guide_batch_size=8, lr=1e-6, batch_size=32, micro_batch_size=2,
+        agreement_n=200, save_steps=39),
 }
 
 

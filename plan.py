@@ -58,9 +58,9 @@ activations, KV cache and temporaries taken linear in the batch, the rest fixed.
 activations at the peak of an accumulating step are fewer than at a single micro-batch's own peak): rerun the
 plan at the batch you choose.
 
-The step checkpoint (--save_steps) is each rank's fp32 weight and optimizer-state shards; its save time is the
-total over --plan_disk_gbps, the step time 6 x parameters x tokens per step (8 with activation checkpointing)
-over world x --plan_tflops x --plan_mfu.
+The step checkpoint (--save_steps) is each rank's fp32 weight (LoRA: adapter) and optimizer-state shards; its save
+time is the total over --plan_disk_gbps, the step time 6 x parameters x tokens per step (8 with activation
+checkpointing) over world x --plan_tflops x --plan_mfu.
 """
 import contextlib
 import json
@@ -541,8 +541,10 @@ def largest_batches(cfg, m, usable):
 def checkpoint_lines(cfg, m, world):
     """Issue 19 item 2's step checkpoint: size, save time, step time, and the smallest --save_steps that keeps
     saving under 5% of the update's time."""
-    per_rank = m["policy_shard"] + m["rows"]["update"]["marks"]["after_step"]["optimizer"]
-    weights = f"{cfg['lora_base_dtype']} base + fp32 adapter" if cfg["lora_r"] else "fp32"
+    # under LoRA the adapters alone (fp32): the frozen base is theta_{t-1}'s (checkpoint.trained_weights)
+    held = m["trainable"] * 4 / world if cfg["lora_r"] else m["policy_shard"]
+    per_rank = held + m["rows"]["update"]["marks"]["after_step"]["optimizer"]
+    weights = "fp32 adapter" if cfg["lora_r"] else "fp32"
     total = per_rank * world
     save_s = total / (cfg["plan_disk_gbps"] * 1e9)
     # pairs of 2 sequences at max_len; a checkpointed block's forward runs twice

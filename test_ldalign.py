@@ -2745,8 +2745,13 @@ def _resumes_exactly(folder, optimizer, lora_r=0):
 def test_an_update_resumes_from_its_step_checkpoint_to_the_same_weights(tmp_path):
     for optimizer in ("adamw", "rmsprop"):
         assert _resumes_exactly(str(tmp_path / optimizer), optimizer) == [], optimizer
-    # LoRA (issue 21): the adapters and their optimizer state resume as full fine-tuning does
+    # LoRA (issue 21): the adapters and their optimizer state resume as full fine-tuning does; the step
+    # checkpoint holds the adapters alone (the frozen base is theta_{t-1}'s)
     assert _resumes_exactly(str(tmp_path / "lora"), "adamw", lora_r=4) == [], "lora"
+    from torch.distributed.checkpoint import FileSystemReader
+    held = FileSystemReader(str(tmp_path / "lora" / "step6")).read_metadata().state_dict_metadata
+    weights = [k for k in held if k.startswith("model.")]
+    assert weights and all(k.endswith((".lora_A", ".lora_B")) for k in weights), weights[:4]
     with pytest.raises(SystemExit, match="--save_steps must be >= 0"):
         ldalign.parse_args(["--save_steps", "-1"])
 

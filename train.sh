@@ -7,7 +7,7 @@
 #                                 # paper ran them (README, "Table 1's rows")
 #   bash train.sh small           # one 24 GB GPU: Qwen2.5-0.5B-Instruct, 2,000 UltraChat records (README, "One GPU")
 #   NPROC=1 bash train.sh paper --lora_r 64 --lora_base_dtype bfloat16 --lr 5e-6 --micro_batch_size 16 \
-#     --gen_batch_size 256 --save_steps 7 --out runs/paper_lora
+#     --gen_batch_size 256 --save_steps 1 --out runs/paper_lora
 #                                 # the paper's 7B with LoRA on one 80 GB GPU (README, "One GPU": its memory plan)
 #   bash train.sh compare         # the toy task with ldalign, spin, dpo and sft at equal budget (~8 min, CPU)
 #   bash train.sh eval runs/paper  # the paper's Table 1 (lm-evaluation-harness) for every policy of a run folder

@@ -1108,7 +1108,8 @@ def test_paper_preset_at_the_papers_lengths_in_one_process(paper_inputs, tmp_pat
     finally:
         hook.remove()
     cfg = json.load(open(os.path.join(out, "config.json")))
-    assert [cfg[k] for k in ("max_len", "max_prompt_len", "max_new_tokens", "micro_batch_size")] == [1024, 512, 256, 2]
+    assert [cfg[k] for k in ("max_len", "max_prompt_len", "max_new_tokens")] == [1024, 512, 256]
+    assert cfg["micro_batch_size"] == ldalign.PAPER["micro_batch_size"]  # the preset's (8: the 4 pairs at once)
     assert cfg["gen_static"] and cfg["grad_ckpt"] and cfg["overlength"] == "skip"
     # the records: skipped with their reason, or in D
     skipped = {r["where"]: r["why"] for r in _read_jsonl(os.path.join(out, "skipped.jsonl"))}

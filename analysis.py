@@ -29,7 +29,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import dataset
 import generate
 import guide as guide_lib
-from rundir import METHODS, atomic_path, read_jsonl, write_atomic
+from run.rundir import atomic_path, read_jsonl, write_atomic
 
 
 # ==================================================================== Section 5.1.3: r = RM(x, y)
@@ -368,6 +368,7 @@ def seeds_report(folder):
     iteration the mean held-out exact match over seeds with its 95% interval; then the differences paired by seed
     (same theta_0, samples and guide within a seed, so the pairing removes their share of the noise): each method's
     change from theta_0, and ldalign - spin."""
+    from stages import METHODS  # (stages imports this file)
     runs = sorted(d for d in os.listdir(folder) if d.startswith("seed") and os.path.isdir(os.path.join(folder, d)))
     em = {}  # (method, iteration) -> {seed folder: exact match}
     for r in runs:

@@ -15,8 +15,8 @@ import os
 from types import SimpleNamespace
 
 import fsdp
-from cli import UserError
-from rundir import atomic_path, read_jsonl, write_jsonl
+from run.cli import UserError
+from run.rundir import atomic_path, read_jsonl, write_jsonl
 
 
 # ----------------------------------------------------------------------------------------------------

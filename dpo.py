@@ -4,8 +4,11 @@ Read beside Section 4.2 of the paper (arXiv 2404.06390) and Algorithm 1, lines 9
 
     ldalign_loss(...)    Eq. 4, a pure function of tensors: copy-paste it into your own trainer
     latent_weights(s)    s_i / S with S = mean_i s_i (Algorithm 1, line 9)
-    sequence_logps(...)  log p_theta(y|x) summed over response tokens (Eq. 1), the shift spelled out
-    dpo_train(...)       one iteration's update (Algorithm 1, line 10), fixed and cached reference
+    sequence_logps(logits, labels)   log p_theta(y|x) summed over response tokens (Eq. 1), a pure
+                         function of tensors, the shift spelled out: copy it with the loss
+    policy_logps(model, ...)         the model call around it (logits only where a label is)
+    dpo_train(...)       one iteration's update (Algorithm 1, line 10), fixed and cached reference;
+                         its loop `train`: checkpointer.load() before it, checkpointer.save() inside
     sft_train(...)       plain SFT (Section 3): theta_0 for the toy task, and `--method sft`
 
 Conventions: a "pair" is (prompt_ids, chosen_ids, rejected_ids), token-id lists. In LD-Align the
@@ -13,7 +16,6 @@ chosen response is the golden y from the SFT set D and the rejected one is the p
 y' (Section 4.2.2: "we regard y as the winner sample and y' as the loser sample"). Response ids
 already end with EOS, so the model also learns where to stop.
 """
-import contextlib
 import inspect
 import math
 import time
@@ -21,7 +23,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-import checkpoint as checkpoint_lib
 import fsdp
 
 IGNORE = -100  # label value of prompt and padding tokens: not part of log p(y|x)
@@ -97,8 +98,32 @@ def latent_weights(s):
 # ----------------------------------------------------------------------------------------------------
 # Eq. 1: log p_theta(y|x) = sum_j log p_theta(y_j | x, y_<j), response tokens only.
 # ----------------------------------------------------------------------------------------------------
-def sequence_logps(model, input_ids, attention_mask, labels, start=1):
-    """Sum of log-probs of the labelled tokens of each sequence.
+def sequence_logps(logits, labels):
+    """Sum of the log-probs of the labelled tokens of each sequence (Eq. 1): a pure function of
+    tensors, to copy beside the loss (as Mitchell's DPO `_get_batch_logps`).
+
+    logits: (B, L, V), the model's logits at L consecutive positions p .. p+L-1 of each sequence.
+    labels: (B, L), the tokens at the same positions: the response tokens, IGNORE (-100) on the
+        prompt and the padding.
+    returns (B,) float32: sum over the response tokens of log p(token | everything before it).
+
+    The shift: the logits at position j are the model's distribution for token j+1 (causal LM), so
+    token j is scored by logits[j-1]. Dropping the last logit and the first label lines them up.
+    Getting this off by one scores every token with its own logits, the classic bug in DPO code:
+    test_ldalign.py pins it against -cross_entropy.
+    """
+    # positions p .. p+L-2; position j predicts token j+1
+    logits = logits[:, :-1, :].float()  # (B, L-1, V)
+    # tokens p+1 .. p+L-1: token j+1 lined up with the logits of position j
+    targets = labels[:, 1:]  # (B, L-1)
+    mask = targets != IGNORE  # (B, L-1) response tokens only
+    logp = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1))
+    logp = logp.squeeze(-1)  # (B, L-1)
+    return (logp * mask).sum(-1)  # (B,) Eq. 1 in log space: a sum, not a mean (as in DPO)
+
+
+def policy_logps(model, input_ids, attention_mask, labels, start=1):
+    """log p_theta(y|x) of every sequence of a batch: the model's forward, then sequence_logps.
 
     input_ids, attention_mask: (B, T), right-padded prompt+response.
     labels: (B, T), equal to input_ids on response tokens and IGNORE (-100) on prompt and padding.
@@ -108,11 +133,6 @@ def sequence_logps(model, input_ids, attention_mask, labels, start=1):
         and the fp32 log-softmax over the vocabulary skip the prompt columns that every row shares.
         Same result as start=1 (every position), less work and memory.
     returns (B,) float32.
-
-    The shift: the logits at position j are the model's distribution for token j+1 (causal LM), so
-    token j is scored by logits[j-1]. Dropping the last logit and the first `start` labels lines
-    them up. Getting this off by one scores every token with its own logits, the classic bug in DPO
-    code: test_ldalign.py pins it against -cross_entropy.
     """
     T = input_ids.shape[1]
     takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -122,15 +142,8 @@ def sequence_logps(model, input_ids, attention_mask, labels, start=1):
     # (--compile) guards on its own cache layer's state and recompiles once per layer, past
     # torch.compile's limit.
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   **keep).logits  # (B, T-start+1, V)
-    # positions start-1 .. T-2; position j predicts token j+1
-    logits = logits[:, :-1, :].float()  # (B, T-start, V)
-    # tokens start .. T-1: token j+1 lined up with the logits of position j
-    targets = labels[:, start:]  # (B, T-start)
-    mask = targets != IGNORE  # (B, T-start) response tokens only
-    logp = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1))
-    logp = logp.squeeze(-1)  # (B, T-start)
-    return (logp * mask).sum(-1)  # (B,) Eq. 1 in log space: a sum, not a mean (as in DPO)
+                   **keep).logits  # (B, T-start+1, V): positions start-1 .. T-1
+    return sequence_logps(logits, labels[:, start - 1:])  # (B,)
 
 
 def collate(prompts, responses, pad_id):
@@ -165,7 +178,7 @@ def pair_logps(model, pairs, device):
     input_ids, attention_mask, labels = (t.to(device) for t in collate(prompts, responses, pad_id))
     # no response token before this column (sequence_logps)
     start = max(1, min(len(p) for p in prompts))
-    logps = sequence_logps(model, input_ids, attention_mask, labels, start)  # (2B,)
+    logps = policy_logps(model, input_ids, attention_mask, labels, start)  # (2B,)
     return logps[:B], logps[B:]
 
 
@@ -243,16 +256,96 @@ def global_batches(n, batch_size, epochs, seed, world):
     return out
 
 
-def _train_loop(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micro_batch_size, optimizer,
-                warmup_ratio, max_grad_norm, seed, log_every, log_fn, stats_names, max_steps=0,
-                on_step=None, checkpoint=None):
-    """Shared by dpo_train and sft_train. loss_fn(idx, valid) -> (sum of per-item losses over the
-    real items of this micro-batch, stats tensor summed the same way). Returns the list of logged
-    dicts. on_step(step, steps), if given, is called after each optimizer step.
+def disable_dropout(model):
+    """Dropout off for the DPO update (as TRL's DPOTrainer, disable_dropout=True, which SPIN's
+    trainer derives from).
 
-    checkpoint: a checkpoint.StepCheckpoint, or None. Loaded before the loop (a killed update goes
-    on after its last saved step, with that step's weights, optimizer state and step log: the lr
-    and the batches are functions of the step), saved inside it every few steps and at a SIGTERM.
+    The cached log p_ref comes from an eval-mode forward (reference_logps); with dropout on in
+    training, log p_theta is a noisy, biased estimate of the same quantity, so even at step 0
+    (policy == reference) z != 0 and the loss is not w log 2. Zephyr / Mistral / Llama have no
+    dropout (attention_dropout = 0); GPT-2-style policies do (0.1).
+    """
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        # Llama-style attention: a float, not a module
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+
+
+def dpo_train(model, pairs, ref_chosen, ref_rejected, weights, *, beta, lr, epochs, batch_size,
+              micro_batch_size, device, optimizer="rmsprop", warmup_ratio=0.1, max_grad_norm=1.0, seed=0,
+              log_every=10, log_fn=None, on_step=None, checkpointer=None):
+    """Algorithm 1, line 10:
+        theta_t = argmax_theta sum_i (s_i/S) log sigma(beta log-ratio(y) - beta log-ratio(y')).
+
+    pairs: list of N (x, y, y') id lists, identical on every rank; ref_chosen/ref_rejected: (N,)
+    cached log p_{theta_{t-1}} (see reference_logps); weights: (N,) s_i/S (latent_weights), or ones
+    for SPIN. The model is updated in place; returns the step log (one dict per optimizer step).
+    checkpointer: the update's step checkpoints, or None (see train).
+    """
+    weights = torch.as_tensor(weights, dtype=torch.float32)
+    disable_dropout(model)
+
+    def loss_fn(idx, valid):
+        # one micro-batch: Eq. 4 summed over its pairs (fill-up items of the last batch weigh 0)
+        pc, pr = pair_logps(model, [pairs[i] for i in idx], device)  # (b,), (b,)
+        w = weights[idx] * torch.tensor(valid, dtype=torch.float32)  # (b,) fill-up items weigh 0
+        rc_ref, rr_ref = ref_chosen[idx].to(device), ref_rejected[idx].to(device)
+        losses, rc, rr = ldalign_loss(pc, pr, rc_ref, rr_ref, w.to(device), beta)
+        v = torch.tensor(valid, dtype=torch.float32, device=device)
+        stats = torch.stack([(rc * v).sum(), (rr * v).sum(), ((rc > rr).float() * v).sum(),
+                             ((rc - rr) * v).sum()])
+        return losses.sum(), stats
+
+    return train(model, len(pairs), loss_fn, device=device, lr=lr, epochs=epochs, batch_size=batch_size,
+                 micro_batch_size=micro_batch_size, optimizer=optimizer, warmup_ratio=warmup_ratio,
+                 max_grad_norm=max_grad_norm, seed=seed, log_every=log_every, log_fn=log_fn,
+                 stats_names=["reward_chosen", "reward_rejected", "reward_acc", "reward_margin"],
+                 on_step=on_step, checkpointer=checkpointer)
+
+
+def sft_train(model, examples, *, lr, epochs, batch_size, micro_batch_size, device, optimizer="adamw",
+              warmup_ratio=0.1, max_grad_norm=1.0, seed=0, log_every=10, log_fn=None, max_steps=0,
+              on_step=None, checkpointer=None):
+    """SFT objective of Section 3: max E[log p_theta(y|x)], here the per-token mean NLL of each
+    response.
+
+    examples: list of (x, y) id lists. Used to make theta_0 for the toy task and for `--method sft`.
+    """
+    def loss_fn(idx, valid):
+        xs, ys = [examples[i][0] for i in idx], [examples[i][1] for i in idx]
+        input_ids, attention_mask, labels = (t.to(device) for t in collate(xs, ys, 0))
+        start = max(1, min(map(len, xs)))
+        logp = policy_logps(model, input_ids, attention_mask, labels, start)  # (b,) summed
+        n_tok = (labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)  # (b,)
+        v = torch.tensor(valid, dtype=torch.float32, device=device)
+        nll = -(logp / n_tok) * v  # (b,) per-token NLL of each real example
+        return nll.sum(), torch.zeros(0)
+
+    return train(model, len(examples), loss_fn, device=device, lr=lr, epochs=epochs, batch_size=batch_size,
+                 micro_batch_size=micro_batch_size, optimizer=optimizer, warmup_ratio=warmup_ratio,
+                 max_grad_norm=max_grad_norm, seed=seed, log_every=log_every, log_fn=log_fn, stats_names=[],
+                 max_steps=max_steps, on_step=on_step, checkpointer=checkpointer)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop shared by dpo_train and sft_train (torchtitan's shape: the checkpointer's load() before it,
+# its save() inside it), and one optimizer step.
+# ----------------------------------------------------------------------------------------------------
+def train(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micro_batch_size, optimizer,
+          warmup_ratio, max_grad_norm, seed, log_every, log_fn, stats_names, max_steps=0, on_step=None,
+          checkpointer=None):
+    """loss_fn(idx, valid) -> (sum of per-item losses over the real items of this micro-batch, stats
+    tensor summed the same way). Returns the step log, one dict per optimizer step. on_step(step,
+    steps), if given, is called after each optimizer step.
+
+    checkpointer: an object with load(model, opt) -> (step, step log up to it), called before the
+    loop ((0, []) when there is nothing to go on from), and save(model, opt, step, total, history),
+    called after every step, which saves when a checkpoint is due (run/checkpoint.py's
+    StepCheckpoint: every --save_steps steps, and at a SIGTERM). A killed update goes on after its
+    last saved step with that step's weights, optimizer state and step log: the lr and the batches
+    are functions of the step. None: no checkpoints.
 
     Data parallel with FSDP2: each global batch is split between ranks (rank r takes every world-th
     index), each rank accumulates over micro-batches, and FSDP2 AVERAGES gradients over ranks.
@@ -268,30 +361,28 @@ def _train_loop(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micr
     opt = make_optimizer(model, optimizer, lr)
     model.train()
     # the step to go on after, and the step log up to it ((0, []): from the start)
-    start, history = checkpoint.load(model, opt) if checkpoint else (0, [])
+    start, history = checkpointer.load(model, opt) if checkpointer else (0, [])
     t0 = time.time()
-    # SIGTERM: stop at the next step boundary (checkpoint.after_step), not at once
-    with checkpoint_lib.stop_at_boundaries() if checkpoint else contextlib.nullcontext():
-        for step in range(start, total):
-            rec = _train_step(model, opt, batches[step], loss_fn, step, total, device=device, lr=lr,
-                              warmup=warmup, micro_batch_size=micro_batch_size,
-                              max_grad_norm=max_grad_norm, stats_names=stats_names)
-            history.append(rec)
-            if log_fn and (step % log_every == 0 or step + 1 == total):
-                el = time.time() - t0
-                eta = el / (step + 1 - start) * (total - step - 1)
-                log_fn(dict(rec, elapsed_s=round(el, 1), eta_s=round(eta, 1)))
-            if checkpoint:
-                checkpoint.after_step(model, opt, step + 1, total, history)
-            if on_step:
-                on_step(step + 1, total)
+    for step in range(start, total):
+        rec = train_step(model, opt, batches[step], loss_fn, step, total, device=device, lr=lr, warmup=warmup,
+                         micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm,
+                         stats_names=stats_names)
+        history.append(rec)
+        if log_fn and (step % log_every == 0 or step + 1 == total):
+            el = time.time() - t0
+            eta = el / (step + 1 - start) * (total - step - 1)
+            log_fn(dict(rec, elapsed_s=round(el, 1), eta_s=round(eta, 1)))
+        if checkpointer:
+            checkpointer.save(model, opt, step + 1, total, history)
+        if on_step:
+            on_step(step + 1, total)
     return history
 
 
-def _train_step(model, opt, batch, loss_fn, step, total, *, device, lr, warmup, micro_batch_size,
-                max_grad_norm, stats_names):
-    """One optimizer step of _train_loop on the global batch `batch` (idx, valid); returns its
-    record (a row of the step log)."""
+def train_step(model, opt, batch, loss_fn, step, total, *, device, lr, warmup, micro_batch_size,
+               max_grad_norm, stats_names):
+    """One optimizer step of train on the global batch `batch` (idx, valid); returns its record
+    (a row of the step log)."""
     world, rank = fsdp.world(), fsdp.rank()
     idx, valid = batch
     for group in opt.param_groups:
@@ -333,75 +424,3 @@ def _train_step(model, opt, batch, loss_fn, step, total, *, device, lr, warmup, 
             "stopping before the weights are saved (the last finished checkpoint on disk is intact). "
             "Lower --lr or --beta.")
     return rec
-
-
-def disable_dropout(model):
-    """Dropout off for the DPO update (as TRL's DPOTrainer, disable_dropout=True, which SPIN's
-    trainer derives from).
-
-    The cached log p_ref comes from an eval-mode forward (reference_logps); with dropout on in
-    training, log p_theta is a noisy, biased estimate of the same quantity, so even at step 0
-    (policy == reference) z != 0 and the loss is not w log 2. Zephyr / Mistral / Llama have no
-    dropout (attention_dropout = 0); GPT-2-style policies do (0.1).
-    """
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        # Llama-style attention: a float, not a module
-        if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
-
-
-def dpo_train(model, pairs, ref_chosen, ref_rejected, weights, *, beta, lr, epochs, batch_size,
-              micro_batch_size, device, optimizer="rmsprop", warmup_ratio=0.1, max_grad_norm=1.0, seed=0,
-              log_every=10, log_fn=None, on_step=None, checkpoint=None):
-    """Algorithm 1, line 10:
-        theta_t = argmax_theta sum_i (s_i/S) log sigma(beta log-ratio(y) - beta log-ratio(y')).
-
-    pairs: list of N (x, y, y') id lists, identical on every rank; ref_chosen/ref_rejected: (N,)
-    cached log p_{theta_{t-1}} (see reference_logps); weights: (N,) s_i/S (latent_weights), or ones
-    for SPIN. The model is updated in place; returns the logged metric dicts.
-    """
-    weights = torch.as_tensor(weights, dtype=torch.float32)
-    disable_dropout(model)
-
-    def loss_fn(idx, valid):
-        pc, pr = pair_logps(model, [pairs[i] for i in idx], device)  # (b,), (b,)
-        w = weights[idx] * torch.tensor(valid, dtype=torch.float32)  # (b,) fill-up items weigh 0
-        rc_ref, rr_ref = ref_chosen[idx].to(device), ref_rejected[idx].to(device)
-        losses, rc, rr = ldalign_loss(pc, pr, rc_ref, rr_ref, w.to(device), beta)
-        v = torch.tensor(valid, dtype=torch.float32, device=device)
-        stats = torch.stack([(rc * v).sum(), (rr * v).sum(), ((rc > rr).float() * v).sum(),
-                             ((rc - rr) * v).sum()])
-        return losses.sum(), stats
-
-    return _train_loop(model, len(pairs), loss_fn, device=device, lr=lr, epochs=epochs, batch_size=batch_size,
-                       micro_batch_size=micro_batch_size, optimizer=optimizer, warmup_ratio=warmup_ratio,
-                       max_grad_norm=max_grad_norm, seed=seed, log_every=log_every, log_fn=log_fn,
-                       stats_names=["reward_chosen", "reward_rejected", "reward_acc", "reward_margin"],
-                       on_step=on_step, checkpoint=checkpoint)
-
-
-def sft_train(model, examples, *, lr, epochs, batch_size, micro_batch_size, device, optimizer="adamw",
-              warmup_ratio=0.1, max_grad_norm=1.0, seed=0, log_every=10, log_fn=None, max_steps=0,
-              on_step=None, checkpoint=None):
-    """SFT objective of Section 3: max E[log p_theta(y|x)], here the per-token mean NLL of each
-    response.
-
-    examples: list of (x, y) id lists. Used to make theta_0 for the toy task and for `--method sft`.
-    """
-    def loss_fn(idx, valid):
-        xs, ys = [examples[i][0] for i in idx], [examples[i][1] for i in idx]
-        input_ids, attention_mask, labels = (t.to(device) for t in collate(xs, ys, 0))
-        start = max(1, min(map(len, xs)))
-        logp = sequence_logps(model, input_ids, attention_mask, labels, start)  # (b,) summed
-        n_tok = (labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)  # (b,)
-        v = torch.tensor(valid, dtype=torch.float32, device=device)
-        nll = -(logp / n_tok) * v  # (b,) per-token NLL of each real example
-        return nll.sum(), torch.zeros(0)
-
-    return _train_loop(model, len(examples), loss_fn, device=device, lr=lr, epochs=epochs,
-                       batch_size=batch_size, micro_batch_size=micro_batch_size, optimizer=optimizer,
-                       warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, seed=seed, log_every=log_every,
-                       log_fn=log_fn, stats_names=[], max_steps=max_steps, on_step=on_step,
-                       checkpoint=checkpoint)

@@ -17,8 +17,6 @@ import os
 import torch
 import torch.distributed as dist
 
-import lora
-
 
 # ----------------------------------------------------------------------------------------------------
 # The process group
@@ -172,13 +170,14 @@ def compile_blocks(model):
 
 
 def load_policy(path, device, *, exact_fp32, grad_ckpt=False, compile=False, trust_remote_code=False,
-                revision=None, lora_r=0, lora_targets="", lora_base_dtype="float32"):
+                revision=None, prepare=None, cast=None):
     """A policy checkpoint, ready to sample and train: fp32 master weights on `device` (FSDP2-sharded when
     world > 1, whose mixed precision then computes in bf16), activation checkpointing / compiled blocks.
 
-    lora_r > 0 (--lora_r): the targeted linear layers get rank-r LoRA adapters (lora.add: inactive until the update
-    begins, every other weight frozen), added here, before FSDP2 shards the model, so that FSDP2 owns A and B.
-    lora_base_dtype "bfloat16" (one process only): the frozen weights in bf16, A and B in fp32 (lora.cast_base).
+    prepare(model): applied to the model as built, before FSDP2 shards it (rank 0's full copy and every rank's
+    meta-device one alike), e.g. LoRA's adapters (run/lora.py add), which FSDP2 must then own. cast(model): the
+    dtype change on the host before the model moves to `device` (default: every parameter in fp32), e.g.
+    LoRA's frozen base in bf16 (one process only).
 
     exact_fp32=False (theta_0 from outside, --policy) loads in the dtype it is stored in ("auto": zephyr's bf16
     weights are 14 GB in CPU memory, not 28; the cast to fp32 below is exact). exact_fp32=True (the
@@ -193,21 +192,21 @@ def load_policy(path, device, *, exact_fp32, grad_ckpt=False, compile=False, tru
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     dtype = torch.float32 if exact_fp32 else "auto"
+    prepare = prepare or (lambda m: m)
 
     def read():
         m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  revision=revision)
-        # rank 0's full copy has the adapters too: its state dict is that of the wrapped model
-        return lora.add(m, lora_targets, lora_r) if lora_r else m
+        # rank 0's full copy is prepared too: its state dict is that of the prepared model
+        return prepare(m)
     if world() == 1:
         m = read()
     else:
         # The architecture alone, on every rank: fp32 parameters with no memory behind them
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
         with torch.device("meta"):
-            m = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-            if lora_r:
-                lora.add(m, lora_targets, lora_r)
+            m = prepare(AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                         trust_remote_code=trust_remote_code))
     if grad_ckpt:
         # Recompute each decoder block's activations in backward (HF's activation checkpointing, per
         # block; it keeps FSDP2's hooks outside the checkpoint). HF turns the cache off in training only.
@@ -222,9 +221,9 @@ def load_policy(path, device, *, exact_fp32, grad_ckpt=False, compile=False, tru
         # the build's fp32) and generation_config.json
         m.config.dtype, m.generation_config = broadcast_object(
             (full.config.dtype, full.generation_config) if full is not None else None)
-    if lora_r and lora_base_dtype == "bfloat16":
-        # cast on the host, then moved: the device never holds an fp32 copy of the base
-        return lora.cast_base(m, torch.bfloat16).to(device)
+    if cast is not None:
+        # cast on the host, then moved: the device never holds the model in another dtype
+        return cast(m).to(device)
     return m.to(device=device, dtype=torch.float32)
 
 

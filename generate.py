@@ -17,16 +17,12 @@ import contextlib
 import inspect
 import itertools
 import math
-import os
 import time
 
 import torch
 from transformers import DynamicCache
 
-import checkpoint
 import fsdp
-from cli import UserError
-from rundir import read_json, write_json
 
 
 def pad_sequences(seqs, pad_id, side="left", width=0):
@@ -344,8 +340,15 @@ def sample_responses(model, prompts, *, batch_size, max_new_tokens, eos_token_id
     return responses
 
 
-def sample_dataset(model, prompts, tok, cfg, seed, device, greedy=False, log=None, what="y'",
-                   parts=None, after_batch=None):
+def sampling_batches(n_prompts, batch_size):
+    """The global batches of sample_dataset over n_prompts prompts: (first prompt, number of
+    prompts) of each, all of batch_size prompts but the last."""
+    bs = min(batch_size, max(1, n_prompts))
+    return [(k, min(bs, n_prompts - k)) for k in range(0, n_prompts, bs)]
+
+
+def sample_dataset(model, prompts, tok, cfg, seed, device, greedy=False, log=None, what="y'", done=None,
+                   on_batch=None):
     """Algorithm 1, lines 2 / 7 (and greedy evaluation): one response per prompt (token-id lists)
     from the current policy, every rank returning all of them in order.
 
@@ -353,20 +356,17 @@ def sample_dataset(model, prompts, tok, cfg, seed, device, greedy=False, log=Non
     seeded by its first prompt's index, and the ranks share out whole batches; so N processes sample
     exactly what one process does.
 
-    parts: a folder (rundir.RunDir.partial) where each batch is written as it finishes
-    (batch<first prompt>.json, by the rank that sampled it); the batches found there are read back,
-    not sampled again, and the others give the same tokens as in an uninterrupted run (each batch
-    has its own generator). With parts, SIGTERM stops at the next batch boundary (every rank at the
-    same one), the finished batches written: exit status checkpoint.STOPPED.
-    after_batch(n): after this rank's n-th batch is written (the tests' kill hook)."""
+    done: {first prompt of a batch: its responses} of batches sampled before (a killed run's, read
+    back by the caller: stages.Stages.sample); they are not sampled again, and the others give the
+    same tokens as in an uninterrupted run (each batch has its own generator).
+    on_batch(first prompt, responses): after each batch of this rank's share, the same number of
+    times on every rank (the caller may write the batch, or stop there: a collective is allowed); a
+    share padded to the others' length repeats a batch, reported again with responses None."""
     bs, t0 = min(cfg["gen_batch_size"], max(1, len(prompts))), time.time()
-    starts = list(range(0, len(prompts), bs))  # the global batches, by their first prompt
-    # {first prompt: responses} of the batches sampled by an earlier, killed call
-    finished = _read_parts(parts, starts, [len(prompts[k:k + bs]) for k in starts]) if parts else {}
-    if finished and log:
-        log(f"  [resume] sampling {what}: {len(finished)} of {len(starts)} batches read back from "
-            f"{parts}")
-    all_starts, starts = starts, [k for k in starts if k not in finished]  # what is left to sample
+    # the global batches, by their first prompt
+    all_starts = [k for k, _ in sampling_batches(len(prompts), cfg["gen_batch_size"])]
+    finished = dict(done or {})
+    starts = [k for k in all_starts if k not in finished]  # what is left to sample
     n_batches = math.ceil(len(starts) / fsdp.world())
     # one width for all ranks
     width = static_width(max([len(p) for p in prompts] + [1])) if cfg["gen_static"] else None
@@ -376,32 +376,27 @@ def sample_dataset(model, prompts, tok, cfg, seed, device, greedy=False, log=Non
     def progress(done_local, _):  # at about 25/50/75/100%
         k = math.ceil(done_local / bs)
         if log and (k == n_batches or k % max(1, n_batches // 4) == 0):
-            done = min(done_local * fsdp.world(), len(prompts))
-            log(f"  sampling {what}: {done}/{len(prompts)} prompts, {time.time() - t0:.0f}s")
+            n = min(done_local * fsdp.world(), len(prompts))
+            log(f"  sampling {what}: {n}/{len(prompts)} prompts, {time.time() - t0:.0f}s")
 
-    # this rank's own batches (shard_gather pads a share by repeating a batch: written once)
+    # this rank's own batches (shard_gather pads a share by repeating a batch)
     mine = set(starts[fsdp.rank()::fsdp.world()])
-
-    def on_batch(share, j, rows):
-        """The j-th batch of this rank's share is sampled: write it; stop there after a SIGTERM."""
-        if share[j] in mine:
-            write_json(os.path.join(parts, f"batch{share[j]}.json"), rows)
-        if after_batch:
-            after_batch(j + 1)
-        if checkpoint.stop_requested():
-            fsdp.barrier()  # every rank's batches are written
-            checkpoint.stop(log or print,
-                            f"while sampling {what}; its finished batches are in {parts}")
 
     # this rank's batches, by their first prompt -> their responses, one list per batch
     def sample_share(share):
         batches = [prompts[k:k + bs] for k in share]  # the last one may be short
+        reported = set()
+
+        def report(j, rows):
+            own = share[j] in mine and share[j] not in reported
+            reported.add(share[j])
+            on_batch(share[j], rows if own else None)
         out = iter(sample_responses(
             model, [p for b in batches for p in b], batch_size=bs, max_new_tokens=cfg["max_new_tokens"],
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=temperature,
             top_p=cfg["top_p"], top_k=cfg["top_k"], seed=seed * 100003, device=device,
             static=cfg["gen_static"], compile=cfg["gen_compile"], progress=progress, offsets=share,
-            width=width, on_batch=(lambda j, rows: on_batch(share, j, rows)) if parts else None))
+            width=width, on_batch=report if on_batch else None))
         return [list(itertools.islice(out, len(b))) for b in batches]
 
     # --compile compiles the blocks for training; decoding into a DynamicCache changes their input
@@ -411,22 +406,6 @@ def sample_dataset(model, prompts, tok, cfg, seed, device, greedy=False, log=Non
         eager = torch.compiler.set_stance("force_eager")
     else:
         eager = contextlib.nullcontext()
-    # SIGTERM: stop at the next batch boundary (on_batch), when the batches are kept in parts
-    stops = checkpoint.stop_at_boundaries() if parts else contextlib.nullcontext()
-    with fsdp.gathered_weights(model), fsdp.autocast(device, model), eager, stops:
+    with fsdp.gathered_weights(model), fsdp.autocast(device, model), eager:
         finished.update(zip(starts, fsdp.shard_gather(starts, sample_share)))
     return [y for k in all_starts for y in finished[k]]
-
-
-def _read_parts(parts, starts, sizes):
-    """{first prompt: responses} of the batches that sample_dataset wrote to the folder `parts`."""
-    done = {}
-    for k, n in zip(starts, sizes):
-        path = os.path.join(parts, f"batch{k}.json")
-        if os.path.exists(path):
-            rows = read_json(path)
-            if len(rows) != n:
-                raise UserError(f"{path} holds {len(rows)} responses, not the batch's {n}; delete "
-                                "it to sample the batch again")
-            done[k] = rows
-    return done

@@ -25,7 +25,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import dpo
 import fsdp
 from generate import pad_sequences
-from rundir import atomic_path
 
 
 class GuideModel(nn.Module):
@@ -113,23 +112,24 @@ def build_guide(model_name_or_config, latent_dim, revision=None) -> GuideModel:
 
 def save_guide(guide, out_dir):
     """out_dir/{encoder,decoder}/ (HF safetensors), out_dir/latent.safetensors,
-    out_dir/guide_config.json, written atomically (rundir.atomic_path): a crash never leaves a
+    out_dir/guide_config.json (and diagnostics.json, when the guide has them). The run writes it
+    into a temporary folder renamed when complete (stages.Stages.guide): a crash never leaves a
     half-written guide."""
-    with atomic_path(out_dir) as tmp:
-        guide.encoder.save_pretrained(os.path.join(tmp, "encoder"))
-        guide.decoder.save_pretrained(os.path.join(tmp, "decoder"))
-        # safetensors needs contiguous CPU tensors
-        latent = {f"{name}.{k}": v.detach().cpu().contiguous()
-                  for name in ("to_latent", "from_latent")
-                  for k, v in getattr(guide, name).state_dict().items()}
-        save_file(latent, os.path.join(tmp, "latent.safetensors"))
-        with open(os.path.join(tmp, "guide_config.json"), "w") as f:
-            json.dump({"latent_dim": guide.latent_dim, "encoder_n_embd": guide.encoder.config.n_embd,
-                       "decoder_n_embd": guide.decoder.config.n_embd, "injection": "embedding",
-                       "pooling": "mean_over_response"}, f, indent=2)
-        if getattr(guide, "diagnostics", None) is not None:
-            with open(os.path.join(tmp, "diagnostics.json"), "w") as f:
-                json.dump(guide.diagnostics, f, indent=1)
+    os.makedirs(out_dir, exist_ok=True)
+    guide.encoder.save_pretrained(os.path.join(out_dir, "encoder"))
+    guide.decoder.save_pretrained(os.path.join(out_dir, "decoder"))
+    # safetensors needs contiguous CPU tensors
+    latent = {f"{name}.{k}": v.detach().cpu().contiguous()
+              for name in ("to_latent", "from_latent")
+              for k, v in getattr(guide, name).state_dict().items()}
+    save_file(latent, os.path.join(out_dir, "latent.safetensors"))
+    with open(os.path.join(out_dir, "guide_config.json"), "w") as f:
+        json.dump({"latent_dim": guide.latent_dim, "encoder_n_embd": guide.encoder.config.n_embd,
+                   "decoder_n_embd": guide.decoder.config.n_embd, "injection": "embedding",
+                   "pooling": "mean_over_response"}, f, indent=2)
+    if getattr(guide, "diagnostics", None) is not None:
+        with open(os.path.join(out_dir, "diagnostics.json"), "w") as f:
+            json.dump(guide.diagnostics, f, indent=1)
 
 
 def load_guide(out_dir) -> GuideModel:
@@ -359,16 +359,18 @@ def fit(src, triples, cfg, pad_id, device, log):
     return guide
 
 
-def save_gathered(guide, path, src, revision=None):
-    """save_guide by rank 0; under FSDP2 every rank joins the gather of the full state dict, which
-    rank 0 loads into a plain, unsharded copy (build_guide(src, revision)) to save."""
+def gathered(guide, src, revision=None):
+    """The whole guide on rank 0, to save (None on the other ranks). Under FSDP2 every rank joins
+    the gather of the full state dict, which rank 0 loads into a plain, unsharded copy
+    (build_guide(src, revision)); in one process, the guide itself."""
     sd, plain = fsdp.full_state_dict(guide), guide
-    if fsdp.rank() == 0:
-        if sd is not None:
-            plain = build_guide(src, guide.latent_dim, revision)
-            plain.load_state_dict(sd)
-            plain.diagnostics = guide.diagnostics
-        save_guide(plain, path)
+    if fsdp.rank() != 0:
+        return None
+    if sd is not None:
+        plain = build_guide(src, guide.latent_dim, revision)
+        plain.load_state_dict(sd)
+        plain.diagnostics = guide.diagnostics
+    return plain
 
 
 def freeze(guide):

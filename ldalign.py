@@ -41,20 +41,15 @@ again: it goes on from the last finished stage). stages.py says which stage writ
                                 finished batches; the update's reference log-probs and its latest
                                 step checkpoint (--save_steps); removed once the stage is stored
 """
-import importlib.util
-import math
-import os
 import sys
 
 import torch
 
 import dataset
-import dpo
 import fsdp
-import plan
-from cli import read_overrides, report_errors
-from rundir import METHODS, RunDir
-from stages import Stages, per_iteration
+from run import cli, options
+from run.rundir import RunDir
+from stages import METHODS, Stages
 
 # --------------------------------------------------------------------------------------------------
 # Defaults: the embedded toy run. Every key can be overridden on the command line as --key value.
@@ -162,14 +157,6 @@ DEFAULTS = dict(
     plan_tflops=312.0, plan_mfu=0.4, plan_disk_gbps=1.0,
 )
 
-# The range of every numeric setting, checked by parse_args before anything runs (NaN fails every
-# comparison).
-POSITIVE_INT = ("max_len", "max_prompt_len", "max_new_tokens", "sft_steps", "sft_batch_size",
-                "gen_batch_size", "latent_dim", "guide_epochs", "guide_batch_size", "T", "epochs",
-                "batch_size", "micro_batch_size", "log_every")
-NONNEGATIVE_INT = ("max_examples", "max_eval", "top_k", "agreement_n", "lora_r", "save_steps")
-POSITIVE_FINITE = ("sft_lr", "guide_lr", "beta", "lr", "max_grad_norm")
-
 # The paper's setting (Section 5.1): zephyr-7b-sft-full (Mistral-7B SFT on UltraChat 200k), a
 # GPT-2 guide, a 50k subset of UltraChat, beta 0.1, three iterations. What the paper leaves open
 # follows SPIN (lr 5e-7, RMSprop, 2 epochs, global batch 64, max length 1024, prompt 512, 256
@@ -221,98 +208,26 @@ PRESETS = {
 
 
 def parse_args(argv):
-    """nanoGPT-style: defaults above, then the preset, then --key value pairs (typed like the
-    default). Every setting is checked here, before anything runs."""
-    with open(os.path.abspath(__file__)) as f:
-        src = f.read()
-    defaults_block = src[src.index("DEFAULTS = dict("):src.index("\n# The range of every")]
-    help_text = __doc__ + "\n" + defaults_block
-    pairs = read_overrides(argv, DEFAULTS, help_text)
+    """nanoGPT-style: DEFAULTS, then the preset, then --key value pairs (typed like the default); then every
+    setting checked (run/options.py), before anything runs. --help prints this file's docstring and DEFAULTS."""
+    help_text = __doc__ + "\n" + cli.defaults_help(__file__)
+    pairs = cli.read_overrides(argv, DEFAULTS, help_text)
     preset = pairs.get("preset", DEFAULTS["preset"])
     if preset not in PRESETS:
         raise SystemExit(f"unknown preset {preset!r}: {', '.join(PRESETS)}")
     cfg = dict(DEFAULTS, **PRESETS[preset])
     cfg.update(pairs)
-    for m in cfg["method"].split(","):
-        if m not in METHODS:
-            raise SystemExit(f"--method takes {', '.join(METHODS)} (or several, comma-separated), "
-                             f"got {m!r}")
-    no_reward_model = cfg["judge"] == "reward" and not cfg["reward_model"]
-    if cfg["judge"] not in ("toy", "reward") or no_reward_model:
-        raise SystemExit("--judge is 'toy' or 'reward' (which needs --reward_model)")
-    if cfg["gen_compile"] and not cfg["gen_static"]:
-        raise SystemExit("--gen_compile true needs --gen_static true (a compiled decode step needs "
-                         "fixed shapes)")
-    for k in ("policy", "guide", "reward_model"):
-        if cfg[f"{k}_revision"] and (cfg[k] in ("", "tiny") or os.path.isdir(cfg[k])):
-            raise SystemExit(f"--{k}_revision is for a hub id; --{k} {cfg[k]!r} is "
-                             f"{'a local folder' if cfg[k] not in ('', 'tiny') else 'not one'}")
-    if cfg["tensorboard"] and importlib.util.find_spec("tensorboard") is None:
-        raise SystemExit("--tensorboard true needs the tensorboard package: pip install tensorboard")
-    if cfg["overlength"] not in ("error", "skip"):
-        raise SystemExit(f"--overlength is 'error' or 'skip', got {cfg['overlength']!r}")
-    bad = [f"--{k} must be > 0, got {cfg[k]!r}" for k in POSITIVE_INT if not cfg[k] > 0]
-    # (top_k -1 would keep the argmin)
-    bad += [f"--{k} must be >= 0, got {cfg[k]!r}" for k in NONNEGATIVE_INT if not cfg[k] >= 0]
-    bad += [f"--{k} must be a finite number > 0, got {cfg[k]!r}" for k in POSITIVE_FINITE
-            if not 0 < cfg[k] < math.inf]
-    if not 0 <= cfg["temperature"] < math.inf:
-        bad.append(f"--temperature must be >= 0 (0 = greedy), got {cfg['temperature']!r}")
-    if not 0 < cfg["top_p"] <= 1:
-        bad.append(f"--top_p must be in (0, 1], got {cfg['top_p']!r}")
-    if not 0 <= cfg["lora_alpha"] < math.inf:
-        bad.append(f"--lora_alpha must be a finite number >= 0 (0 = lora_r), got "
-                   f"{cfg['lora_alpha']!r}")
-    if cfg["lora_base_dtype"] not in ("float32", "bfloat16"):
-        bad.append(f"--lora_base_dtype is 'float32' or 'bfloat16', got {cfg['lora_base_dtype']!r}")
-    elif cfg["lora_base_dtype"] == "bfloat16" and not (cfg["lora_r"] and
-                                                       os.environ.get("WORLD_SIZE", "1") == "1"):
-        bad.append("--lora_base_dtype bfloat16 needs --lora_r > 0 and one process (under torchrun "
-                   "the base is sharded in fp32)")
-    if cfg["lora_r"] and not cfg["lora_targets"].strip(", "):
-        bad.append("--lora_targets names no module (e.g. q_proj,v_proj)")
-    if not 0 <= cfg["warmup_ratio"] < 1:
-        bad.append(f"--warmup_ratio must be in [0, 1), got {cfg['warmup_ratio']!r}")
-    for k in ("lr", "beta"):
-        # (NaN and inf fail the range check)
-        try:
-            values = per_iteration(cfg, k)
-        except ValueError:
-            values = [math.nan]
-        if not all(0 < v < math.inf for v in values):
-            bad.append(f"--{k}_per_iter takes finite numbers > 0, comma-separated, got "
-                       f"{cfg[k + '_per_iter']!r}")
-        elif values and len(values) < cfg["T"]:
-            bad.append(f"--{k}_per_iter has {len(values)} value(s) for --T {cfg['T']} iterations")
-    if cfg["optimizer"] not in ("adamw", "rmsprop"):
-        bad.append(f"--optimizer is 'adamw' or 'rmsprop', got {cfg['optimizer']!r}")
-    # --plan's GPUs and assumptions
-    if not cfg["plan_world"] > 0:
-        bad.append(f"--plan_world must be > 0, got {cfg['plan_world']!r}")
-    bad += [f"--{k} must be a finite number > 0, got {cfg[k]!r}"
-            for k in ("plan_gpu_gb", "plan_tflops", "plan_disk_gbps") if not 0 < cfg[k] < math.inf]
-    if not 0 < cfg["plan_mfu"] <= 1:
-        bad.append(f"--plan_mfu must be in (0, 1], got {cfg['plan_mfu']!r}")
-    if bad:
-        raise SystemExit("; ".join(bad))
-    if cfg["max_prompt_len"] + cfg["max_new_tokens"] > cfg["max_len"]:
-        raise SystemExit("need max_prompt_len + max_new_tokens <= max_len (a sampled y' must fit in "
-                         "training)")
-    # torchrun's processes: the global batches are split between them
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    for k in ("batch_size", "guide_batch_size"):
-        if cfg[k] % world:
-            raise SystemExit(f"--{k} {cfg[k]} must be a multiple of the number of processes "
-                             f"({world})")
+    options.check(cfg, METHODS)
     return cfg
 
 
 def main(argv=None):
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
     if cfg["plan"]:
+        from tools import plan
         return plan.main(cfg)  # the memory plan: printed, nothing computed, no run folder
     rank, world, device = fsdp.init()
-    run = RunDir(cfg)
+    run = RunDir(cfg, METHODS)
     run.log(f"LD-Align | preset={cfg['preset']} method={cfg['method']} T={cfg['T']} | "
             f"{world} process(es) on {device}")
     torch.manual_seed(cfg["seed"])
@@ -328,7 +243,7 @@ def main(argv=None):
     # ----------------------------------------------------------------------------------------------
     # Algorithm 1, lines 1-3: for i = 1..N: generate y'_i ~ p_theta_0(.|x_i)   (printed y_i: errata)
     # ----------------------------------------------------------------------------------------------
-    y0 = stages.sample(0)
+    y0 = stages.sample(None, 0)
     # ----------------------------------------------------------------------------------------------
     # Algorithm 1, line 4: (phi, psi) = argmax sum_i log p_psi(y_i | x_i, phi(x_i, y_i))
     #                                            + log p_psi(y'_i | x_i, phi(x_i, y'_i))   (Eq. 2)
@@ -345,26 +260,25 @@ def main(argv=None):
             run.log(f"===== {method} iteration {t}/{cfg['T']}: theta_{t - 1} -> theta_{t} =====")
             y_prime = w = None
             # dpo and sft train on other pairs: they sample only to measure S (--measure_S)
-            if method in ("ldalign", "spin") or cfg["measure_S"]:
+            if stages.samples_each_iteration(method):
                 # ----------------------------------------------------------------------------------
                 # Algorithm 1, lines 6-7: for i = 1..N: generate y'_i ~ p_theta_{t-1}(.|x_i)
                 # ----------------------------------------------------------------------------------
-                y_prime = stages.sample(t - 1, method)
+                y_prime = stages.sample(method, t - 1)
                 # ----------------------------------------------------------------------------------
                 # Algorithm 1, line 8: s_phi(x_i, y_i, y'_i) = ||phi(x_i, y_i) - phi(x_i, y'_i)||_2
                 # ----------------------------------------------------------------------------------
-                s = stages.distances(guide, y_prime, method, t)
+                s = stages.distances(method, t, guide, y_prime)
                 # ----------------------------------------------------------------------------------
                 # Algorithm 1, line 9: S = (1/N) sum_i s_i; the weights w_i = s_i / S (SPIN: 1)
                 # ----------------------------------------------------------------------------------
-                w = dpo.latent_weights(s) if method == "ldalign" else torch.ones(len(s))
-                stages.record_distances(method, t, s, w, y_prime)
+                w = stages.weights(method, t, s, y_prime)  # dpo.latent_weights(s)
             # --------------------------------------------------------------------------------------
             # Algorithm 1, line 10: theta_t = argmax_theta sum_i w_i log sigma(
             #     beta log p_theta(y_i|x_i) / p_theta_{t-1}(y_i|x_i)
             #     - beta log p_theta(y'_i|x_i) / p_theta_{t-1}(y'_i|x_i))                 (Eq. 4)
             # --------------------------------------------------------------------------------------
-            stages.update(method, t, y_prime, w)
+            stages.update(method, t, y_prime, w)  # dpo.dpo_train -> dpo.ldalign_loss
             stages.evaluate(method, t)
         # Algorithm 1, lines 11-12: end for; theta_T is <method>/iter{T}/policy
     stages.write_reports(methods)
@@ -372,4 +286,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    report_errors(main)  # a user error: one line, exit status 2; a bug: its traceback
+    cli.report_errors(main)  # a user error: one line, exit status 2; a bug: its traceback

@@ -1,17 +1,26 @@
 """The stages of Algorithm 1 that ldalign.main() calls, one per pseudocode line, and where each is stored.
 
     stages = Stages(run, data, cfg, device)
-    stages.theta_0()                     Require: theta_0 (the toy: a tiny Llama SFT-ed on D, out/sft)
-    y0 = stages.sample(0)                lines 1-3: y' ~ p_theta_0, iter0/samples.jsonl
-    guide = stages.guide(y0)             line 4: T = (phi, psi), guide/
-    t_first = stages.resume(method)      the first iteration whose theta_t is not saved yet
-    y_prime = stages.sample(t - 1, M)    lines 6-7: y' ~ p_theta_{t-1}, M/iter{t}/samples.jsonl
-    s = stages.distances(guide, ...)     line 8: s_i, M/iter{t}/distances.jsonl
-    stages.update(M, t, y_prime, w)      line 10: theta_t, M/iter{t}/policy/ (UPDATES: one function per method)
-    stages.evaluate(M, t)                theta_t on held-out prompts, M/iter{t}/eval.json, M/metrics.jsonl
+    stages.theta_0()                       Require: theta_0 (the toy: a tiny Llama SFT-ed on D, out/sft)
+    y0 = stages.sample(None, 0)            lines 1-3: y' ~ p_theta_0, iter0/samples.jsonl
+    guide = stages.guide(y0)               line 4: T = (phi, psi), guide/
+    t_first = stages.resume(M)             the first iteration whose theta_t is not saved yet
+    y_prime = stages.sample(M, t - 1)      lines 6-7: y' ~ p_theta_{t-1}, M/iter{t}/samples.jsonl
+    s = stages.distances(M, t, guide, y_prime)   line 8: s_i, M/iter{t}/distances.jsonl
+    w = stages.weights(M, t, s, y_prime)   line 9: s_i / S, M/iter{t}/distances.json
+    stages.update(M, t, y_prime, w)        line 10: theta_t, M/iter{t}/policy/
+    stages.evaluate(M, t)                  theta_t on held-out prompts, M/iter{t}/eval.json, M/metrics.jsonl
+
+Every call takes the method M first, then the iteration t (for sampling: the index of the policy that samples),
+then what earlier stages returned. What makes each method itself (Algorithm 1 and the competitors of Section
+5.1.4: what it samples, how it weighs, what it trains on, its reference, the settings it binds) is its row of
+METHODS below.
 
 Each stage owns its file name, how the file is written and read, and the inputs it is recorded as computed
-from (rundir.RunDir.cached: a stored result is read back; one whose inputs changed is computed again).
+from (run/rundir.py's RunDir.cached: a stored result is read back; one whose inputs changed is computed again).
+The long stages keep their finished pieces while they run (<name>.partial/), so that a killed or pre-empted run
+goes on from there: sampling its finished batches, the update its reference log-probs and its step checkpoints
+(run/checkpoint.py); SIGTERM stops either at its next batch or step, its work saved.
 
 The policy in memory. Stages hold one policy at a time: the theta_t the last stage worked on. A stage that needs
 theta_t takes the held model when it is theta_t, else loads it from its checkpoint, dropping the held one first
@@ -19,19 +28,60 @@ theta_t takes the held model when it is theta_t, else loads it from its checkpoi
 result is stored never loads a policy: a rerun of a finished run loads none.
 """
 import os
+from dataclasses import dataclass
 
 import torch
 
 import analysis
-import checkpoint
 import dataset
 import dpo
 import fsdp
 import generate
 import guide as guide_lib
-import lora
-from cli import UserError
-from rundir import METHODS, UPDATE_KEYS, read_json, read_jsonl, save_hf, verify, write_atomic, write_json, write_jsonl
+from run import checkpoint, lora
+from run.cli import UserError
+from run.options import setting_at
+from run.rundir import (
+    UPDATE_KEYS,
+    atomic_path,
+    read_json,
+    read_jsonl,
+    save_hf,
+    verify,
+    write_atomic,
+    write_json,
+    write_jsonl,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# The methods: Algorithm 1 and the competitors of Section 5.1.4, one row each
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Method:
+    samples: bool      # lines 6-7 in every iteration: y' ~ p_theta_{t-1} (else only with --measure_S, for S)
+    weights: str       # line 9: "s/S" (dpo.latent_weights) or "1"
+    pairs: str         # line 10 trains on: "y > y'" (D's golden y wins over the sample y'), "pref" (the
+    #                    annotated pairs of --pref_data) or "y" (continual SFT on D's y, or on --sft_data)
+    reference: str     # line 10's p_ref: "theta_{t-1}" (scored once, before the update), "theta_0" (fixed
+    #                    for every iteration, scored in iteration 1) or "" (SFT has none)
+    binds: tuple = ()  # the settings this method alone reads (its own section of settings.json)
+
+
+METHODS = {
+    "ldalign": Method(samples=True, weights="s/S", pairs="y > y'", reference="theta_{t-1}"),
+    # SPIN: the same loop with unit weights; --spin_keep_previous: from t = 2 on also iteration t-1's pairs
+    "spin": Method(samples=True, weights="1", pairs="y > y'", reference="theta_{t-1}",
+                   binds=("spin_keep_previous",)),
+    "dpo": Method(samples=False, weights="1", pairs="pref", reference="theta_0"),
+    "sft": Method(samples=False, weights="1", pairs="y", reference="", binds=("sft_data",)),
+}
+
+
+def keeps_previous(cfg, method, t):
+    """Does iteration t of `method` also train on iteration t-1's pairs (spin, --spin_keep_previous)?"""
+    return "spin_keep_previous" in METHODS[method].binds and cfg["spin_keep_previous"] and t > 1
+
 
 # theta_0's log-probs of the annotated pairs: the DPO baseline's reference in every iteration
 DPO_REFERENCE = "dpo/ref_logps_theta0.json"
@@ -72,7 +122,7 @@ class Stages:
     # ----------------------------------------------------------------------------------------------
     # The policy in memory
     # ----------------------------------------------------------------------------------------------
-    def policy(self, t, method=None):
+    def policy(self, method, t):
         """theta_t of `method` (theta_0: method None, shared by every method), held or loaded."""
         path = self.run.policy_path(method or "", t)
         if self.held_path != path:
@@ -95,17 +145,22 @@ class Stages:
     # ----------------------------------------------------------------------------------------------
     # Algorithm 1, lines 1-3 and 6-7: y'_i ~ p_theta_t(.|x_i) for every x_i of D
     # ----------------------------------------------------------------------------------------------
-    def samples_name(self, t, method=None):
+    def samples_name(self, method, t):
         """The file of theta_t's samples: iteration t + 1 trains on them. theta_0's are iter0/samples.jsonl, which
         iteration 1 of every method reuses unless --reuse_line2_samples false."""
         if t == 0 and (method is None or self.cfg["reuse_line2_samples"]):
             return "iter0/samples.jsonl"
         return f"{method}/iter{t + 1}/samples.jsonl"
 
-    def sample(self, t, method=None):
-        """Lines 1-3 (t = 0) and 6-7: y'_i ~ p_theta_t(.|x_i), as token ids, one list per x_i of D.
+    def samples_each_iteration(self, method):
+        """Does `method` sample y' in every iteration (lines 6-7)? ldalign and spin train on them; dpo and sft only
+        measure S on them (--measure_S)."""
+        return METHODS[method].samples or self.cfg["measure_S"]
+
+    def sample(self, method, t):
+        """Lines 1-3 (method None, t = 0) and 6-7: y'_i ~ p_theta_t(.|x_i), as token ids, one list per x_i of D.
         Seeded by --seed + t + 1 (theta_0's shared samples: --seed)."""
-        name, cfg = self.samples_name(t, method), self.cfg
+        name, cfg = self.samples_name(method, t), self.cfg
         seed = cfg["seed"] if name == "iter0/samples.jsonl" else cfg["seed"] + t + 1
         prompts = [d["prompt_ids"] for d in self.data.D]
         inputs = [self.run.policy_path(method or "", t)]
@@ -113,10 +168,38 @@ class Stages:
         def compute():
             # each batch written as it finishes (<name>.partial/): a rerun samples only the others
             parts = self.run.partial(name, inputs, SAMPLING_KEYS)
-            return generate.sample_dataset(self.policy(t, method), prompts, self.data.tok, cfg, seed, self.device,
-                                           log=self.log, what=f"y' ~ p_theta_{t}", parts=parts,
-                                           after_batch=lambda n: self.run.kill_point(f"{name}/batch{n}"))
+            return self.sample_in_batches(self.policy(method, t), prompts, seed, parts, name, f"y' ~ p_theta_{t}")
         return self.run.cached(name, compute, save=self._write_samples, load=self._read_samples, inputs=inputs)
+
+    def sample_in_batches(self, policy, prompts, seed, parts, name, what):
+        """generate.sample_dataset, each finished batch kept in the folder `parts` (batch<first prompt>.json,
+        written by the rank that sampled it) and read back by a rerun, which samples only the others (with the
+        same tokens: each batch has its own generator). SIGTERM stops at the next batch, every rank at the same
+        one, the finished batches written: exit status checkpoint.STOPPED."""
+        batches = generate.sampling_batches(len(prompts), self.cfg["gen_batch_size"])
+        done = {}
+        for k, n in batches:
+            path = os.path.join(parts, f"batch{k}.json")
+            if os.path.exists(path):
+                done[k] = read_json(path)
+                if len(done[k]) != n:
+                    raise UserError(f"{path} holds {len(done[k])} responses, not the batch's {n}; delete "
+                                    "it to sample the batch again")
+        if done:
+            self.log(f"  [resume] sampling {what}: {len(done)} of {len(batches)} batches read back from {parts}")
+        count = [0]  # this rank's batches so far (the tests' kill hook)
+
+        def on_batch(k, rows):
+            if rows is not None:
+                write_json(os.path.join(parts, f"batch{k}.json"), rows)
+            count[0] += 1
+            self.run.kill_point(f"{name}/batch{count[0]}")
+            if checkpoint.stop_requested():
+                fsdp.barrier()  # every rank's batches are written
+                checkpoint.stop(self.log, f"while sampling {what}; its finished batches are in {parts}")
+        with checkpoint.stop_at_boundaries():
+            return generate.sample_dataset(policy, prompts, self.data.tok, self.cfg, seed, self.device,
+                                           log=self.log, what=what, done=done, on_batch=on_batch)
 
     def _write_samples(self, ids, path):
         """samples.jsonl: one row per pair, {where, x, y, y_prime (text), y_prime_ids}; rank 0 writes."""
@@ -129,10 +212,10 @@ class Stages:
     def _read_samples(self, path):
         return read_samples(path, self.data.D, self.cfg["data"])
 
-    def stored_samples(self, t, method):
+    def stored_samples(self, method, t):
         """theta_t's samples as an earlier iteration stored them (read, never sampled: no policy is loaded).
         They are an input of that iteration's theta, so a run that reached this iteration has them."""
-        return self._read_samples(self.run.path(self.samples_name(t, method)))
+        return self._read_samples(self.run.path(self.samples_name(method, t)))
 
     # ----------------------------------------------------------------------------------------------
     # Algorithm 1, line 4: the guide T = (phi, psi), Eq. 2 over golden and generated responses
@@ -145,12 +228,15 @@ class Stages:
             return guide_lib.fit(data.guide_src, self.triples(y0), cfg, data.gtok.eos_token_id, device, self.log)
 
         def save(guide, path):
-            guide_lib.save_gathered(guide, path, data.guide_src, cfg.get("guide_revision") or None)
+            plain = guide_lib.gathered(guide, data.guide_src, cfg.get("guide_revision") or None)
+            if plain is not None:  # rank 0
+                with atomic_path(path) as tmp:
+                    guide_lib.save_guide(plain, tmp)
 
         def load(path):
             return guide_lib.place(guide_lib.load_guide(path), device)
         guide = self.run.cached("guide", compute, save=save, load=load,
-                                inputs=[self.run.path(self.samples_name(0))])
+                                inputs=[self.run.path(self.samples_name(None, 0))])
         guide_lib.freeze(guide)
         return guide
 
@@ -162,7 +248,7 @@ class Stages:
     # ----------------------------------------------------------------------------------------------
     # Algorithm 1, line 8: s_i = ||phi(x_i, y_i) - phi(x_i, y'_i)||_2
     # ----------------------------------------------------------------------------------------------
-    def distances(self, guide, y_prime, method, t):
+    def distances(self, method, t, guide, y_prime):
         """s of iteration t, an (N,) tensor; stored as distances.jsonl, one row {where, s} per pair."""
         def compute():
             return guide_lib.distances(guide, self.triples(y_prime), self.cfg["guide_batch_size"],
@@ -171,12 +257,18 @@ class Stages:
         def save(s, path):
             if fsdp.rank() == 0:
                 write_jsonl(path, [{"where": d["where"], "s": float(v)} for d, v in zip(self.data.D, s)])
-        samples = self.run.path(self.samples_name(t - 1, method))
+        samples = self.run.path(self.samples_name(method, t - 1))
         return self.run.cached(f"{method}/iter{t}/distances.jsonl", compute, save=save, load=read_distances,
                                inputs=[samples, self.run.path("guide")])
 
-    def record_distances(self, method, t, s, w, y_prime):
-        """distances.json: S (line 9), the weights' range, the distribution of s (Section 5.2 (1))."""
+    # ----------------------------------------------------------------------------------------------
+    # Algorithm 1, line 9: S = mean_i s_i, the weights s_i / S
+    # ----------------------------------------------------------------------------------------------
+    def weights(self, method, t, s, y_prime):
+        """The weights of iteration t: dpo.latent_weights(s) = s_i / S (ldalign), or 1 (the others, whose S is
+        measured all the same). distances.json records S, the weights' range and the distribution of s
+        (Section 5.2 (1))."""
+        w = dpo.latent_weights(s) if METHODS[method].weights == "s/S" else torch.ones(len(s))
         S = float(s.mean())
         self.log(f"[lines 8-9] distances: S = mean s = {S:.4f}, min {float(s.min()):.4f}, "
                  f"max {float(s.max()):.4f}")
@@ -187,20 +279,35 @@ class Stages:
                 "min": float(s.min()), "max": float(s.max()),
                 "weights": {"mean": float(w.mean()), "min": float(w.min()), "max": float(w.max())},
                 "histogram": analysis.distance_histogram(s.tolist())})
+        return w
 
     # ----------------------------------------------------------------------------------------------
     # Algorithm 1, line 10: theta_t from theta_{t-1}
     # ----------------------------------------------------------------------------------------------
     def update(self, method, t, y_prime, w):
-        """theta_t = UPDATES[method](theta_{t-1}), trained in place, saved as an HF checkpoint with its step log."""
-        policy = self.policy(t - 1, method)
+        """theta_t: theta_{t-1} trained in place on the method's pairs against its reference (METHODS), by
+        dpo.dpo_train (Eq. 4) or, for continual SFT, dpo.sft_train; saved as an HF checkpoint with its step
+        log. The reference log-probs are computed once, before the update (README, errata)."""
+        cfg = self.cfg
+        policy = self.policy(method, t - 1)
         # From here on the held model is no longer theta_{t-1}.
         self.held_path = None
         self.partial = None  # (update_state)
-        if self.cfg.get("lora_r"):
+        if cfg.get("lora_r"):
             # --lora_r: fresh adapters (B = 0: still theta_{t-1}), trained alone; merged when theta_t is saved
-            lora.begin(policy, self.cfg["lora_alpha"] or self.cfg["lora_r"], seed=self.cfg["seed"] + 1000 * t)
-        history = UPDATES[method](self, method, t, policy, y_prime, w)
+            lora.begin(policy, cfg["lora_alpha"] or cfg["lora_r"], seed=cfg["seed"] + 1000 * t)
+        pairs, w = self.pairs(method, t, y_prime, w)
+        ref = self.reference(method, t, policy, pairs) if METHODS[method].reference else None
+        settings = self.train_settings(method, t)  # (the step checkpoints: every input of theta_t exists now)
+        # SIGTERM: a step checkpoint at the next step, then exit (checkpoint.STOPPED)
+        with checkpoint.stop_at_boundaries():
+            if ref is None:
+                self.log(f"[sft] continual SFT: {cfg['epochs']} epoch(s) over the {len(pairs)} {self.sft_what()}")
+                history = dpo.sft_train(policy, pairs, **settings)
+            else:
+                self.log(f"[line 10] {'weighted ' if method == 'ldalign' else ''}DPO ({method}): "
+                         f"{cfg['epochs']} epoch(s) over {len(pairs)} pairs")
+                history = dpo.dpo_train(policy, pairs, *ref, w, beta=setting_at(cfg, "beta", t), **settings)
         # the curves before theta_t: every saved theta_t has its train_curves.png (with matplotlib)
         curves = self.run.path(method, f"iter{t}", "train_curves.png")
         title = f"{method}, iteration {t}: theta_{t - 1} -> theta_{t}"
@@ -210,17 +317,79 @@ class Stages:
         self.run.save_policy(policy, self.data.tok, method, t, history, self.update_inputs(method, t))
         self.held_path = self.run.policy_path(method, t)
 
+    def pairs(self, method, t, y_prime, w):
+        """What line 10 trains on (METHODS[method].pairs), with each pair's weight:
+          "y > y'"  (x_i, y_i, y'_i) of D: the golden y wins over the sample y' (ldalign: w = s/S; spin: 1).
+                    spin with --spin_keep_previous (SPIN's data recipe): from t = 2 on, iteration t-1's N pairs
+                    come first (y' of theta_{t-2}, as stored), then this iteration's N, all 2N of weight 1.
+          "pref"    the annotated (x, chosen, rejected) of --pref_data, weight 1 (dpo).
+          "y"       (x, y): D's pairs (--sft_data D), or all the records of --sft_data (sft); no weights."""
+        rule, D = METHODS[method].pairs, self.data.D
+        if rule == "pref":
+            return self.data.pref, torch.ones(len(self.data.pref))
+        if rule == "y":
+            if self.data.sft is not None:
+                return self.data.sft, None
+            return [(d["prompt_ids"], d["response_ids"]) for d in D], None
+        pairs = [(d["prompt_ids"], d["response_ids"], yp) for d, yp in zip(D, y_prime)]
+        if keeps_previous(self.cfg, method, t):
+            previous = self.stored_samples(method, t - 2)
+            self.log(f"[spin] SPIN's data recipe: the {len(previous)} pairs of iteration {t - 1}, then the "
+                     f"{len(y_prime)} of iteration {t}")
+            pairs = [(d["prompt_ids"], d["response_ids"], yp) for d, yp in zip(D, previous)] + pairs
+            w = torch.cat([torch.ones(len(previous)), w])
+        return pairs, w
+
+    def sft_what(self):
+        """What continual SFT trains on, for the log."""
+        cfg = self.cfg
+        return "pairs of D" if self.data.sft is None else f"records of {cfg['sft_data'] or cfg['data']}, all of them"
+
+    def reference(self, method, t, policy, pairs):
+        """log p_ref(y|x) and log p_ref(y'|x) of every pair, (N,) each, by METHODS[method].reference:
+          "theta_{t-1}"  the policy right now: every pair is scored once, then the policy moves. Kept beside the
+                         step checkpoints: a resumed update reads them back instead of scoring every pair again
+                         (they must come from theta_{t-1}: the policy is theta_{t-1} until dpo's loop loads a
+                         step checkpoint).
+          "theta_0"      (dpo) fixed for every iteration: computed at t = 1, when the policy is theta_0, and
+                         stored (dpo/ref_logps_theta0.json): a later iteration's policy cannot stand in for it."""
+        run, micro_batch_size, device = self.run, self.cfg["micro_batch_size"], self.device
+        if METHODS[method].reference == "theta_0":
+            if t > 1 and not os.path.exists(run.path(DPO_REFERENCE)):
+                raise UserError(f"{run.path(DPO_REFERENCE)} is missing: DPO's reference is theta_0, and only "
+                                f"iteration 1 can compute it; delete {run.path('dpo')} to rerun the DPO baseline "
+                                "from the start")
+
+            def compute():
+                chosen, rejected = dpo.reference_logps(policy, pairs, micro_batch_size, device)
+                return {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
+            ref = run.cached(DPO_REFERENCE, compute, inputs=[run.policy_path("", 0)])
+        else:
+            path = os.path.join(self.update_state(method, t), "ref_logps.json")
+            if os.path.exists(path):
+                self.log(f"[line 10] reference log-probs under theta_{{t-1}}: read back from {path}")
+                ref = read_json(path)
+            else:
+                self.log("[line 10] reference log-probs under theta_{t-1} (computed once, before the update)")
+                chosen, rejected = dpo.reference_logps(policy, pairs, micro_batch_size, device)
+                ref = {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
+                if fsdp.rank() == 0:
+                    write_json(path, ref)
+                fsdp.barrier()
+        return torch.tensor(ref["chosen"]), torch.tensor(ref["rejected"])
+
     def update_inputs(self, method, t):
         """What theta_t is trained from: theta_{t-1} and the files of its pairs (their own records name the
         guide, the samples' policy, ...). A theta_t whose inputs changed is trained again (resume)."""
+        row = METHODS[method]
         inputs = [self.run.policy_path(method, t - 1)]
         if keeps_previous(self.cfg, method, t):
-            # iteration t-1's pairs too (weighted_dpo)
-            inputs.append(self.run.path(self.samples_name(t - 2, method)))
-        if method in ("ldalign", "spin"):
-            inputs += [self.run.path(self.samples_name(t - 1, method)),
+            # iteration t-1's pairs too (pairs)
+            inputs.append(self.run.path(self.samples_name(method, t - 2)))
+        if row.pairs == "y > y'":
+            inputs += [self.run.path(self.samples_name(method, t - 1)),
                        self.run.path(method, f"iter{t}", "distances.jsonl")]
-        if method == "dpo":
+        if row.reference == "theta_0":
             inputs.append(self.run.path(DPO_REFERENCE))
         return inputs
 
@@ -234,7 +403,8 @@ class Stages:
         return self.partial
 
     def train_settings(self, method, t):
-        """The keyword arguments of dpo.dpo_train / dpo.sft_train shared by every method."""
+        """The keyword arguments of dpo.dpo_train / dpo.sft_train shared by every method, the step checkpoints
+        (checkpointer) among them."""
         cfg = self.cfg
 
         def log_step(r):
@@ -259,7 +429,7 @@ class Stages:
                     micro_batch_size=cfg["micro_batch_size"], device=self.device, optimizer=cfg["optimizer"],
                     warmup_ratio=cfg["warmup_ratio"], max_grad_norm=cfg["max_grad_norm"],
                     seed=cfg["seed"] + 1000 * t, log_every=1, log_fn=log_step, on_step=on_step,
-                    checkpoint=ckpt)
+                    checkpointer=ckpt)
 
     # ----------------------------------------------------------------------------------------------
     # Resume, evaluation and reports (Sections 5.1.3 and 5.2)
@@ -288,12 +458,12 @@ class Stages:
         run, data, cfg, device, rm = self.run, self.data, self.cfg, self.device, self.reward_model
         theta_0 = [run.policy_path("", 0)]
         if data.held_out:
-            ev = run.cached("iter0/eval.json", lambda: analysis.evaluate(self.policy(0), data, cfg, device, rm,
+            ev = run.cached("iter0/eval.json", lambda: analysis.evaluate(self.policy(None, 0), data, cfg, device, rm,
                                                                          self.log), inputs=theta_0)
             self.log(f"[iter 0] theta_0 held-out greedy exact match {ev['exact_match']} | "
                      f"mean reward {ev['reward']}")
         if cfg["agreement_n"] > 0:
-            agr = run.cached("guide/agreement.json", lambda: analysis.agreement(self.policy(0), guide, data, cfg,
+            agr = run.cached("guide/agreement.json", lambda: analysis.agreement(self.policy(None, 0), guide, data, cfg,
                                                                                 device, rm, self.log),
                              inputs=theta_0)
             self.log(f"[Section 5.2] ranking agreement, latent distance vs {agr['judge']} judge: {agr['agree']}/"
@@ -309,7 +479,7 @@ class Stages:
         ev = {"exact_match": None, "reward": None}
         if data.held_out:
             ev = run.cached(f"{it}/eval.json", lambda: analysis.evaluate(
-                self.policy(t, method), data, self.cfg, self.device, self.reward_model, self.log),
+                self.policy(method, t), data, self.cfg, self.device, self.reward_model, self.log),
                 inputs=[run.policy_path(method, t)])
         dist = run.path(it, "distances.json")
         S = read_json(dist)["S"] if t and os.path.exists(dist) else None
@@ -357,117 +527,23 @@ class Stages:
             self.log(f"{head}:\n{table}")
 
 
-# --------------------------------------------------------------------------------------------------
-# Algorithm 1, line 10, and the competitors of Section 5.1.4: method -> update of theta_{t-1} into theta_t.
-# Each function trains `policy` (theta_{t-1}) in place and returns its step log. The reference
-# log-probs are computed once, before the update (README errata 4).
-# --------------------------------------------------------------------------------------------------
-def weighted_dpo(stages, method, t, policy, y_prime, w):
-    """ldalign (w = s/S) and spin (w = 1): Eq. 4 on (x, y, y'), reference theta_{t-1}.
-
-    spin with --spin_keep_previous (SPIN's data recipe): from t = 2 on, iteration t-1's N pairs come first
-    (y' of theta_{t-2}, as stored), then this iteration's N, all 2N of weight 1 and reference theta_{t-1}."""
-    D = stages.data.D
-    pairs = [(d["prompt_ids"], d["response_ids"], yp) for d, yp in zip(D, y_prime)]
-    if keeps_previous(stages.cfg, method, t):
-        previous = stages.stored_samples(t - 2, method)
-        stages.log(f"[spin] SPIN's data recipe: the {len(previous)} pairs of iteration {t - 1}, then the "
-                   f"{len(y_prime)} of iteration {t}")
-        pairs = [(d["prompt_ids"], d["response_ids"], yp) for d, yp in zip(D, previous)] + pairs
-        w = torch.cat([torch.ones(len(previous)), w])
-    micro_batch_size = stages.cfg["micro_batch_size"]
-    # The reference is theta_{t-1}, the policy right now: every pair is scored once, then the policy moves.
-    # Kept beside the step checkpoints: a resumed update reads them back instead of scoring every pair again
-    # (they must come from theta_{t-1}: the policy is theta_{t-1} until dpo's loop loads a step checkpoint).
-    path = os.path.join(stages.update_state(method, t), "ref_logps.json")
-    if os.path.exists(path):
-        stages.log(f"[line 10] reference log-probs under theta_{{t-1}}: read back from {path}")
-        ref = read_json(path)
-    else:
-        stages.log("[line 10] reference log-probs under theta_{t-1} (computed once, before the update)")
-        chosen, rejected = dpo.reference_logps(policy, pairs, micro_batch_size, stages.device)
-        ref = {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
-        if fsdp.rank() == 0:
-            write_json(path, ref)
-        fsdp.barrier()
-    ref_chosen, ref_rejected = torch.tensor(ref["chosen"]), torch.tensor(ref["rejected"])
-    return _dpo(stages, method, t, policy, pairs, ref_chosen, ref_rejected, w)
-
-
-def dpo_baseline(stages, method, t, policy, y_prime, w):
-    """DPO on annotated pairs (--pref_data), weights 1, reference theta_0 fixed for every iteration.
-
-    theta_0's log-probs are computed at t = 1, when the policy is theta_0, and stored
-    (dpo/ref_logps_theta0.json): a later iteration's policy cannot stand in for it."""
-    run, pairs, name = stages.run, stages.data.pref, DPO_REFERENCE
-    if t > 1 and not os.path.exists(run.path(name)):
-        raise UserError(f"{run.path(name)} is missing: DPO's reference is theta_0, and only iteration 1 can "
-                        f"compute it; delete {run.path('dpo')} to rerun the DPO baseline from the start")
-
-    def compute():
-        chosen, rejected = dpo.reference_logps(policy, pairs, stages.cfg["micro_batch_size"], stages.device)
-        return {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
-    ref = run.cached(name, compute, inputs=[run.policy_path("", 0)])
-    ref_chosen, ref_rejected = torch.tensor(ref["chosen"]), torch.tensor(ref["rejected"])
-    return _dpo(stages, method, t, policy, pairs, ref_chosen, ref_rejected, torch.ones(len(pairs)))
-
-
-def _dpo(stages, method, t, policy, pairs, ref_chosen, ref_rejected, w):
-    cfg = stages.cfg
-    stages.log(f"[line 10] {'weighted ' if method == 'ldalign' else ''}DPO ({method}): {cfg['epochs']} epoch(s) "
-               f"over {len(pairs)} pairs")
-    return dpo.dpo_train(policy, pairs, ref_chosen, ref_rejected, w, beta=setting_at(cfg, "beta", t),
-                         **stages.train_settings(method, t))
-
-
-def continual_sft(stages, method, t, policy, y_prime, w):
-    """Continual SFT, log p(y|x): on the N pairs of D (--sft_data D: the same epochs and batch as the other
-    methods), or on all the records of --sft_data (the paper: all of UltraChat 200k, Section 5.1.4)."""
-    data, cfg = stages.data, stages.cfg
-    if data.sft is None:
-        pairs, what = [(d["prompt_ids"], d["response_ids"]) for d in data.D], "pairs of D"
-    else:
-        pairs, what = data.sft, f"records of {cfg['sft_data'] or cfg['data']}, all of them"
-    stages.log(f"[sft] continual SFT: {cfg['epochs']} epoch(s) over the {len(pairs)} {what}")
-    return dpo.sft_train(policy, pairs, **stages.train_settings(method, t))
-
-
-UPDATES = {"ldalign": weighted_dpo, "spin": weighted_dpo, "dpo": dpo_baseline, "sft": continual_sft}
-
-
-def keeps_previous(cfg, method, t):
-    """Does iteration t of `method` also train on iteration t-1's pairs (spin, --spin_keep_previous)?"""
-    return method == "spin" and cfg["spin_keep_previous"] and t > 1
-
-
-# The per-iteration settings. SPIN's scripts set the lr and beta per iteration (train.sh paper-baselines cites
-# them); a list per setting, rather than one option per method, because a method's settings are already its
-# own: each call on a run folder runs its methods at its --lr, --beta (rundir.UPDATE_KEYS binds them per method).
-def per_iteration(cfg, key):
-    """The values of --{key}_per_iter for iterations 1, 2, ... ([] when not given); ValueError if one is not a
-    number (parse_args checks them)."""
-    text = cfg[f"{key}_per_iter"]
-    return [float(v) for v in text.split(",")] if text else []
-
-
-def setting_at(cfg, key, t):
-    """--lr or --beta of iteration t: its --{key}_per_iter value when given, else the one value."""
-    values = per_iteration(cfg, key)
-    return values[t - 1] if values else cfg[key]
-
 
 # --------------------------------------------------------------------------------------------------
 # Policies and the per-pair files
 # --------------------------------------------------------------------------------------------------
 def load_policy(path, cfg, device):
-    """theta_t from its checkpoint; the run's own checkpoints verified (manifest) and in exact fp32."""
+    """theta_t from its checkpoint; the run's own checkpoints verified (manifest) and in exact fp32. --lora_r:
+    the adapters added before FSDP2 shards the model (lora.add), the frozen base in --lora_base_dtype."""
     if path != cfg["policy"]:
         verify(path)
+    r = cfg.get("lora_r", 0)
+    prepare = (lambda m: lora.add(m, cfg.get("lora_targets", ""), r)) if r else None
+    bf16_base = r and cfg.get("lora_base_dtype", "float32") == "bfloat16"
+    cast = (lambda m: lora.cast_base(m, torch.bfloat16)) if bf16_base else None
     return fsdp.load_policy(path, device, exact_fp32=path != cfg["policy"], grad_ckpt=cfg["grad_ckpt"],
                             compile=cfg["compile"], trust_remote_code=cfg["trust_remote_code"],
                             revision=cfg.get("policy_revision") or None if path == cfg["policy"] else None,
-                            lora_r=cfg.get("lora_r", 0), lora_targets=cfg.get("lora_targets", ""),
-                            lora_base_dtype=cfg.get("lora_base_dtype", "float32"))
+                            prepare=prepare, cast=cast)
 
 
 def toy_theta0(data, cfg, device, log):

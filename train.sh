@@ -79,7 +79,7 @@ case "$PRESET" in
     ;;
   eval)
     # lm-evaluation-harness on theta_0 and every theta_t of the run folder: RUN/table1.md (harness.py)
-    exec python harness.py "${1:-runs/paper}" "${@:2}"
+    exec python tools/harness.py "${1:-runs/paper}" "${@:2}"
     ;;
   seeds)
     # Seed s is a whole run of its own (theta_0, samples, guide, updates: every stage seeded by --seed s); then

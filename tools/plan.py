@@ -8,7 +8,7 @@ The policy's and the guide's config.json (a local folder's; for the paper preset
 shipped as data/zephyr-7b-sft-full.config.json and data/gpt2.config.json), the models built on the meta device,
 sharded by fsdp.parallelize (FSDP2 per decoder block and root, bf16 compute, fp32 master weights and gradient
 reduction) over a fake process group of --plan_world ranks, and each stage's own code (generate.generate,
-dpo.sequence_logps and dpo.ldalign_loss, the guide's forward and encode) run on fake tensors (FakeTensorMode:
+dpo.policy_logps and dpo.ldalign_loss, the guide's forward and encode) run on fake tensors (FakeTensorMode:
 shapes and dtypes, no memory) under PyTorch's FSDPMemTracker, as torchtitan's memory estimator does. The tracker
 counts every tensor alive on rank 0 (the largest shards) by kind: sharded and gathered weights, gradients,
 optimizer state, activations and temporaries, FSDP2's all-gather and reduce-scatter buffers.
@@ -21,15 +21,15 @@ optimizer state, activations and temporaries, FSDP2's all-gather and reduce-scat
                               (its final length; the longer prefill is an upper bound)
     guide training (line 4)   two steps of Eq. 2 at guide_batch_size / world rows of the guide's n_positions
     distances (line 8)        guide.encode of 2 x guide_batch_size rows, weights gathered (guide.distances)
-    reference log-probs       dpo.sequence_logps of 2 x micro_batch_size sequences of max_len, no grad
+    reference log-probs       dpo.policy_logps of 2 x micro_batch_size sequences of max_len, no grad
     update (line 10)          two optimizer steps: forward, Eq. 4, backward, clipping, step; the second over two
                               micro-batches, the first without gradient sync (FSDP2 then keeps unsharded fp32
-                              gradients until the step's last micro-batch), as dpo._train_loop does
+                              gradients until the step's last micro-batch), as dpo.train does
 Every sequence is at its cap and every micro-batch's shortest prompt is 1 token (logits at every position).
 Stages after line 4 hold the frozen guide's shard, and line 4 the policy's shard (stages.py holds one policy);
 those resident bytes are added from the shards the tracker counted.
 
-LoRA (--lora_r > 0): the policy is built as fsdp.load_policy builds it, lora.add with --lora_targets and --lora_r
+LoRA (--lora_r > 0): the policy is built as stages.load_policy builds it, lora.add with --lora_targets and --lora_r
 before FSDP2 shards it, the frozen base in --lora_base_dtype (lora.cast_base). The update runs with the adapters on
 (lora.begin): A and B alone are trained, in fp32 with their gradients and optimizer state (RMSprop 1x, AdamW 2x);
 the base is counted as weights, with no gradient. The update is tracked first (FSDP2 fixes each unit's gradient
@@ -75,8 +75,8 @@ import dpo
 import fsdp
 import generate
 import guide as guide_lib
-import lora
-from cli import UserError
+from run import lora
+from run.cli import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the public config.json of the paper and small presets' hub ids, shipped: the plan needs no download
@@ -253,7 +253,7 @@ def policy_train(model, *, batch, length, vocab, optimizer, beta=0.1, micro_batc
             mark("before_last_micro" if last else "before_micro")
             model.set_requires_gradient_sync(sync)
             ids = _ids(2 * batch, length, vocab)
-            logps = dpo.sequence_logps(model, ids, torch.ones_like(ids), ids, start=1)  # (2B,)
+            logps = dpo.policy_logps(model, ids, torch.ones_like(ids), ids, start=1)  # (2B,)
             mark("after_forward")
             ref, w = torch.zeros(batch), torch.ones(batch)
             losses, _, _ = dpo.ldalign_loss(logps[:batch], logps[batch:], ref, ref, w, beta)
@@ -298,7 +298,7 @@ def policy_reference(model, *, batch, length, vocab):
     def run(mark):
         with torch.no_grad():
             ids = _ids(2 * batch, length, vocab)
-            dpo.sequence_logps(model, ids, torch.ones_like(ids), ids, start=1)
+            dpo.policy_logps(model, ids, torch.ones_like(ids), ids, start=1)
         fsdp.reshard_all(model)
     return track(model, [run])
 
@@ -366,7 +366,7 @@ def measure(cfg, world):
     n_micro = math.ceil(local / mb)
     width = generate.static_width(cfg["max_prompt_len"]) if cfg["gen_static"] else cfg["max_prompt_len"]
     glen = gconf.n_positions
-    # LoRA (--lora_r): the adapters of fsdp.load_policy, on in the update only (lora.begin)
+    # LoRA (--lora_r): the adapters of stages.load_policy, on in the update only (lora.begin)
     r = cfg["lora_r"]
     base_dtype = getattr(torch, cfg["lora_base_dtype"]) if r else torch.float32
     # one process with a bf16 base: no FSDP2, hence none of its gathered bf16 copies (one_gpu_bf16_base)

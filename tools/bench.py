@@ -36,11 +36,13 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-import dpo
-import fsdp
-import generate
-from cli import read_overrides
-from rundir import write_atomic
+if __package__ in (None, ""):  # run as a file (python tools/X.py): the repository root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dpo  # noqa: E402 (after the path)
+import fsdp  # noqa: E402
+import generate  # noqa: E402
+from run.cli import read_overrides  # noqa: E402
+from run.rundir import write_atomic  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # Defaults. Every key can be overridden as --key value (or --key=value; a bare --flag means true).
@@ -476,7 +478,7 @@ def time_dpo_update(setup, policy, pairs, ref_chosen, ref_rejected, tokens_per_p
     mfu = 6 * n_params * tokens_per_s / peak_flops if peak_flops else None
     non_embedding = n_params - cfg["vocab"] * cfg["hidden"]
     mfu_nonembedding = 6 * non_embedding * tokens_per_s / peak_flops if peak_flops else None
-    # share of the 6N FLOPs per token that is not run: dpo.sequence_logps skips the lm_head on the
+    # share of the 6N FLOPs per token that is not run: dpo.policy_logps skips the lm_head on the
     # prompt positions (all but the last) of every sequence
     head_skipped = cfg["vocab"] * cfg["hidden"] * (prompt - 1) / (n_params * (prompt + response))
     return dict(prompt=prompt, response=response, batch=batch, micro_batch=micro_batch,
@@ -643,7 +645,7 @@ def markdown(record):
                 f"{update['optimizer']}, activation checkpointing {update['grad_ckpt']}, compiled "
                 f"blocks {record['config']['compile']}. MFU = 6 x parameters x tokens/s / peak "
                 f"bf16 FLOP/s; that count includes the lm_head on prompt positions, which "
-                f"`dpo.sequence_logps` skips ({update['head_skipped_frac']:.1%} of it here), the "
+                f"`dpo.policy_logps` skips ({update['head_skipped_frac']:.1%} of it here), the "
                 f"input embedding (a lookup: {fmt(update['mfu_nonembedding'], '.1%')} MFU without "
                 f"it), and leaves out attention's own FLOPs.", "",
                 "| stage | tokens/s per GPU | MFU | peak GiB |", "|---|---|---|---|"]

@@ -1,7 +1,7 @@
 """LoRA (Hu et al. 2021) for the update of Algorithm 1, line 10: theta_t = theta_{t-1} + scaling * B @ A per
 targeted projection, only A and B trained, theta_t saved merged.
 
-    lora.add(model, targets, r)        # at load (fsdp.load_policy, before FSDP2): every targeted nn.Linear gets
+    lora.add(model, targets, r)        # at load (stages.load_policy, before FSDP2): every targeted nn.Linear gets
                                        # an (inactive) adapter; every parameter of the model is frozen
     lora.begin(model, alpha, seed)     # the update starts (Stages.update): A seeded, B = 0, adapters on
     ... train ...                      # dpo's loop: the optimizer sees A and B only (requires_grad)
@@ -66,7 +66,7 @@ def add(model, targets, r):
     """Wrap every nn.Linear whose attribute name is in `targets` ("q_proj,v_proj,...") into a LoRALinear of rank r
     (A and B of their final shapes, zero; FSDP2 shards them as they are) and freeze every parameter of `model`:
     only A and B are ever trained. A target that names no nn.Linear of the model is a user error."""
-    from cli import UserError
+    from run.cli import UserError
     names = [t.strip() for t in targets.split(",") if t.strip()]
     for p in model.parameters():
         p.requires_grad_(False)

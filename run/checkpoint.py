@@ -1,14 +1,16 @@
 """Step checkpoints and SIGTERM: a pre-empted update goes on from its last saved optimizer step, not its start.
 
-torchtitan's CheckpointManager, for the update of one iteration (Algorithm 1, line 10):
+torchtitan's CheckpointManager, for the update of one iteration (Algorithm 1, line 10). The stage makes it and
+hands it to dpo's loop (stages.Stages.update), which calls load() before the loop and save() inside it:
 
     ckpt = StepCheckpoint(folder, every, log, what)    # folder: the stage's <name>.partial/ (rundir.RunDir.partial)
-    start, history = ckpt.load(model, opt)             # before the loop: (0, []) when there is nothing to resume
     with stop_at_boundaries():                         # SIGTERM now sets a flag instead of killing the process
-        for step in range(start, total):
-            ...                                        # one optimizer step
-            ckpt.after_step(model, opt, step + 1, total, history)   # saves every `every` steps, and at once
-                                                                    # when SIGTERM came (then exits, status 143)
+        dpo.dpo_train(..., checkpointer=ckpt)          # inside:
+            start, history = ckpt.load(model, opt)     #   before the loop: (0, []) when there is nothing to resume
+            for step in range(start, total):
+                ...                                    #   one optimizer step
+                ckpt.save(model, opt, step + 1, total, history)   # writes every `every` steps, and at once
+                                                                  # when SIGTERM came (then exits, status 143)
 
 A step checkpoint is a folder step{k}/ in torch.distributed.checkpoint's sharded format: every rank writes its own
 shards of the fp32 weights and of the optimizer state (FSDP2 DTensors; in one process, whole tensors); the tests
@@ -35,8 +37,8 @@ import torch
 import torch.distributed as dist
 
 import fsdp
-from cli import UserError
-from rundir import _remove, atomic_path, read_json, verify, write_json
+from run.cli import UserError
+from run.rundir import _remove, atomic_path, read_json, verify, write_json
 
 # Exit status of a run stopped by SIGTERM at a boundary, its work saved: 128 + 15, what a shell reports for a
 # process killed by SIGTERM (the run is not finished: `ldalign.py ... && next` does not go on).
@@ -138,16 +140,17 @@ class StepCheckpoint:
         self.log(f"[resume] {self.what}: from the step checkpoint of step {meta['step']}/{meta['total']} ({path})")
         return meta["step"], meta["history"]
 
-    def after_step(self, model, opt, step, total, history):
-        """After optimizer step `step` of `total`: save when `every` divides it (not after the last one: theta_t
-        is saved then), or when SIGTERM came; after SIGTERM exit (stop)."""
+    def save(self, model, opt, step, total, history):
+        """After optimizer step `step` of `total` (dpo.train calls it after every step): write a step checkpoint
+        when `every` divides the step (not after the last one: theta_t is saved then), or when SIGTERM came;
+        after SIGTERM exit (stop)."""
         stopping = stop_requested()
         if stopping or self.every and step % self.every == 0 and step < total:
-            self.save(model, opt, step, total, history)
+            self.write(model, opt, step, total, history)
         if stopping:
             stop(self.log, f"at step {step}/{total} of {self.what}; step checkpoint saved")
 
-    def save(self, model, opt, step, total, history):
+    def write(self, model, opt, step, total, history):
         """step{step}/ written by every rank into step{step}.tmp, renamed by rank 0 once all have written; then
         the older step checkpoints are removed."""
         from safetensors.torch import save_file

@@ -2,9 +2,9 @@
 
 Every stage of a run writes its result under --out; a rerun (after a kill, a crash, or to add a method)
 reads back what is stored and computes only the rest. How the run folder does that lives here; which stage
-writes which file lives in stages.py.
+writes which file lives in stages.py, and docs/reproduce.md lists the files.
 
-    run = RunDir(cfg)                   # out/config.json, out/log.txt; run.log prints once (rank 0)
+    run = RunDir(cfg, stages.METHODS)   # out/config.json, out/log.txt; run.log prints once (rank 0)
     run.check_settings(methods)         # out/settings.json: a rerun with other settings stops, naming them
     x = run.cached(name, compute, save, load, inputs)   # stored -> read back; else compute, write, barrier
     run.stored(name, inputs)            # is it stored, from these inputs? (a stale one is removed)
@@ -20,10 +20,9 @@ import json
 import os
 import shutil
 
-import cli
 import fsdp
-import lora
-from cli import UserError
+from run import cli, lora
+from run.cli import UserError
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,20 +223,21 @@ SHARED_KEYS = ("data", "max_examples", "overlength", "seed", "policy", "max_len"
                "eval_data", "max_eval", "reward_model", "judge", "agreement_n",  # every eval.json, agreement.json
                "policy_revision", "guide_revision", "reward_model_revision",
                "lora_base_dtype")  # the policy every stage computes with
-METHODS = ("ldalign", "spin", "dpo", "sft")  # Algorithm 1 and the competitors of Section 5.1.4: one folder each
-# <method>/iter*/: each method its own (a later call may run dpo at its lr). The data a method's stages read
-# is bound by any of them; the update's settings only by a saved theta_t (an update that stopped at a NaN
-# binds nothing, and may be rerun at a lower --lr or --beta).
+# Each method (Algorithm 1 and the competitors of Section 5.1.4: stages.METHODS) has its folder <method>/ and its
+# section of settings.json (a later call may run dpo at its lr). The data a method's stages read is bound by any of
+# them; the update's settings only by a saved theta_t (an update that stopped at a NaN binds nothing, and may be
+# rerun at a lower --lr or --beta); the settings one method alone reads (its row's `binds`), in its section only.
 METHOD_DATA_KEYS = ("reuse_line2_samples", "pref_data")
 UPDATE_KEYS = ("beta", "lr", "optimizer", "warmup_ratio", "max_grad_norm", "epochs", "batch_size", "lr_per_iter",
                "beta_per_iter", "lora_r", "lora_alpha", "lora_targets")
-# settings that one method alone reads, bound in its section only (the pairs spin and sft train on)
-METHOD_OWN_KEYS = {"spin": ("spin_keep_previous",), "sft": ("sft_data",)}
 
 
 class RunDir:
-    def __init__(self, cfg):
+    def __init__(self, cfg, methods):
+        """cfg: the settings; methods: {name: its row} (stages.METHODS), each row's `binds` the settings that
+        method alone reads."""
         self.cfg, self.out = cfg, cfg["out"]
+        self.own_keys = {m: tuple(row.binds) for m, row in methods.items()}
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise UserError(f"--out {self.out} is a file; the run folder must be a folder (new or of an earlier run)")
         try:
@@ -323,12 +323,12 @@ class RunDir:
     def bind(self, name):
         """Record in settings.json what the stage `name` (about to be stored) depends on: the toy tokenizer,
         --data; any other stage, the shared settings, and a method's stage (<method>/...) that method's data
-        settings too (and its own: METHOD_OWN_KEYS); its theta_t (<method>/iter{t}/policy), also that method's
+        settings too (and its own: its row's `binds`); its theta_t (<method>/iter{t}/policy), also that method's
         update settings."""
-        method = name.split("/")[0] if name.split("/")[0] in METHODS else None
+        method = name.split("/")[0] if name.split("/")[0] in self.own_keys else None
         keys = {"shared": ("data",) if name == "tokenizer" else SHARED_KEYS}
         if method:
-            keys[method] = METHOD_DATA_KEYS + METHOD_OWN_KEYS.get(method, ()) + (
+            keys[method] = METHOD_DATA_KEYS + self.own_keys[method] + (
                 UPDATE_KEYS if name.endswith("/policy") else ())
         path = self.path("settings.json")
         had = read_json(path) if os.path.exists(path) else {}

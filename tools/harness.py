@@ -21,8 +21,10 @@ import json
 import os
 import sys
 
-from cli import UserError, report_errors
-from rundir import METHODS, first_unsaved, policy_path, read_json, write_atomic
+if __package__ in (None, ""):  # run as a file (python tools/X.py): the repository root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from run.cli import UserError, report_errors  # noqa: E402 (after the path)
+from run.rundir import first_unsaved, policy_path, read_json, write_atomic  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # Table 1's columns: the settings that reproduce its Zephyr-sft (theta_0) row, column by column
@@ -72,6 +74,7 @@ TABLE1 = [("TruthfulQA", "truthfulqa_mc2", 0, "acc,none"),
 
 def models_of(run):
     """(label, checkpoint folder) of theta_0 and of every saved theta_t of every method in the run folder."""
+    from stages import METHODS
     cfg = read_json(os.path.join(run, "config.json"))
     return [("SFT (theta_0)", policy_path(run, cfg, "", 0))] + [
         (f"{m} {t}", policy_path(run, cfg, m, t)) for m in METHODS for t in range(1, first_unsaved(run, cfg, m))]

@@ -1,8 +1,10 @@
-"""The command line of ldalign.py, bench.py and harness.py: --key value options, and user errors as one line.
+"""The command line of ldalign.py and the tools: --key value options, --help, and user errors as one line.
 
     cfg = dict(DEFAULTS, **read_overrides(argv, DEFAULTS, help_text))   # --key value, typed like the default
+    help_text = __doc__ + defaults_help(__file__)   # --help: the commented DEFAULTS block of a script
     report_errors(main)        # a UserError or SystemExit("...") -> "error: ..." on one line, exit status 2
 """
+import ast
 import os
 import sys
 
@@ -76,3 +78,20 @@ def read_overrides(argv, defaults, help_text):
             except ValueError:
                 raise SystemExit(f"--{k} takes a {type(d).__name__}, got {v!r}") from None
     return raw
+
+
+def defaults_help(path, name="DEFAULTS"):
+    """The source of the assignment `name = ...` in the Python file `path`, with the comment lines right above it
+    and every comment inside it: what --help prints, each default beside the comment that explains it. The
+    assignment is found by Python's parser (ast), not by searching the text, so any edit of a comment or a
+    default keeps it whole."""
+    with open(path) as f:
+        src = f.read()
+    for node in ast.parse(src).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            lines = src.splitlines()
+            first = node.lineno - 1
+            while first > 0 and lines[first - 1].lstrip().startswith("#"):
+                first -= 1
+            return "\n".join(lines[first:node.end_lineno])
+    raise ValueError(f"{path} has no assignment to {name}")

@@ -101,17 +101,12 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import analysis
-import checkpoint
-import cli
 import dataset
 import dpo
 import fsdp
 import generate as generate_module
 import guide as guide_lib
 import ldalign
-import lora
-import plan
-import rundir
 import stages
 from conftest import (
     G_EOS,
@@ -187,6 +182,8 @@ from generate import (
     sample_responses,
 )
 from guide import GuideModel, collate_guide, eval_guide, latent_distances, load_guide, save_guide
+from run import checkpoint, cli, lora, options, rundir
+from tools import plan
 
 
 # ====================================================================================================
@@ -197,7 +194,9 @@ def test_sequence_logps_equals_minus_cross_entropy_on_response_only():
     prompts = [[1, 5, 6, 7], [1, 9]]
     responses = [[10, 11, 2], [12, 13, 14, 15, 2]]
     ids, mask, labels = dpo.collate(prompts, responses, pad_id=0)
-    got = dpo.sequence_logps(model, ids, mask, labels)
+    got = dpo.policy_logps(model, ids, mask, labels)
+    # the pure function of (logits, labels) that policy_logps calls, on the model's logits of every position
+    torch.testing.assert_close(dpo.sequence_logps(model(ids, attention_mask=mask).logits, labels), got)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         seq = torch.tensor([p + r])
         logits = model(seq).logits[0]  # (T, V), unpadded
@@ -221,14 +220,14 @@ def test_sequence_logps_skips_shared_prompt_columns(name):
     ids, mask, labels = dpo.collate(prompts, responses, pad_id=0)  # (2, 8): T = 8, shortest prompt 3
     seen = []
     model.lm_head.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[1]))
-    full = dpo.sequence_logps(model, ids, mask, labels)
-    skip = dpo.sequence_logps(model, ids, mask, labels, start=3)
+    full = dpo.policy_logps(model, ids, mask, labels)
+    skip = dpo.policy_logps(model, ids, mask, labels, start=3)
     assert seen == [8, 6]  # positions 2 .. 7
     torch.testing.assert_close(skip, full, rtol=1e-6, atol=1e-6)
-    assert not torch.allclose(dpo.sequence_logps(model, ids, mask, labels, start=4), full)
+    assert not torch.allclose(dpo.policy_logps(model, ids, mask, labels, start=4), full)
     seen.clear()
     torch.testing.assert_close(torch.cat(dpo.pair_logps(model, [(prompts[0], responses[0], responses[1])],
-                                                        torch.device("cpu"))), dpo.sequence_logps(
+                                                        torch.device("cpu"))), dpo.policy_logps(
         model, *dpo.collate([prompts[0]] * 2, responses, pad_id=0)), rtol=1e-6, atol=1e-6)
     assert seen[0] == 9 - 4 + 1  # pair_logps: T = 9, prompt 4 -> positions 3 .. 8
 
@@ -513,16 +512,16 @@ def test_train_loop_stops_on_a_nonfinite_gradient_with_a_finite_loss():
         w = model.lm_head.weight
         return torch.sqrt((w - w.detach()).abs().sum()), torch.zeros(0)
     with pytest.raises(FloatingPointError, match="loss is 0.0 at step 1/.*gradient norm nan"):
-        dpo._train_loop(model, 4, loss_fn, device=torch.device("cpu"), lr=1e-3, epochs=1, batch_size=4,
-                        micro_batch_size=4, optimizer="adamw", warmup_ratio=0.1, max_grad_norm=1.0, seed=0,
-                        log_every=1, log_fn=None, stats_names=[])
+        dpo.train(model, 4, loss_fn, device=torch.device("cpu"), lr=1e-3, epochs=1, batch_size=4,
+                  micro_batch_size=4, optimizer="adamw", warmup_ratio=0.1, max_grad_norm=1.0, seed=0,
+                  log_every=1, log_fn=None, stats_names=[])
 
 
 def test_bf16_autocast_training_sees_updated_weights(monkeypatch):
     """The GPU path of one process (fp32 weights, bf16 autocast), run on the CPU. Autocast caches the bf16 copy
     of each weight until its `with` block exits: a block around the optimizer steps would run every forward on
     the weights of before the first step, so training would barely move. fsdp.autocast wraps each forward only,
-    and _train_loop drops the cache after each step: training under a caller's outer block equals training
+    and dpo.train_step drops the cache after each step: training under a caller's outer block equals training
     without one, and the loss falls."""
     monkeypatch.setattr(fsdp, "autocast", lambda device, model=None: torch.autocast("cpu", dtype=torch.bfloat16))
     losses, weights = _train_under_outer_autocast(torch.device("cpu"), outer=False)
@@ -939,8 +938,8 @@ def test_baseline_recipe_settings_are_checked_and_bound_per_method(tmp_path, cap
             ldalign.parse_args(argv)
         assert msg in str(e.value.code), (argv, e.value.code)
     cfg = ldalign.parse_args(["--lr_per_iter", "5e-7,5e-7,1e-7,1e-7", "--beta", "0.2"])
-    assert [stages.setting_at(cfg, "lr", t) for t in (1, 2, 3)] == [5e-7, 5e-7, 1e-7]
-    assert stages.setting_at(cfg, "beta", 3) == 0.2  # no --beta_per_iter: --beta in every iteration
+    assert [options.setting_at(cfg, "lr", t) for t in (1, 2, 3)] == [5e-7, 5e-7, 1e-7]
+    assert options.setting_at(cfg, "beta", 3) == 0.2  # no --beta_per_iter: --beta in every iteration
     toy, paper = ldalign.parse_args([]), ldalign.parse_args(["--preset", "paper"])
     assert (toy["spin_keep_previous"], toy["sft_data"]) == (False, "D")
     assert (paper["spin_keep_previous"], paper["sft_data"]) == (True, "")
@@ -953,7 +952,7 @@ def test_baseline_recipe_settings_are_checked_and_bound_per_method(tmp_path, cap
     assert err.startswith(f"error: {sft}:2: 'messages' must be a list starting with a user and an assistant"), err
     assert not os.path.exists(out / "tokenizer")  # read before the toy tokenizer is trained
 
-    run = rundir.RunDir(dict(paper, out=str(tmp_path / "bind")))
+    run = rundir.RunDir(dict(paper, out=str(tmp_path / "bind")), stages.METHODS)
     for name in ("spin/iter1/policy", "sft/iter1/policy", "ldalign/iter1/policy"):
         run.bind(name)
     sections = json.load(open(run.path("settings.json")))
@@ -982,7 +981,7 @@ def test_paper_baselines_recipe_fills_every_row_of_table_1(paper_inputs, one_pro
     Then harness.py lists theta_0 and every theta_t of the four methods, and a rerun trains nothing."""
     from transformers import AutoTokenizer
 
-    import harness
+    from tools import harness
     out = str(tmp_path / "run")
     shutil.copytree(one_process_run[0], out)
     # the fixture's run has dpo at its own lr: removed (dpo/ and its settings), the recipe's DPO runs afresh
@@ -2170,7 +2169,7 @@ def test_toy_template_renders_a_system_turn(tmp_path):
     rec = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "sort: 3 1"},
                         {"role": "assistant", "content": "1 3"}]}
     path.write_text(json.dumps(rec) + "\n" + GOOD + "\n")
-    run = rundir.RunDir(dict(ldalign.DEFAULTS, out=str(tmp_path / "run")))
+    run = rundir.RunDir(dict(ldalign.DEFAULTS, out=str(tmp_path / "run")), stages.METHODS)
     cfg = dict(run.cfg, data=str(path), eval_data="", max_examples=0)
     data = dataset.load(cfg, run)
     sys_id = data.tok.convert_tokens_to_ids("<|system|>")
@@ -2291,7 +2290,7 @@ def test_a_resume_with_other_settings_or_data_stops(tmp_path):
     cfg = dict(ldalign.DEFAULTS, out=str(tmp_path))
     p = str(tmp_path / "settings.json")
     def run(**kw):
-        return rundir.RunDir(dict(cfg, **kw))
+        return rundir.RunDir(dict(cfg, **kw), stages.METHODS)
     run().check_settings(["ldalign"])
     run(seed=1, lr=2e-7).check_settings(["ldalign"])  # nothing stored yet: nothing bound
     run().bind("ldalign/iter1/policy")  # a stage of ldalign stored: the shared and ldalign's settings are bound
@@ -2381,7 +2380,7 @@ def test_a_kill_while_a_stale_stage_is_rewritten_never_leaves_the_old_result_rec
     """stages.json never says a result was computed from inputs it was not computed from: a stage recomputed
     because its input changed, killed while its new result is written, is computed again by the rerun (the old
     result is not read back as the new one)."""
-    run = rundir.RunDir(dict(ldalign.DEFAULTS, out=str(tmp_path / "run")))
+    run = rundir.RunDir(dict(ldalign.DEFAULTS, out=str(tmp_path / "run")), stages.METHODS)
     src = tmp_path / "input.txt"
     src.write_text("old")
     assert run.cached("r.json", lambda: {"from": "old"}, inputs=[str(src)]) == {"from": "old"}
@@ -2629,11 +2628,11 @@ def test_dpo_baseline_missing_reference_is_a_one_line_user_error(tmp_path, capsy
     """The DPO baseline's reference (theta_0's log-probs) can only be computed in iteration 1: later iterations
     without its file stop with one line naming it, exit status 2, also in log.txt."""
     monkeypatch.setattr(cli, "_LOG", [])
-    run = rundir.RunDir(dict(ldalign.DEFAULTS, out=str(tmp_path / "run")))
-    fake = SimpleNamespace(run=run, data=SimpleNamespace(pref=[]), cfg=run.cfg)
+    run = rundir.RunDir(dict(ldalign.DEFAULTS, out=str(tmp_path / "run")), stages.METHODS)
+    fake = SimpleNamespace(run=run, cfg=run.cfg, device=torch.device("cpu"))
 
     def main(argv):
-        stages.dpo_baseline(fake, "dpo", 2, None, None, None)
+        stages.Stages.reference(fake, "dpo", 2, None, [])
     with pytest.raises(SystemExit) as e:
         cli.report_errors(main, [])
     err = capsys.readouterr().err
@@ -2649,7 +2648,7 @@ def test_an_empty_or_half_written_lock_is_taken_over(tmp_path):
     out.mkdir()
     for text in ("", '{"pid": 12'):
         (out / "lock.json").write_text(text)
-        rundir.RunDir(dict(ldalign.DEFAULTS, out=str(out)))
+        rundir.RunDir(dict(ldalign.DEFAULTS, out=str(out)), stages.METHODS)
         assert json.loads((out / "lock.json").read_text())["pid"] == os.getpid()
         os.remove(out / "lock.json")
 
@@ -2658,7 +2657,7 @@ def test_a_run_folder_without_its_manifest_is_an_error(tmp_path):
     """A folder the run wrote itself (theta_t, the toy's sft/, guide/, tokenizer/) carries a manifest.json; without
     it its weights cannot be verified, and reading it stops, naming it. theta_0 given with --policy has none and
     loads as it is."""
-    run = rundir.RunDir(dict(ldalign.DEFAULTS, out=str(tmp_path / "run")))
+    run = rundir.RunDir(dict(ldalign.DEFAULTS, out=str(tmp_path / "run")), stages.METHODS)
     model = tiny_llama()
     ckpt = run.path("ldalign", "iter1", "policy")
     with rundir.atomic_path(ckpt) as tmp:
@@ -2682,8 +2681,8 @@ def test_a_run_folder_without_its_manifest_is_an_error(tmp_path):
 
 
 def test_no_pickle_checkpoints_and_no_remote_code_by_default():
-    for name in ("ldalign.py", "stages.py", "dpo.py", "guide.py", "generate.py", "dataset.py", "rundir.py", "fsdp.py",
-                 "analysis.py", "checkpoint.py"):
+    for name in ("ldalign.py", "stages.py", "dpo.py", "guide.py", "generate.py", "dataset.py", "run/rundir.py",
+                 "fsdp.py", "analysis.py", "run/checkpoint.py", "run/lora.py"):
         src = open(os.path.join(HERE, name)).read()
         assert "torch.load(" not in src or "weights_only=True" in src
         assert "trust_remote_code=True" not in src
@@ -2719,9 +2718,11 @@ def _update_in_steps(folder, every=2, stop_after=0, term_after=0, optimizer="ada
         if step == term_after and fsdp.rank() == fsdp.world() - 1:
             os.kill(os.getpid(), signal.SIGTERM)
     ckpt = checkpoint.StepCheckpoint(folder, every, lambda m: None, "the test update") if folder else None
-    hist = dpo.dpo_train(model, pairs, ref_c, ref_r, torch.linspace(0.5, 1.5, 13), beta=0.5, lr=1e-2, epochs=2,
-                         batch_size=4, micro_batch_size=2, device=cpu, optimizer=optimizer, seed=3, on_step=on_step,
-                         checkpoint=ckpt)
+    # as Stages.update runs it: SIGTERM stops at the next step boundary, its step checkpoint written
+    with checkpoint.stop_at_boundaries():
+        hist = dpo.dpo_train(model, pairs, ref_c, ref_r, torch.linspace(0.5, 1.5, 13), beta=0.5, lr=1e-2, epochs=2,
+                             batch_size=4, micro_batch_size=2, device=cpu, optimizer=optimizer, seed=3,
+                             on_step=on_step, checkpointer=ckpt)
     sd = fsdp.full_state_dict(model) if fsdp.is_fsdp(model) else model.state_dict()
     return {k: v.clone() for k, v in sd.items()}, hist
 
@@ -2773,8 +2774,9 @@ def test_two_processes_resume_an_update_from_its_step_checkpoint(tmp_path):
 
 
 def test_sampling_resumes_at_the_first_unfinished_batch(tmp_path):
-    """sample_dataset writes each finished batch to `parts`; killed after its 2nd batch, or stopped by SIGTERM after
-    the 3rd, a rerun reads them back, samples only the others, and returns the tokens of an uninterrupted run."""
+    """Stages.sample_in_batches writes each finished batch of sample_dataset to `parts`; killed after its 2nd batch,
+    or stopped by SIGTERM after the 3rd, a rerun reads them back, samples only the others, and returns the tokens of
+    an uninterrupted run."""
     import signal
     prompts = gen_prompts([3, 9, 5, 1, 7, 4, 8, 2, 6, 6, 3, 9, 5], seed=4)  # 4 batches of 4, the last short
     model, cpu = gen_llama(), torch.device("cpu")
@@ -2783,8 +2785,11 @@ def test_sampling_resumes_at_the_first_unfinished_batch(tmp_path):
         want = generate_module.sample_dataset(model, prompts, SAMPLE_TOK, cfg, 3, cpu)
 
         def sample(after_batch=None):
-            return generate_module.sample_dataset(model, prompts, SAMPLE_TOK, cfg, 3, cpu, parts=parts,
-                                                  after_batch=after_batch)
+            # the stage's kill hook after its n-th batch (run.kill_point("<name>/batch<n>")) calls after_batch(n)
+            hook = SimpleNamespace(kill_point=lambda at: after_batch and after_batch(int(at.rsplit("batch", 1)[1])))
+            fake = SimpleNamespace(cfg=cfg, data=SimpleNamespace(tok=SAMPLE_TOK), device=cpu, log=lambda m: None,
+                                   run=hook)
+            return stages.Stages.sample_in_batches(fake, model, prompts, 3, parts, "samples", "y'")
 
         def kill_after(k):
             def hook(n):
@@ -2889,7 +2894,7 @@ def test_ranking_agreement_edges():
 # ----------------------------------------------------------------------------------------------------
 def test_table1_avg_is_the_papers_mean_relative_improvement():
     """Table 1's AVG column, from the paper's own rows: SPIN 4.56%, LD-Align 2 6.00% over Zephyr-sft."""
-    import harness
+    from tools import harness
     cols = [c for c, _, _, _ in harness.TABLE1]
     rows = {"SFT (theta_0)": [43.7, 82.1, 62.1, 55.7, 30.8, 44.4, 63.5],
             "spin 1": [48.7, 81.7, 65.1, 60.4, 33.6, 45.4, 61.2],
@@ -2904,7 +2909,7 @@ def test_table1_avg_is_the_papers_mean_relative_improvement():
 # ----------------------------------------------------------------------------------------------------
 def test_harness_tasks_name_columns_of_table_1_or_spell_them_out():
     """--tasks: table1, a few of its columns by name (the small preset's eval), or COLUMN=TASK:FEWSHOT:KEY;..."""
-    import harness
+    from tools import harness
     assert harness.parse_tasks("table1") == harness.TABLE1
     assert [c for c, _, _, _ in harness.parse_tasks("TruthfulQA,PIQA,ARC")] == ["TruthfulQA", "PIQA", "ARC"]
     assert harness.parse_tasks("ARC") == [r for r in harness.TABLE1 if r[0] == "ARC"]
@@ -2924,7 +2929,7 @@ def test_harness_records_lm_eval_version_settings_and_passes_template_and_revisi
     import lm_eval.models.huggingface as hf
     import lm_eval.tasks
 
-    import harness
+    from tools import harness
     seen = []
 
     class FakeLM:
@@ -3007,7 +3012,7 @@ def test_config_json_records_each_models_revision_and_the_versions(tmp_path, mon
     (rm / "config.json").write_text('{"a": 2}')
     assert rundir.model_revision(str(rm)) != first
     cfg = ldalign.parse_args(["--out", str(tmp_path / "run"), "--reward_model", str(rm)])
-    rundir.RunDir(cfg)
+    rundir.RunDir(cfg, stages.METHODS)
     prov = json.load(open(tmp_path / "run" / "config.json"))["provenance"]
     assert prov["revisions"] == {"policy": "tiny", "guide": "tiny", "reward_model": rundir.model_revision(str(rm))}
     assert prov["versions"] == {"torch": metadata.version("torch"), "transformers": transformers.__version__,
@@ -3261,8 +3266,9 @@ def test_reward_scores_truncates_to_max_length():
 def _bench_run(tmp_path, launcher, extra=()):
     out = tmp_path / "b.json"
     env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run(launcher + [os.path.join(HERE, "bench.py"), "--size", "tiny", "--out", str(out), *extra],
-                       cwd=HERE, env=env, timeout=400, capture_output=True, text=True)
+    bench = os.path.join(HERE, "tools", "bench.py")
+    p = subprocess.run(launcher + [bench, "--size", "tiny", "--out", str(out), *extra], cwd=HERE, env=env,
+                       timeout=400, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert not os.path.exists(str(out) + ".tmp")  # written atomically
     md = (tmp_path / "b.md").read_text()  # the same numbers as Markdown tables, for the README
@@ -3425,7 +3431,7 @@ def _plan_real_step_worker(rank, results):
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logps = dpo.sequence_logps(model, ids, torch.ones_like(ids), ids, start=1)
+        logps = dpo.policy_logps(model, ids, torch.ones_like(ids), ids, start=1)
     ones, zeros = torch.ones(PLAN_PAIRS), torch.zeros(PLAN_PAIRS)
     dpo.ldalign_loss(logps[:PLAN_PAIRS], logps[PLAN_PAIRS:], zeros, zeros, ones, 0.1)[0].sum().backward()
 
@@ -3489,7 +3495,7 @@ def test_plan_with_lora_counts_what_a_real_step_with_adapters_holds(tmp_path, ca
     lora.begin(real, r, 0)
     opt = dpo.make_optimizer(real, "rmsprop", 1e-3)
     ids = torch.randint(3, PLAN_LLAMA["vocab_size"], (2 * PLAN_PAIRS, PLAN_LEN))
-    logps = dpo.sequence_logps(real, ids, torch.ones_like(ids), ids, start=1)
+    logps = dpo.policy_logps(real, ids, torch.ones_like(ids), ids, start=1)
     ones, zeros = torch.ones(PLAN_PAIRS), torch.zeros(PLAN_PAIRS)
     dpo.ldalign_loss(logps[:PLAN_PAIRS], logps[PLAN_PAIRS:], zeros, zeros, ones, 0.1)[0].sum().backward()
     grads = sum(p.grad.numel() * p.grad.element_size() for p in real.parameters() if p.grad is not None)

@@ -298,9 +298,10 @@ def dpo_train(model, pairs, ref_chosen, ref_rejected, weights, *, beta, lr, epoc
                              ((rc - rr) * v).sum()])
         return losses.sum(), stats
 
-    return train(model, len(pairs), loss_fn, device=device, lr=lr, epochs=epochs, batch_size=batch_size,
-                 micro_batch_size=micro_batch_size, optimizer=optimizer, warmup_ratio=warmup_ratio,
-                 max_grad_norm=max_grad_norm, seed=seed, log_every=log_every, log_fn=log_fn,
+    return train(model, len(pairs), loss_fn, device=device, lr=lr, epochs=epochs,
+                 batch_size=batch_size, micro_batch_size=micro_batch_size, optimizer=optimizer,
+                 warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, seed=seed,
+                 log_every=log_every, log_fn=log_fn,
                  stats_names=["reward_chosen", "reward_rejected", "reward_acc", "reward_margin"],
                  on_step=on_step, checkpointer=checkpointer)
 
@@ -323,19 +324,20 @@ def sft_train(model, examples, *, lr, epochs, batch_size, micro_batch_size, devi
         nll = -(logp / n_tok) * v  # (b,) per-token NLL of each real example
         return nll.sum(), torch.zeros(0)
 
-    return train(model, len(examples), loss_fn, device=device, lr=lr, epochs=epochs, batch_size=batch_size,
-                 micro_batch_size=micro_batch_size, optimizer=optimizer, warmup_ratio=warmup_ratio,
-                 max_grad_norm=max_grad_norm, seed=seed, log_every=log_every, log_fn=log_fn, stats_names=[],
-                 max_steps=max_steps, on_step=on_step, checkpointer=checkpointer)
+    return train(model, len(examples), loss_fn, device=device, lr=lr, epochs=epochs,
+                 batch_size=batch_size, micro_batch_size=micro_batch_size, optimizer=optimizer,
+                 warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, seed=seed,
+                 log_every=log_every, log_fn=log_fn, stats_names=[], max_steps=max_steps,
+                 on_step=on_step, checkpointer=checkpointer)
 
 
 # ----------------------------------------------------------------------------------------------------
-# The loop shared by dpo_train and sft_train (torchtitan's shape: the checkpointer's load() before it,
-# its save() inside it), and one optimizer step.
+# The loop shared by dpo_train and sft_train (torchtitan's shape: the checkpointer's load()
+# before it, its save() inside it), and one optimizer step.
 # ----------------------------------------------------------------------------------------------------
-def train(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micro_batch_size, optimizer,
-          warmup_ratio, max_grad_norm, seed, log_every, log_fn, stats_names, max_steps=0, on_step=None,
-          checkpointer=None):
+def train(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micro_batch_size,
+          optimizer, warmup_ratio, max_grad_norm, seed, log_every, log_fn, stats_names,
+          max_steps=0, on_step=None, checkpointer=None):
     """loss_fn(idx, valid) -> (sum of per-item losses over the real items of this micro-batch, stats
     tensor summed the same way). Returns the step log, one dict per optimizer step. on_step(step,
     steps), if given, is called after each optimizer step.
@@ -355,7 +357,8 @@ def train(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micro_batc
     """
     batches = global_batches(n_items, batch_size, epochs, seed, fsdp.world())
     if max_steps:
-        batches = batches[:max_steps]  # stop after max_steps optimizer steps (the schedule ends there)
+        # stop after max_steps optimizer steps (the schedule ends there)
+        batches = batches[:max_steps]
     total = len(batches)
     warmup = max(1, int(warmup_ratio * total))
     opt = make_optimizer(model, optimizer, lr)
@@ -364,9 +367,9 @@ def train(model, n_items, loss_fn, *, device, lr, epochs, batch_size, micro_batc
     start, history = checkpointer.load(model, opt) if checkpointer else (0, [])
     t0 = time.time()
     for step in range(start, total):
-        rec = train_step(model, opt, batches[step], loss_fn, step, total, device=device, lr=lr, warmup=warmup,
-                         micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm,
-                         stats_names=stats_names)
+        rec = train_step(model, opt, batches[step], loss_fn, step, total, device=device, lr=lr,
+                         warmup=warmup, micro_batch_size=micro_batch_size,
+                         max_grad_norm=max_grad_norm, stats_names=stats_names)
         history.append(rec)
         if log_fn and (step % log_every == 0 or step + 1 == total):
             el = time.time() - t0

@@ -7,7 +7,7 @@
     python ldalign.py --preset small --data train_sft.parquet   # Qwen2.5-0.5B-Instruct, 1 GPU
     python ldalign.py --preset paper --lora_r 64 --lora_base_dtype bfloat16 ...  # the 7B, 1 GPU
     python ldalign.py --out runs/x --T 5             # any default below, overridden as --key value
-    python ldalign.py --preset paper --plan          # each stage's peak memory per GPU, before any compute
+    python ldalign.py --preset paper --plan          # each stage's peak memory per GPU, no compute
 
 Each stage writes its result under --out and a rerun reads back what is stored (kill it and start it
 again: it goes on from the last finished stage). stages.py says which stage writes which file:
@@ -68,7 +68,7 @@ DEFAULTS = dict(
     max_eval=200,             # held-out prompts scored per iteration
     # prompt / response longer than the limits: "error" (file:line) or "skip" (listed)
     overlength="error",
-    seed=0,
+    seed=0,                   # every stage seeds its own randomness from it (--seed + t, ...)
     # theta_0, the policy: "tiny" = SFT a tiny Llama on D from scratch, else an HF causal LM path/id
     policy="tiny",
     max_len=64,               # prompt + response tokens
@@ -87,6 +87,7 @@ DEFAULTS = dict(
     reuse_line2_samples=True,  # iteration 1 samples from theta_0 like lines 1-3: reuse those
     # guide T = (phi, psi) (Section 4.1): "tiny" = tiny GPT-2s from config, else a GPT-2 path/id
     guide="tiny", latent_dim=32,
+    # the guide's Eq. 2 training (Algorithm 1, line 4): AdamW, warmup, cosine decay, global batch
     guide_epochs=3, guide_lr=1e-3, guide_batch_size=32,
     # the LD-Align update (Algorithm 1, line 10, Eq. 4)
     T=3,                      # iterations; the paper reports LD-Align 0, 1, 2
@@ -100,7 +101,8 @@ DEFAULTS = dict(
     # for dpo: JSONL with prompt, chosen, rejected (UltraFeedback binarized)
     pref_data="data/sort_pairs.jsonl",
     measure_S=True,           # dpo / sft: also sample y' and compute S (a diagnostic only)
-    # The competing methods as the paper ran them (Section 5.1.4; README, "Table 1's rows"):
+    # The competing methods as the paper ran them (Section 5.1.4; docs/reproduce.md, "Table 1's
+    # rows"):
     # spin: iteration t >= 2 trains on the pairs of iterations t-1 and t (2N), all with the
     # reference theta_{t-1}, as SPIN's scripts do; false: this iteration's N pairs (equal budget)
     spin_keep_previous=False,
@@ -110,6 +112,8 @@ DEFAULTS = dict(
     # sft: "D" = continual SFT on the N pairs of D (equal budget), else on all the records of this
     # file ("" = all of --data; the paper: all of UltraChat 200k, Section 5.1.1)
     sft_data="D",
+    # the temperature of Eq. 4: the paper states 0.1 for its DPO baseline (Section 5.1.4) and none
+    # for LD-Align; 0.1 is also SPIN's (this project's choice)
     beta=0.1,
     # On the toy task AdamW at 1e-5 keeps held-out accuracy within the noise of theta_0; 3e-5 and
     # above, or RMSprop at 1e-5, lower it (DPO pushes down the likelihood of y and y' alike and the
@@ -117,6 +121,8 @@ DEFAULTS = dict(
     # at lr 3e-5..1e-4 it no longer lowers a weaker theta_0, nor, over 5 seeds, raises it
     # (RESULTS.md, "A weaker theta_0"). The paper preset keeps SPIN's RMSprop at 5e-7.
     lr=1e-5, optimizer="adamw", warmup_ratio=0.1, max_grad_norm=1.0,
+    # epochs per iteration; the global batch of pairs per optimizer step (split between processes);
+    # the pairs per forward on each process (batch_size / processes / micro_batch_size accumulated)
     epochs=2, batch_size=32, micro_batch_size=32,
     # LoRA (lora.py): 0 = full fine-tuning; r > 0 trains rank-r adapters on --lora_targets (A
     # orthogonal, B = 0), every other weight frozen; theta_t is saved merged (fp32), its adapters
@@ -134,7 +140,7 @@ DEFAULTS = dict(
     save_steps=50,
     grad_ckpt=False,          # activation checkpointing of the policy (saves memory on 7B)
     compile=False,            # torch.compile each transformer block of the policy: faster steps
-    log_every=10,
+    log_every=10,             # a line in log.txt every log_every optimizer steps (and the last)
     # also write every step's loss, rewards, margin, lr and grad norm and every iteration's S, exact
     # match, reward and loss to out/tensorboard/<method>/ (needs `pip install tensorboard`)
     tensorboard=False,
@@ -149,11 +155,11 @@ DEFAULTS = dict(
     # every from_pretrained of that model ("" = the hub's default branch). Hub ids only: a local
     # folder is read as it is. config.json records the commit each model resolved to.
     policy_revision="", guide_revision="", reward_model_revision="",
-    # --plan: print each stage's peak memory per GPU (plan.py: config.json only, fake tensors, no GPU,
-    # no data, no run folder) for --plan_world GPUs of --plan_gpu_gb GiB, then exit
+    # --plan: print each stage's peak memory per GPU (tools/plan.py: config.json only, fake
+    # tensors, no GPU, no data, no run folder) for --plan_world GPUs of --plan_gpu_gb GiB, then exit
     plan=False, plan_world=8, plan_gpu_gb=80.0,
-    # the plan's step-checkpoint estimate: bf16 dense TFLOP/s per GPU (312: A100; 989: H100 SXM), the
-    # assumed MFU of the update, the write bandwidth to --out in GB/s (all ranks together)
+    # the plan's step-checkpoint estimate: bf16 dense TFLOP/s per GPU (312: A100; 989: H100
+    # SXM), the assumed MFU of the update, the write bandwidth to --out in GB/s (all ranks together)
     plan_tflops=312.0, plan_mfu=0.4, plan_disk_gbps=1.0,
 )
 
@@ -171,7 +177,7 @@ PAPER = dict(
     # 64 / 8 GPUs = 8 pairs per rank: one micro-batch per step. With several (2: four per step)
     # FSDP2 keeps the step's fp32 gradients unsharded until its last micro-batch, 27 GiB per GPU
     # (7.24B x 4 bytes): the update peaks at 37.6 GiB, over 8 x 40 GB; at 8, with activation
-    # checkpointing, at 17.7 GiB, and sampling (26.6 GiB) is the largest stage (README, "Memory
+    # checkpointing, at 17.7 GiB, and sampling (26.6 GiB) is the largest stage (docs/reproduce.md, "Memory
     # plan"). On 4 GPUs (16 pairs per rank) 8 gives two micro-batches: 51.6 GiB per GPU.
     micro_batch_size=8,
     grad_ckpt=True, log_every=10, pref_data="data/ultrafeedback_binarized.jsonl",
@@ -189,7 +195,7 @@ PAPER = dict(
 PRESETS = {
     "tiny": {},
     "paper": PAPER,
-    # One GPU of 24 GB (README, "One GPU"): Qwen2.5-0.5B-Instruct (0.49B, Qwen2 architecture, a
+    # One GPU of 24 GB (docs/reproduce.md, "One GPU"): Qwen2.5-0.5B-Instruct (0.49B, Qwen2 architecture, a
     # chat template with a system turn; widely used, Apache-2.0) fully fine-tuned from theta_0, the
     # GPT-2 guide, the first 2,000 UltraChat 200k records, three iterations. The paper's beta,
     # epochs, lengths (1024: prompt 512, 256 new tokens), RMSprop, guide lr and epochs. Differs:
@@ -208,8 +214,9 @@ PRESETS = {
 
 
 def parse_args(argv):
-    """nanoGPT-style: DEFAULTS, then the preset, then --key value pairs (typed like the default); then every
-    setting checked (run/options.py), before anything runs. --help prints this file's docstring and DEFAULTS."""
+    """nanoGPT-style: DEFAULTS, then the preset, then --key value pairs (typed like the
+    default); then every setting checked (run/options.py), before anything runs. --help prints
+    this file's docstring and DEFAULTS with their comments."""
     help_text = __doc__ + "\n" + cli.defaults_help(__file__)
     pairs = cli.read_overrides(argv, DEFAULTS, help_text)
     preset = pairs.get("preset", DEFAULTS["preset"])
@@ -251,7 +258,8 @@ def main(argv=None):
     guide = stages.guide(y0)
     stages.theta0_reports(guide)  # theta_0 on held-out prompts; Section 5.2 (2)
 
-    for method in methods:  # ldalign, or a competitor (Section 5.1.4), from the same theta_0 and guide
+    # ldalign, or a competitor (Section 5.1.4), from the same theta_0 and guide
+    for method in methods:
         t_first = stages.resume(method)
         # ------------------------------------------------------------------------------------------
         # Algorithm 1, line 5: for t = 1..T

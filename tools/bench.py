@@ -616,7 +616,7 @@ def print_tables(record):
 
 
 def markdown(record):
-    """The measured tables as Markdown: what goes into the README, with the GPU and the software
+    """The measured tables as Markdown: what goes into docs/reproduce.md, with the GPU and the software
     versions."""
     env, model = record["env"], record["model"]
     out = [f"Measured on {env['device']} ({env['world']} process(es), FSDP2 {env['fsdp']}), "
@@ -672,7 +672,7 @@ def write_outputs(record, path):
     write_atomic(path, json.dumps(record, indent=2))
     md_path = os.path.splitext(path)[0] + ".md"
     write_atomic(md_path, markdown(record))
-    log(f"\nwrote {path} and {md_path} (the tables in Markdown, for the README)")
+    log(f"\nwrote {path} and {md_path} (the tables in Markdown, for docs/reproduce.md)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ case "$PRESET" in
     ARGS=(--preset tiny --out "runs/compare" --method "ldalign,spin,dpo,sft")
     ;;
   eval)
-    # lm-evaluation-harness on theta_0 and every theta_t of the run folder: RUN/table1.md (harness.py)
+    # lm-evaluation-harness on theta_0 and every theta_t of the run folder: RUN/table1.md (tools/harness.py)
     exec python tools/harness.py "${1:-runs/paper}" "${@:2}"
     ;;
   seeds)

@@ -1,13 +1,13 @@
 """Speed of the two hot loops of LD-Align on one GPU, and what they imply for the paper's setting.
 
     # CUDA: a ~1.1B Llama in bf16; CPU: a tiny one (< 1 min)
-    python bench.py
+    python tools/bench.py
     # the same, the policy wrapped with FSDP2 (fsdp.parallelize)
-    torchrun --nproc_per_node=1 bench.py
+    torchrun --nproc_per_node=1 tools/bench.py
     # any default below can be overridden as --key value (on the CPU's tiny size add --dpo_batch 8)
-    python bench.py --grad_ckpt true --micro_batch 8
+    python tools/bench.py --grad_ckpt true --micro_batch 8
     # compiled blocks for the DPO update; two samplers
-    python bench.py --compile true --samplers hf,compile
+    python tools/bench.py --compile true --samplers hf,compile
 
 Measures, on a Llama built from a config with random weights (nothing is downloaded):
   1. the sampler (Algorithm 1, lines 2 and 7): generate.generate with a DynamicCache, with a
@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a file (python tools/X.py): the reposito
 import dpo  # noqa: E402 (after the path)
 import fsdp  # noqa: E402
 import generate  # noqa: E402
-from run.cli import read_overrides  # noqa: E402
+from run.cli import defaults_help, read_overrides  # noqa: E402
 from run.rundir import write_atomic  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
@@ -123,9 +123,7 @@ SAMPLERS = {"dynamic": "generate.py, DynamicCache",
 def parse_args(argv):
     """DEFAULTS, overridden by --key value; the 0 / "" ones then taken from --size; checked."""
     # --help prints the module docstring and the DEFAULTS block above, comments included
-    with open(os.path.abspath(__file__)) as f:
-        source = f.read()
-    help_text = __doc__ + "\n" + source[source.index("DEFAULTS = dict("):source.index("SIZES = {")]
+    help_text = __doc__ + "\n" + defaults_help(__file__)
     cfg = dict(DEFAULTS, **read_overrides(argv, DEFAULTS, help_text))
     cfg["size"] = cfg["size"] or ("1b" if torch.cuda.is_available() else "tiny")
     if cfg["size"] not in SIZES:

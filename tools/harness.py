@@ -1,9 +1,9 @@
 """The paper's Table 1 (Section 5.1.3) with lm-evaluation-harness, on every policy of a run folder.
 
-    bash train.sh eval runs/paper          # = python harness.py runs/paper: theta_0 and every theta_t of every method
-    python harness.py runs/paper --limit 100                  # the first 100 examples of each task (a quick look)
-    python harness.py runs/paper --chat_template true         # prompts through the tokenizer's chat template
-    python harness.py RUN --tasks "Sort=toy_sort:0:exact_match,none" --include_path DIR   # your own task YAMLs
+    bash train.sh eval runs/paper   # = python tools/harness.py runs/paper: theta_0 and every theta_t of every method
+    python tools/harness.py runs/paper --limit 100            # the first 100 examples of each task (a quick look)
+    python tools/harness.py runs/paper --chat_template true   # prompts through the tokenizer's chat template
+    python tools/harness.py RUN --tasks "Sort=toy_sort:0:exact_match,none" --include_path DIR   # your own YAMLs
 
 Writes RUN/table1.md (lm-eval's version and each column's task, shots, metric and template, then the paper's
 layout: a row per model, a column per benchmark, AVG = the mean relative improvement over the SFT model theta_0, as
@@ -167,7 +167,7 @@ OPTIONS = ("--tasks", "--include_path", "--limit", "--batch_size", "--chat_templ
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
-        raise UserError("usage: python harness.py RUN_FOLDER [--tasks table1] [--include_path DIR] [--limit N] "
+        raise UserError("usage: python tools/harness.py RUN_FOLDER [--tasks table1] [--include_path DIR] [--limit N] "
                         "[--batch_size B] [--chat_template false]")
     run, opts = argv[0], dict(zip(argv[1::2], argv[2::2]))
     unknown = set(opts) - set(OPTIONS)

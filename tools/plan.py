@@ -78,7 +78,8 @@ import guide as guide_lib
 from run import lora
 from run.cli import UserError
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+# the repository root (this file is in tools/)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the public config.json of the paper and small presets' hub ids, shipped: the plan needs no download
 HUB_CONFIGS = {"alignment-handbook/zephyr-7b-sft-full": "data/zephyr-7b-sft-full.config.json",
                "Qwen/Qwen2.5-0.5B-Instruct": "data/Qwen2.5-0.5B-Instruct.config.json",
@@ -114,7 +115,7 @@ def read_config(cfg, option):
     if os.path.isdir(name):
         path = os.path.join(name, "config.json")
     elif name in HUB_CONFIGS:
-        path = os.path.join(HERE, HUB_CONFIGS[name])
+        path = os.path.join(ROOT, HUB_CONFIGS[name])
     else:
         raise UserError(f"--{option} {name}: --plan reads a local folder's config.json (or, for "
                         f"{', '.join(HUB_CONFIGS)}, the copy in data/): give the folder")

@@ -124,6 +124,12 @@ DEFAULTS = dict(
     # epochs per iteration; the global batch of pairs per optimizer step (split between processes);
     # the pairs per forward on each process (batch_size / processes / micro_batch_size accumulated)
     epochs=2, batch_size=32, micro_batch_size=32,
+    # Several micro-batches per step under torchrun (FSDP2): false (FSDP2's default) reduce-scatters
+    # each micro-batch's gradients, so a GPU keeps only its 1/world shard of them; true reduce-
+    # scatters once per step (one collective per step, not per micro-batch) but keeps every fp32
+    # gradient unsharded until the step's last micro-batch: 4 bytes per parameter per GPU (27 GiB
+    # for a 7B). --plan shows both.
+    defer_grad_sync=False,
     # LoRA (lora.py): 0 = full fine-tuning; r > 0 trains rank-r adapters on --lora_targets (A
     # orthogonal, B = 0), every other weight frozen; theta_t is saved merged (fp32), its adapters
     # beside (policy/adapter/, peft's layout). Each iteration's adapters start fresh on theta_{t-1}.

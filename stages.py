@@ -429,7 +429,7 @@ class Stages:
                     micro_batch_size=cfg["micro_batch_size"], device=self.device, optimizer=cfg["optimizer"],
                     warmup_ratio=cfg["warmup_ratio"], max_grad_norm=cfg["max_grad_norm"],
                     seed=cfg["seed"] + 1000 * t, log_every=1, log_fn=log_step, on_step=on_step,
-                    checkpointer=ckpt)
+                    checkpointer=ckpt, defer_grad_sync=cfg["defer_grad_sync"])
 
     # ----------------------------------------------------------------------------------------------
     # Resume, evaluation and reports (Sections 5.1.3 and 5.2)

@@ -23,8 +23,10 @@ optimizer state, activations and temporaries, FSDP2's all-gather and reduce-scat
     distances (line 8)        guide.encode of 2 x guide_batch_size rows, weights gathered (guide.distances)
     reference log-probs       dpo.policy_logps of 2 x micro_batch_size sequences of max_len, no grad
     update (line 10)          two optimizer steps: forward, Eq. 4, backward, clipping, step; the second over two
-                              micro-batches, the first without gradient sync (FSDP2 then keeps unsharded fp32
-                              gradients until the step's last micro-batch), as dpo.train does
+                              micro-batches when a step has several, each reduce-scattered as its backward
+                              ends (FSDP2's default), or with --defer_grad_sync only the last (FSDP2 then
+                              keeps every unsharded fp32 gradient until it), as dpo.train does; the other
+                              mode is tracked too, for comparison
 Every sequence is at its cap and every micro-batch's shortest prompt is 1 token (logits at every position).
 Stages after line 4 hold the frozen guide's shard, and line 4 the policy's shard (stages.py holds one policy);
 those resident bytes are added from the shards the tracker counted.
@@ -60,7 +62,10 @@ plan at the batch you choose.
 
 The step checkpoint (--save_steps) is each rank's fp32 weight (LoRA: adapter) and optimizer-state shards; its save
 time is the total over --plan_disk_gbps, the step time 6 x parameters x tokens per step (8 with activation
-checkpointing) over world x --plan_tflops x --plan_mfu.
+checkpointing) over world x --plan_tflops x --plan_mfu: every sequence at max_len, so an upper bound when real
+pairs are shorter (then saving costs a larger share, printed for a step twice as fast too). The steps per
+iteration count the pairs each method of --method trains on (spin with --spin_keep_previous: 2N from
+iteration 2).
 """
 import contextlib
 import json
@@ -239,11 +244,13 @@ def _ids(batch, length, vocab):
 # --------------------------------------------------------------------------------------------------
 # The stages, each one function of (model, settings) run under the tracker
 # --------------------------------------------------------------------------------------------------
-def policy_train(model, *, batch, length, vocab, optimizer, beta=0.1, micro_batches=2, max_grad_norm=1.0):
+def policy_train(model, *, batch, length, vocab, optimizer, beta=0.1, micro_batches=2, max_grad_norm=1.0,
+                 defer_grad_sync=False):
     """Algorithm 1, line 10 on `model`: two optimizer steps of Eq. 4 on micro-batches of `batch` pairs (2 x batch
-    sequences of `length`), the second over two micro-batches when a step has several (gradient sync on the
-    last only: the first leaves FSDP2's unsharded gradients). Returns track()'s record; its marks:
-    after_forward (the activations kept for backward), after_backward, after_step."""
+    sequences of `length`), the second over two micro-batches when a step has several, as dpo.train_step runs
+    them: each micro-batch's gradients reduce-scattered as its backward ends (FSDP2's default), or with
+    defer_grad_sync only the last one's (the first then leaves FSDP2's unsharded fp32 gradients). Returns
+    track()'s record; its marks: after_forward (the activations kept for backward), after_backward, after_step."""
     opt = dpo.make_optimizer(model, optimizer, 1e-6)
     model.train()
 
@@ -268,7 +275,7 @@ def policy_train(model, *, batch, length, vocab, optimizer, beta=0.1, micro_batc
         return run
 
     # the first step makes the optimizer state; the second accumulates over two micro-batches
-    second = [micro(True, True)] if micro_batches == 1 else [micro(False, False), micro(True, True)]
+    second = [micro(True, True)] if micro_batches == 1 else [micro(not defer_grad_sync, False), micro(True, True)]
     record = track(model, [micro(True, True)] + second, opt)
     # FSDP2's fp32 gradients kept unsharded between micro-batches are filed by the tracker as temporaries:
     # the plan counts them as gradients (they do not grow with the micro-batch)
@@ -377,12 +384,19 @@ def measure(cfg, world):
         return sharded(lambda: AutoModelForCausalLM.from_config(pconf), grad_ckpt=grad_ckpt, lora_r=r,
                        lora_targets=cfg["lora_targets"], base_dtype=base_dtype)
 
-    def update(model):
+    def update(model, defer=cfg["defer_grad_sync"]):
         if r:
             lora.begin(model, cfg["lora_alpha"] or r, cfg["seed"])
         record = policy_train(model, batch=mb, length=cfg["max_len"], vocab=pconf.vocab_size,
-                              optimizer=cfg["optimizer"], beta=cfg["beta"], micro_batches=n_micro)
+                              optimizer=cfg["optimizer"], beta=cfg["beta"], micro_batches=n_micro,
+                              defer_grad_sync=defer)
         return one_gpu_bf16_base(record, model, train=True) if bf16_base else record
+
+    def updates(model):
+        # the settings' update; with several micro-batches per step the other gradient-sync mode too
+        rows["update"] = update(model)
+        if n_micro > 1:
+            rows["update_sync_other"] = update(model, not cfg["defer_grad_sync"])
     rows = {}
     with fake_world(world):
         policy = policy_model(cfg["grad_ckpt"])
@@ -395,13 +409,13 @@ def measure(cfg, world):
                 # with LoRA the update goes first: FSDP2 fixes each unit's gradient dtype at its first forward
                 # from the parameters trainable then (fp32 adapters; a bf16 base alone would give bf16
                 # gradients); then merged and off for sampling and the reference log-probs, as in the run
-                rows["update"] = update(policy)
+                updates(policy)
                 lora.merge(policy)
             rows["sample"] = policy_sample(policy, batch=cfg["gen_batch_size"], width=width,
                                            new_tokens=cfg["max_new_tokens"], static=cfg["gen_static"])
             rows["reference"] = policy_reference(policy, batch=mb, length=cfg["max_len"], vocab=pconf.vocab_size)
             if not r:
-                rows["update"] = update(policy)
+                updates(policy)
             if bf16_base:
                 for k in ("sample", "reference"):
                     rows[k] = one_gpu_bf16_base(rows[k], policy, train=False)
@@ -453,20 +467,28 @@ def report(cfg, m, world, gpu_gb):
     rows, usable = m["rows"], gpu_gb * (1 - FRAGMENTATION) - RESERVE_GIB
     ckpt = "on" if cfg["grad_ckpt"] else "off"
     resident_guide, resident_policy = m["guide_shard"], m["policy_shard"]
-    # (stage, tracked record, the other model's shard held meanwhile)
+    # with several micro-batches per step: the settings' gradient-sync mode, in the update's name
+    sync = {False: "per-micro sync", True: "deferred sync"}
+    mode = f", {sync[cfg['defer_grad_sync']]}" if "update_sync_other" in rows else ""
+    # (stage, tracked record, the other model's shard held meanwhile, a stage of these settings (False: shown
+    # for comparison: the other activation-checkpointing setting, the other gradient-sync mode))
     table = [
-        (f"sample y' (lines 2, 7), batch {cfg['gen_batch_size']}", rows["sample"], resident_guide),
-        (f"guide training (line 4), {cfg['guide_batch_size'] // world} rows", rows["guide"], resident_policy),
-        (f"distances (line 8), {2 * cfg['guide_batch_size']} rows", rows["distances"], resident_policy),
-        (f"reference log-probs, {2 * m['micro']} seqs", rows["reference"], resident_guide),
-        (f"update (line 10), AC {ckpt}", rows["update"], resident_guide),
-        (f"update (line 10), AC {'off' if cfg['grad_ckpt'] else 'on'}", rows["update_other"], resident_guide),
+        (f"sample y' (lines 2, 7), batch {cfg['gen_batch_size']}", rows["sample"], resident_guide, True),
+        (f"guide training (line 4), {cfg['guide_batch_size'] // world} rows", rows["guide"], resident_policy, True),
+        (f"distances (line 8), {2 * cfg['guide_batch_size']} rows", rows["distances"], resident_policy, True),
+        (f"reference log-probs, {2 * m['micro']} seqs", rows["reference"], resident_guide, True),
+        (f"update (line 10), AC {ckpt}{mode}", rows["update"], resident_guide, True),
+        (f"update (line 10), AC {'off' if cfg['grad_ckpt'] else 'on'}{mode}", rows["update_other"], resident_guide,
+         False),
     ]
+    if "update_sync_other" in rows:
+        table.append((f"update (line 10), AC {ckpt}, {sync[not cfg['defer_grad_sync']]}", rows["update_sync_other"],
+                      resident_guide, False))
     # sft: micro_batch_size sequences where the update has 2 x micro_batch_size
     half = rows["update"]["activations"] / 2
     table.append((f"sft baseline, AC {ckpt} (scaled)",
-                  dict(rows["update"], activations=half, peak=rows["update"]["peak"] - half), resident_guide))
-    peaks = {name: r["peak"] + resident for name, r, resident in table}
+                  dict(rows["update"], activations=half, peak=rows["update"]["peak"] - half), resident_guide, True))
+    peaks = {name: r["peak"] + resident for name, r, resident, _ in table}
     unit = "GiB" if max(peaks.values()) >= GiB else "MiB"
     lines = [f"Memory plan: preset {cfg['preset']}, policy {cfg['policy']} ({_count(m['n_params'])} parameters), "
              f"guide {cfg['guide']}; {world} GPUs x {gpu_gb:g} GiB, usable {usable:.1f} GiB "
@@ -483,7 +505,7 @@ def report(cfg, m, world, gpu_gb):
               f"| {'stage':42s} | weights | grads | optimizer | act./KV | resident | peak/GPU {unit} | fits? |",
               f"|{'-' * 44}|---------|-------|-----------|---------|----------|--------------|-------|"]
     fits = {}
-    for name, r, resident in table:
+    for name, r, resident, _ in table:
         fits[name] = peaks[name] / GiB <= usable
         lines.append(f"| {name:42s} | {_in(r['weights'], unit):>7s} | {_in(r['grads'], unit):>5s} | "
                      f"{_in(r['optimizer'], unit):>9s} | {_in(r['activations'], unit):>7s} | "
@@ -495,10 +517,11 @@ def report(cfg, m, world, gpu_gb):
                    + (" (one GPU with a bf16 base: none gathered)" if world == 1 and
                       cfg["lora_base_dtype"] == "bfloat16" else ""))
     lines.append(f"({unit} per GPU, rank 0. weights: {weights}; grads: shards + the fp32 "
-                 "gradients kept unsharded between micro-batches; act./KV: activations, temporaries, KV cache; "
-                 "resident: the guide's shard after line 4, the policy's during line 4)")
-    # the settings' stages (the other checkpointing setting's row is for comparison)
-    used = [name for name, _, _ in table if "AC" not in name or f"AC {ckpt}" in name]
+                 "gradients kept unsharded between micro-batches (deferred sync); act./KV: activations, "
+                 "temporaries, KV cache; resident: the guide's shard after line 4, the policy's during line 4; "
+                 "the other AC setting and sync mode for comparison)")
+    # the settings' stages (the rows for comparison left out)
+    used = [name for name, _, _, ours in table if ours]
     ok = all(fits[name] for name in used)
     worst = max(used, key=peaks.get)
     lines += ["", f"Verdict: {'FITS' if ok else 'DOES NOT FIT'} on {world} x {gpu_gb:g} GiB "
@@ -521,27 +544,51 @@ def _largest(record, batch, resident, usable, cap, accumulated=None):
 def largest_batches(cfg, m, usable):
     """--micro_batch_size (update and reference log-probs, both checkpointing settings) and --gen_batch_size."""
     rows, local, guide = m["rows"], m["local"], m["guide_shard"]
-    # a step of several micro-batches keeps every trainable parameter's fp32 gradient unsharded
+    defer = cfg["defer_grad_sync"]
+    # a step of several micro-batches with deferred sync keeps every trainable parameter's fp32 gradient unsharded
     full_grads = max(rows["update"].get("accumulated", 0), rows["update_other"].get("accumulated", 0)) or \
         m["trainable"] * 4
 
     def accumulated(b):
-        return full_grads if math.ceil(local / b) > 1 else 0
+        return full_grads if defer and math.ceil(local / b) > 1 else 0
     on, off = (rows["update"], rows["update_other"]) if cfg["grad_ckpt"] else (rows["update_other"], rows["update"])
     ref = _largest(rows["reference"], m["micro"], guide, usable, local)
     mb_on = min(_largest(on, m["micro"], guide, usable, local, accumulated), ref)
     mb_off = min(_largest(off, m["micro"], guide, usable, local, accumulated), ref)
     gen = _largest(rows["sample"], cfg["gen_batch_size"], guide, usable, 4096)
+    grads = ("several micro-batches per step keep every fp32 gradient unsharded (--defer_grad_sync true)" if defer
+             else "each micro-batch's gradients reduce-scattered as it ends")
     return [f"Largest that fit (activations and KV linear in the batch; up to batch_size / world = {local} "
-            f"pairs per rank, one micro-batch per step, where no unsharded gradients are kept): "
+            f"pairs per rank, {grads}): "
             f"--micro_batch_size {mb_on} with --grad_ckpt true, {mb_off} with --grad_ckpt false; "
             f"--gen_batch_size {gen} (0: none fits; now --micro_batch_size {cfg['micro_batch_size']}, "
             f"--grad_ckpt {str(cfg['grad_ckpt']).lower()}, --gen_batch_size {cfg['gen_batch_size']})"]
 
 
+def steps_per_iteration(cfg):
+    """{method: (optimizer steps of iteration 1, of the iterations after it)} as each method of --method trains:
+    N pairs (--max_examples; dpo: as many of --pref_data), spin with --spin_keep_previous 2N from iteration 2 on
+    (the previous iteration's pairs too). None where the plan cannot know it without the data: --max_examples 0
+    (all of --data), or sft on every record of a file (--sft_data other than D)."""
+    n, batch, epochs = cfg["max_examples"], cfg["batch_size"], cfg["epochs"]
+
+    def steps(pairs):
+        return math.ceil(pairs / batch) * epochs if pairs else None
+    out = {}
+    for method in cfg["method"].split(","):
+        if method == "sft" and cfg["sft_data"] != "D":
+            out[method] = (None, None)
+        elif method == "spin" and cfg["spin_keep_previous"]:
+            out[method] = (steps(n), steps(2 * n))
+        else:
+            out[method] = (steps(n), steps(n))
+    return out
+
+
 def checkpoint_lines(cfg, m, world):
-    """Issue 19 item 2's step checkpoint: size, save time, step time, and the smallest --save_steps that keeps
-    saving under 5% of the update's time."""
+    """The step checkpoint (--save_steps): its size and save time; the update's step time and steps per
+    iteration (each method's pairs: steps_per_iteration); and the smallest --save_steps that keeps saving under 5%
+    of the update's time, with what saving costs at that step time and at a step twice as fast."""
     # under LoRA the adapters alone (fp32): the frozen base is theta_{t-1}'s (checkpoint.trained_weights)
     held = m["trainable"] * 4 / world if cfg["lora_r"] else m["policy_shard"]
     per_rank = held + m["rows"]["update"]["marks"]["after_step"]["optimizer"]
@@ -556,16 +603,29 @@ def checkpoint_lines(cfg, m, world):
     n_params = m["base_params"] if cfg["lora_r"] else m["n_params"]
     step_s = per_token * n_params * tokens / (world * cfg["plan_tflops"] * 1e12 * cfg["plan_mfu"])
     save_steps = math.ceil(save_s / (0.05 * step_s))
-    steps = ""
-    if cfg["max_examples"]:
-        n_steps = math.ceil(cfg["max_examples"] / cfg["batch_size"]) * cfg["epochs"]
-        save_steps, steps = min(save_steps, n_steps), f"; {n_steps} steps per iteration"
-    return ["",
-            f"Step checkpoint ({weights} weight + {cfg['optimizer']} state shards): {per_rank / GiB:.2f} GiB per "
-            f"rank, {total / GiB:.2f} GiB in all; saved in ~{save_s:.0f} s at {cfg['plan_disk_gbps']:g} GB/s",
-            f"Update step ~{step_s:.2g} s ({per_token} x {_count(n_params)} parameters x {tokens} tokens "
-            f"at {cfg['plan_mfu']:.0%} of {cfg['plan_tflops']:g} TFLOP/s per GPU){steps}",
-            f"Suggested --save_steps {save_steps} (saving under 5% of the update's time)"]
+    known = [k for first, later in steps_per_iteration(cfg).values() for k in (first, later) if k]
+    if known:
+        save_steps = min(save_steps, max(known))  # (at most one save per iteration)
+
+    def per_step(step):  # the share of the update's time that saving every save_steps steps takes
+        return save_s / (save_steps * step + save_s)
+
+    def hours(k):
+        return f"{k} steps (~{k * step_s / 3600:.2g} h)" if k else "all of the data's pairs (unknown to the plan)"
+    lines = ["",
+             f"Step checkpoint ({weights} weight + {cfg['optimizer']} state shards): {per_rank / GiB:.2f} GiB per "
+             f"rank, {total / GiB:.2f} GiB in all; saved in ~{save_s:.0f} s at {cfg['plan_disk_gbps']:g} GB/s",
+             f"Update step ~{step_s:.2g} s ({per_token} x {_count(n_params)} parameters x {tokens} tokens at "
+             f"{cfg['plan_mfu']:.0%} of {cfg['plan_tflops']:g} TFLOP/s per GPU)"]
+    for method, (first, later) in steps_per_iteration(cfg).items():
+        each = f"{hours(first)} per iteration" if first == later else \
+            f"{hours(first)} in iteration 1, {hours(later)} in each later iteration"
+        lines.append(f"  {method}: {each}")
+    lines.append(f"Suggested --save_steps {save_steps}: saving takes {per_step(step_s):.1%} of the update at "
+                 f"~{step_s:.2g} s per step, {per_step(step_s / 2):.1%} at a step twice as fast "
+                 f"(~{step_s / 2:.2g} s); a pre-emption loses at most {save_steps} steps "
+                 f"(~{save_steps * step_s / 60:.0f} min)")
+    return lines
 
 
 def main(cfg):

@@ -27,6 +27,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import dataset
+import fsdp
 import generate
 import guide as guide_lib
 from run.rundir import atomic_path, read_jsonl, write_atomic
@@ -36,15 +37,27 @@ from run.rundir import atomic_path, read_jsonl, write_atomic
 def load_reward_model(path, *, device, trust_remote_code=False, dtype=None, revision=None):
     """Any HF sequence-classification checkpoint -> (model in eval mode on `device`, tokenizer), of a hub id
     at `revision` (--reward_model_revision; None: the default branch).
+    Under torchrun it is read by rank 0 alone and sharded over the ranks with FSDP2 in fp32 (one host copy;
+    fsdp.from_rank0), and every rank scores its share (score_rewards).
     No code from the checkpoint is run unless trust_remote_code is asked for explicitly."""
+    from transformers import AutoConfig
     kw = dict(trust_remote_code=trust_remote_code, revision=revision)
     if os.path.isdir(path):  # a local folder: never fall back to the hub (this code must run offline)
         kw["local_files_only"] = True
     tok = AutoTokenizer.from_pretrained(path, **kw)
-    if dtype is not None:  # default: the checkpoint's own dtype (the OpenAssistant RM is fp32, ~435M params)
-        kw["dtype"] = dtype
-    model = AutoModelForSequenceClassification.from_pretrained(path, **kw)
-    return model.to(device).eval(), tok
+
+    def read():
+        # default: the checkpoint's own dtype (the OpenAssistant RM is fp32, ~435M params)
+        return AutoModelForSequenceClassification.from_pretrained(path, **kw, **({"dtype": dtype} if dtype else {}))
+
+    def build():
+        config = AutoConfig.from_pretrained(path, **kw)
+        return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+
+    def wrap(model):
+        return fsdp.parallelize(model, torch.device(device), bf16=False) if fsdp.world() > 1 else model.to(device)
+    model, _ = fsdp.from_rank0(read, build, wrap, torch.device(device))
+    return model.eval(), tok
 
 
 @contextlib.contextmanager
@@ -272,9 +285,15 @@ class Board:
 
 # ==================================================================== what a run records (Section 5.1.3, 5.2)
 def score_rewards(reward_model, prompts, responses, device):
-    """r = RM(x, y) with reward_model = (model, tokenizer), kept on the CPU between uses so it takes no GPU memory
-    during training. Every rank scores everything: it is small and cheap."""
+    """r = RM(x, y) with reward_model = (model, tokenizer). In one process the model is kept on the CPU between
+    uses, so it takes no GPU memory during training, and scores everything. Under torchrun it is sharded over
+    the ranks (load_reward_model): every rank scores its share, its weights gathered once for all of it."""
     model, rtok = reward_model
+    if fsdp.is_fsdp(model):
+        def share_scores(pairs):
+            return reward_scores(model, rtok, [x for x, _ in pairs], [y for _, y in pairs], device=device)
+        with fsdp.gathered_weights(model):
+            return fsdp.shard_gather(list(zip(prompts, responses)), share_scores)
     model.to(device)
     r = reward_scores(model, rtok, prompts, responses, device=device)
     model.to("cpu")

@@ -3,6 +3,7 @@
     rank, world, device = fsdp.init()        # `python` (one process) or `torchrun` (one process per GPU or CPU worker)
     model = fsdp.load_policy(path, ...)      # an HF checkpoint, fp32 master weights, sharded when world > 1
                                              # (read by rank 0 only; the others receive their shards)
+    model, _ = fsdp.from_rank0(read, build, wrap, device)   # the same for any model: the guide, the RM
     with fsdp.gathered_weights(model): ...   # generation: every block's weights gathered once, not per token
     out = fsdp.shard_gather(items, fn)       # each rank runs fn on its share of items, every rank gets all, in order
     with fsdp.autocast(device, model): ...   # bf16 on one GPU (FSDP2 has its own mixed precision); fp32 on CPU
@@ -199,24 +200,24 @@ def load_policy(path, device, *, exact_fp32, grad_ckpt=False, compile=False, tru
                                                  revision=revision)
         # rank 0's full copy is prepared too: its state dict is that of the prepared model
         return prepare(m)
-    if world() == 1:
-        m = read()
-    else:
-        # The architecture alone, on every rank: fp32 parameters with no memory behind them
+
+    def build():
+        # the architecture alone: fp32 parameters (on the meta device: no memory behind them)
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
-        with torch.device("meta"):
-            m = prepare(AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                         trust_remote_code=trust_remote_code))
-    if grad_ckpt:
-        # Recompute each decoder block's activations in backward (HF's activation checkpointing, per
-        # block; it keeps FSDP2's hooks outside the checkpoint). HF turns the cache off in training only.
-        m.activation_checkpointing_enable()
-    if compile:
-        compile_blocks(m)
+        return prepare(AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                        trust_remote_code=trust_remote_code))
+
+    def wrap(m):
+        if grad_ckpt:
+            # Recompute each decoder block's activations in backward (HF's activation checkpointing,
+            # per block; it keeps FSDP2's hooks outside the checkpoint). HF turns the cache off in
+            # training only.
+            m.activation_checkpointing_enable()
+        if compile:
+            compile_blocks(m)
+        return parallelize(m, device) if world() > 1 else m
+    m, full = from_rank0(read, build, wrap, device)
     if world() > 1:
-        m = parallelize(m, device)
-        full = read() if rank() == 0 else None
-        load_from_rank0(m, full, device)
         # What else from_pretrained sets, as rank 0 read it: config.dtype (under "auto" the stored dtype, not
         # the build's fp32) and generation_config.json
         m.config.dtype, m.generation_config = broadcast_object(
@@ -225,6 +226,22 @@ def load_policy(path, device, *, exact_fp32, grad_ckpt=False, compile=False, tru
         # cast on the host, then moved: the device never holds the model in another dtype
         return cast(m).to(device)
     return m.to(device=device, dtype=torch.float32)
+
+
+def from_rank0(read, build, wrap, device):
+    """One host copy of a model under torchrun. read(): the model from its checkpoint; build(): the same
+    architecture, built here on the meta device (no memory, nothing read); wrap(model): what goes on
+    before and with FSDP2 (parallelize). Rank 0 alone calls read(); every rank wraps build() and
+    receives its shards from rank 0 (load_from_rank0). Returns (the model, rank 0's full copy; None
+    on the other ranks). In one process: (wrap(read()), None), nothing on the meta device."""
+    if world() == 1:
+        return wrap(read()), None
+    with torch.device("meta"):
+        m = build()
+    m = wrap(m)
+    full = read() if rank() == 0 else None
+    load_from_rank0(m, full, device)
+    return m, full
 
 
 def load_from_rank0(model, full, device):

@@ -183,7 +183,7 @@ def train_guide(guide, examples, *, epochs, batch_size, lr, pad_id, seed, device
     - Dropout is off (as in the update, dpo.disable_dropout). Its masks are drawn from each
       process's own random stream, in the shape of that process's rows, so 2 processes could
       never drop what 1 process drops; GPT-2 checkpoints come with dropout 0.1.
-    The guide must already be on `device` (FSDP2-wrapped when world > 1, as place() does).
+    The guide must already be on `device` (FSDP2-wrapped when world > 1, as place() makes it).
     Returns one metrics dict per optimiser step."""
     world, rank = fsdp.world(), fsdp.rank()
     if world > 1 and not fsdp.is_fsdp(guide):
@@ -311,16 +311,34 @@ def latent_distances(guide, triples, *, batch_size, pad_id, device):
 
 
 # ==================================================================== the stages of Algorithm 1 (lines 4 and 8)
-def place(guide, device):
-    """Move the guide to the device; under torchrun shard it like the policy. encode / recon_nll are
-    called directly (not through forward), so FSDP2 is told to all-gather around them too."""
-    guide = guide.to(device)
-    if fsdp.world() > 1:
+def place(read, build, device):
+    """The guide that read() returns, on `device`. Under torchrun it is sharded like the policy, and
+    read by rank 0 alone (one host copy of its two GPT-2s): every rank builds the architecture
+    (build(), on the meta device), shards it with FSDP2 and receives its shards from rank 0
+    (fsdp.from_rank0). encode / recon_nll are called directly (not through forward), so FSDP2 is
+    told to all-gather around them too."""
+    def wrap(guide):
+        if fsdp.world() == 1:
+            return guide.to(device)
         from torch.distributed.fsdp import register_fsdp_forward_method
         guide = fsdp.parallelize(guide, device)
         register_fsdp_forward_method(guide, "encode")
         register_fsdp_forward_method(guide, "recon_nll")
-    return guide
+        return guide
+    return fsdp.from_rank0(read, build, wrap, device)[0]
+
+
+def architecture(encoder_config, decoder_config, latent_dim):
+    """A guide of these GPT-2 configs with no weights read: what place() builds on the meta device."""
+    return GuideModel(GPT2LMHeadModel(encoder_config), GPT2LMHeadModel(decoder_config), latent_dim)
+
+
+def saved_architecture(out_dir):
+    """The architecture of the guide saved in out_dir, from its config files alone (save_guide)."""
+    with open(os.path.join(out_dir, "guide_config.json")) as f:
+        latent_dim = json.load(f)["latent_dim"]
+    return architecture(GPT2Config.from_pretrained(os.path.join(out_dir, "encoder")),
+                        GPT2Config.from_pretrained(os.path.join(out_dir, "decoder")), latent_dim)
 
 
 def fit(src, triples, cfg, pad_id, device, log):
@@ -330,9 +348,15 @@ def fit(src, triples, cfg, pad_id, device, log):
     Then the diagnostic: does the decoder use h? (guide.diagnostics, saved with the guide)."""
     log("[Algorithm 1, line 4] training the guide T = (phi, psi) on golden and generated responses "
         "(Eq. 2)")
-    # every rank builds the same initial weights (FSDP2 does not broadcast them)
+    # the initial weights: GPT-2's (or, for a config, random) and random latent maps, seeded; under
+    # torchrun made by rank 0 alone and sent to the others (place)
     torch.manual_seed(cfg["seed"])
-    guide = place(build_guide(src, cfg["latent_dim"], cfg.get("guide_revision") or None), device)
+    revision, d = cfg.get("guide_revision") or None, cfg["latent_dim"]
+
+    def build():
+        conf = src if isinstance(src, GPT2Config) else GPT2Config.from_pretrained(src, revision=revision)
+        return architecture(conf, conf, d)
+    guide = place(lambda: build_guide(src, d, revision), build, device)
     # the y rows, then the y' rows
     examples = [(gx, gy) for gx, gy, _ in triples] + [(gx, gyp) for gx, _, gyp in triples]
     # every rank gets all examples and the global batch size: the steps of one process

@@ -98,10 +98,12 @@ class Stages:
     def __init__(self, run, data, cfg, device):
         self.run, self.data, self.cfg, self.device = run, data, cfg, device
         self.log = run.log
-        # Loaded now, before any compute: a wrong --reward_model fails at once.
+        # Loaded now, before any compute: a wrong --reward_model fails at once. In one process kept on the CPU
+        # between uses; under torchrun read by rank 0 alone and sharded over the ranks' devices.
         self.reward_model = None
         if cfg["reward_model"]:
-            self.reward_model = analysis.load_reward_model(cfg["reward_model"], device=torch.device("cpu"),
+            home = device if fsdp.world() > 1 else torch.device("cpu")
+            self.reward_model = analysis.load_reward_model(cfg["reward_model"], device=home,
                                                            trust_remote_code=cfg["trust_remote_code"],
                                                            revision=cfg.get("reward_model_revision") or None)
         if cfg.get("lora_r"):
@@ -234,7 +236,9 @@ class Stages:
                     guide_lib.save_guide(plain, tmp)
 
         def load(path):
-            return guide_lib.place(guide_lib.load_guide(path), device)
+            # (under torchrun read by rank 0 alone)
+            return guide_lib.place(lambda: guide_lib.load_guide(path), lambda: guide_lib.saved_architecture(path),
+                                   device)
         guide = self.run.cached("guide", compute, save=save, load=load,
                                 inputs=[self.run.path(self.samples_name(None, 0))])
         guide_lib.freeze(guide)

@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a file (python tools/X.py): the reposito
 import dpo  # noqa: E402 (after the path)
 import fsdp  # noqa: E402
 import generate  # noqa: E402
-from run.cli import defaults_help, read_overrides  # noqa: E402
+from run.cli import defaults_help, read_overrides, report_errors  # noqa: E402
 from run.rundir import write_atomic  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
@@ -134,6 +134,10 @@ def parse_args(argv):
         raise SystemExit("--fsdp is auto/true/false; --gen_dtype is bf16/autocast")
     if cfg["dpo_batch"] % cfg["micro_batch"]:
         raise SystemExit("--dpo_batch must be a multiple of --micro_batch")
+    keys = [key.strip() for key in cfg["samplers"].split(",")]
+    if "hf" not in keys or any(key not in SAMPLERS for key in keys):
+        raise SystemExit(f"--samplers: comma-separated from {', '.join(SAMPLERS)}; "
+                         "'hf' (the baseline) is required")
     return cfg
 
 
@@ -398,9 +402,6 @@ def bench_samplers(setup, policy):
     model.eval()
     weights_gb = torch.cuda.memory_allocated() / 2**30 if setup.cuda else None
     keys = [key.strip() for key in cfg["samplers"].split(",")]
-    if "hf" not in keys or any(key not in SAMPLERS for key in keys):
-        raise SystemExit(f"--samplers: comma-separated from {', '.join(SAMPLERS)}; "
-                         "'hf' (the baseline) is required")
     cache_len = generate.static_width(prompt_len) + max(n_new, cfg["warmup_new"])
     # gathered_weights: under FSDP the weights are all-gathered once here, not at every decode step
     # (test_fsdp_generation_gathers_weights_once counts them); a no-op for a plain model
@@ -706,4 +707,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    report_errors(main)  # a user error: one line, exit status 2; a bug: its traceback

@@ -170,9 +170,9 @@ DEFAULTS = dict(
 )
 
 # The paper's setting (Section 5.1): zephyr-7b-sft-full (Mistral-7B SFT on UltraChat 200k), a
-# GPT-2 guide, a 50k subset of UltraChat, beta 0.1, three iterations. What the paper leaves open
-# follows SPIN (lr 5e-7, RMSprop, 2 epochs, global batch 64, max length 1024, prompt 512, 256
-# new tokens).
+# GPT-2 guide, a 50k subset of UltraChat, three iterations. What the paper leaves open follows
+# SPIN (beta 0.1, lr 5e-7, RMSprop, 2 epochs, global batch 64, max length 1024, prompt 512, 256
+# new tokens) or is this project's choice: the README's table gives each value's source.
 PAPER = dict(
     out="runs/paper", policy="alignment-handbook/zephyr-7b-sft-full", guide="gpt2",
     data="data/ultrachat_50k.jsonl", eval_data="", max_examples=50000, overlength="skip",

@@ -98,7 +98,8 @@ case "$PRESET" in
     ;;
   paper|paper-baselines)
     # zephyr-7b-sft-full (Mistral-7B SFT on UltraChat 200k) is theta_0, gpt2 the guide's backbone, a 50k
-    # subset of UltraChat 200k (first turns, JSONL with "messages") is D; beta 0.1, three iterations.
+    # subset of UltraChat 200k (first turns, JSONL with "messages") is D; three iterations; beta 0.1 and the
+    # rest of the update as SPIN's recipe (README, "The paper's setting, and where each value comes from").
     # POLICY / GUIDE / REWARD_MODEL may be local HF checkpoint folders (no internet: download them beforehand).
     NPROC="${NPROC:-8}"
     ARGS=(--preset paper --out "runs/paper"

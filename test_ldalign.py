@@ -1,7 +1,7 @@
 """Tests of the LD-Align reference implementation (CPU, tiny models built from configs, no downloads).
 
-    python -m pytest -q -m "not slow"     # fast: every equation and every line of Algorithm 1, ~90 s on 2 cores
-    python -m pytest -q                   # all (~10 min on 2 cores); CI runs all
+    python -m pytest -q -m "not slow"     # fast: every equation and every line of Algorithm 1
+    python -m pytest -q                   # all; CI runs all (the README gives both times)
 
 Slow (@pytest.mark.slow): the multi-process tests (gloo, torchrun), the end-to-end runs of ldalign.py and train.sh,
 kill / resume, bench.py, and the inductor compile of the decode step. This file holds the paper's tests (arXiv
@@ -359,7 +359,8 @@ def test_ldalign_loss_rejects_mismatched_shapes():
 
 
 def test_readme_copy_the_loss_snippet_equals_dpo():
-    """The README's "Copy the loss" block is what people paste into other trainers: run it, compare with dpo.py."""
+    """The README's "Copy the loss" block is what people paste into other trainers: run it, compare with dpo.py
+    (the loss, the weights and the sequence log-probs)."""
     readme = open(os.path.join(HERE, "README.md")).read()
     block = readme.split("## Copy the loss", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     ns = {}
@@ -368,6 +369,11 @@ def test_readme_copy_the_loss_snippet_equals_dpo():
     pc, pr, rc, rr = (-10 * torch.rand(6, generator=g) for _ in range(4))
     s = torch.rand(6, generator=g) + 0.1
     torch.testing.assert_close(ns["latent_weights"](s), dpo.latent_weights(s))
+    # sequence_logps(logits, labels), Eq. 1: the same numbers as dpo.py's, on a tiny model's logits
+    model = tiny_llama()
+    ids, mask, labels = dpo.collate([[1, 5, 6, 7], [1, 9]], [[10, 11, 2], [12, 13, 14, 15, 2]], pad_id=0)
+    logits = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(ns["sequence_logps"](logits, labels), dpo.sequence_logps(logits, labels))
     w = dpo.latent_weights(s)
     for beta in (0.1, 0.5):
         pc1, pc2 = pc.clone().requires_grad_(), pc.clone().requires_grad_()

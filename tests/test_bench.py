@@ -37,6 +37,29 @@ def _bench_run(tmp_path, launcher, extra=()):
     return json.loads(out.read_text()), p.stdout
 
 
+def test_bench_user_errors_are_one_line_exit_2(tmp_path, capsys):
+    """A mistyped option, a value out of range, samplers without HF's baseline: one line naming the option, exit
+    status 2, no traceback, before any model is built (the command line's report_errors, as ldalign.py's); --help
+    prints every option with its comment."""
+    from run import cli
+    from tools import bench
+    for argv, msg in ((["--size", "huge"], "error: --size is one"),
+                      (["--samplers", "static"], "error: --samplers: comma-separated"),
+                      (["--dpo_batch", "5", "--micro_batch", "2"], "error: --dpo_batch must be a multiple")):
+        with pytest.raises(SystemExit) as e:
+            cli.report_errors(bench.main, argv + ["--out", str(tmp_path / "b.json")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(msg) and err.count("\n") == 1, (argv, err)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0 and "DEFAULTS = dict(" in capsys.readouterr().out
+    # the script itself, as a user starts it
+    p = subprocess.run([sys.executable, os.path.join(HERE, "tools", "bench.py"), "--bogus", "1"], cwd=HERE,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.startswith("error: unknown option --bogus"), p.stderr[-2000:]
+    assert p.stderr.count("\n") == 1 and not os.path.exists(tmp_path / "b.json")
+
+
 def _bench_check(r, stdout, samplers="dynamic,static,compile,hf"):
     s, d, ref, proj = r["sampler"], r["dpo"], r["reference"], r["projection"]
     assert r["model"]["params"] > 1e6

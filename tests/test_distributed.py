@@ -183,6 +183,90 @@ def test_only_rank_0_reads_the_checkpoint_into_host_memory(tmp_path):
     assert results[0]["grown_mb"] - results[0]["shard_mb"] > 0.9 * model_mb
 
 
+def _peak_mb():
+    # VmHWM: this process's peak resident memory (ru_maxrss would count the parent's from before exec too)
+    import re
+    return int(re.search(r"VmHWM:\s*(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+
+
+def _shard_mb(model):
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+               for p in model.parameters()) / 2**20
+
+
+RM_PAIRS = (["a b", "c d e", "f", "g h"], ["x", "y y", "z", "a"])
+
+
+def _guide_and_rm_worker(rank, results, folder):
+    """Rank `rank`'s growth of peak host memory while the reward model (analysis.load_reward_model) and then the
+    stored guide (guide.place, as Stages.guide reads it back) are loaded under FSDP2; the guide's full weights
+    (rank 0) and the reward model's scores of RM_PAIRS, every rank scoring its share."""
+    import analysis
+    torch.set_num_threads(1)
+    cpu = torch.device("cpu")
+
+    def guide(name):
+        path = os.path.join(folder, name)
+        return guide_lib.place(lambda: guide_lib.load_guide(path), lambda: guide_lib.saved_architecture(path), cpu)
+    guide("small_guide")  # the one-time costs first (imports, the first DTensor and gloo calls)
+    before = _peak_mb()
+    rm = analysis.load_reward_model(os.path.join(folder, "rm"), device=cpu)
+    grown_rm = _peak_mb() - before
+    before = _peak_mb()
+    g = guide("guide")
+    grown_guide = _peak_mb() - before
+    sd = fsdp.full_state_dict(g)
+    scores = analysis.score_rewards(rm, *RM_PAIRS, cpu).tolist()
+    results[rank] = dict(grown_rm=grown_rm, rm_shard=_shard_mb(rm[0]), grown_guide=grown_guide,
+                         guide_shard=_shard_mb(g), scores=scores,
+                         guide={k: v.clone() for k, v in sd.items()} if rank == 0 else None)
+
+
+@pytest.mark.slow
+def test_only_rank_0_reads_the_guide_and_the_reward_model_into_host_memory(tmp_path):
+    """Under torchrun the guide (two GPT-2s) and the reward model reach the other ranks as the policy does
+    (fsdp.from_rank0): rank 0 reads them, rank 1 builds them on the meta device and receives its shards. A ~200 MB
+    guide and a ~100 MB reward model: rank 1's peak host memory grows by its shard (half of each) and a few MB,
+    not by the whole model. The guide's weights are those of the stored guide, and the sharded reward model scores
+    what one process scores, every rank scoring its share."""
+    import functools
+
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    import analysis
+    torch.manual_seed(0)
+    conf = dict(vocab_size=2048, n_positions=256, n_embd=512, n_layer=8, n_head=8)
+    guide_lib.save_guide(guide_lib.build_guide(GPT2Config(**conf), 32), str(tmp_path / "guide"))
+    guide_lib.save_guide(tiny_guide(), str(tmp_path / "small_guide"))
+    GPT2ForSequenceClassification(GPT2Config(**conf, num_labels=1, pad_token_id=0)).save_pretrained(tmp_path / "rm")
+    _words_tokenizer().save_pretrained(tmp_path / "rm")
+    guide_mb = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(tmp_path / "guide") for f in fs) / 2**20
+    rm_mb = os.path.getsize(tmp_path / "rm" / "model.safetensors") / 2**20
+    assert 190 < guide_mb < 215 and 95 < rm_mb < 110
+    results = _run_gloo(functools.partial(_guide_and_rm_worker, folder=str(tmp_path)))
+    print({rank: {k: round(v) for k, v in r.items() if isinstance(v, float)} for rank, r in results.items()})
+    # Measured: rank 1 +109 MB for the guide (its 101 MB shard), +56 MB for the reward model (its 50 MB shard)
+    one = results[1]
+    assert one["grown_guide"] - one["guide_shard"] < 0.15 * guide_mb and one["grown_guide"] < 0.6 * guide_mb
+    assert one["grown_rm"] - one["rm_shard"] < 0.3 * rm_mb and one["grown_rm"] < 0.8 * rm_mb
+    stored = guide_lib.load_guide(str(tmp_path / "guide")).state_dict()
+    assert results[0]["guide"].keys() == stored.keys()
+    assert all(torch.equal(results[0]["guide"][k], stored[k]) for k in stored)
+    rm = analysis.load_reward_model(str(tmp_path / "rm"), device="cpu")
+    alone = analysis.score_rewards(rm, *RM_PAIRS, torch.device("cpu")).tolist()
+    assert results[0]["scores"] == results[1]["scores"] == pytest.approx(alone, rel=1e-5, abs=1e-6)
+
+
+def _words_tokenizer():
+    """A word-level tokenizer of the letters a..z, with [PAD] 0 (the reward model's of the test above)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{c: i + 2 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
+
+
 # ----------------------------------------------------------------------------------------------------
 # several nodes: train.sh passes NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT to torchrun
 # ----------------------------------------------------------------------------------------------------

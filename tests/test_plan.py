@@ -3,6 +3,7 @@ slow: its shard bytes equal a real FSDP2 step's (2 gloo processes) and its activ
 of the saved ones; with LoRA its weight, gradient and optimizer bytes equal a real step's with adapters.
 """
 import os
+import re
 
 import pytest
 import torch
@@ -58,10 +59,40 @@ def test_plan_prints_every_stage_and_a_verdict_without_a_run_folder(tmp_path, ca
     assert "Verdict: FITS on 2 x 40 GiB" in text and "--micro_batch_size 32 with --grad_ckpt true" in text
     assert "Suggested --save_steps" in text
     assert not out.exists() and not dist.is_initialized()
-    # a micro-batch of 2 pairs out of 32 per rank: the earlier micro-batches' unsharded fp32 gradients are counted
-    assert m["n_micro"] == 16 and m["rows"]["update"]["accumulated"] >= 4 * m["trainable"]
+    # a micro-batch of 2 pairs out of 32 per rank: each micro-batch's gradients reduce-scattered as it ends (FSDP2's
+    # default) keeps no unsharded gradient; deferred to the step's last micro-batch (the comparison row, and
+    # --defer_grad_sync true), the earlier micro-batches' unsharded fp32 gradients are counted
+    assert m["n_micro"] == 16 and m["rows"]["update"]["accumulated"] == 0
+    assert "| update (line 10), AC on, per-micro sync" in text and "| update (line 10), AC on, deferred sync" in text
+    assert m["rows"]["update_sync_other"]["accumulated"] >= 4 * m["trainable"]
+    assert "each micro-batch's gradients reduce-scattered as it ends" in text
     lines, fits = plan.report(ldalign.parse_args(argv), m, 2, 2.2)
     assert not fits and any(line.startswith("Verdict: DOES NOT FIT on 2 x 2.2 GiB") for line in lines)
+    deferred = ldalign.main(argv + ["--defer_grad_sync", "true"])
+    assert deferred["rows"]["update"]["accumulated"] >= 4 * m["trainable"]
+    assert deferred["rows"]["update"]["accumulated"] == m["rows"]["update_sync_other"]["accumulated"]
+    assert "keep every fp32 gradient unsharded (--defer_grad_sync true)" in capsys.readouterr().out
+
+
+def test_plan_counts_the_steps_each_method_trains_and_the_save_overhead(tmp_path, capsys):
+    """Steps per iteration as each method trains them: spin with --spin_keep_previous trains on 2N pairs from
+    iteration 2 (twice ldalign's steps); the suggested --save_steps with what saving costs at the plan's step time
+    and at a step twice as fast (an upper bound of the step: every sequence at max_len)."""
+    policy, guide = _plan_folders(tmp_path)
+    argv = ["--preset", "paper", "--plan", "--plan_world", "2", "--policy", policy, "--guide", guide,
+            "--method", "ldalign,spin,dpo,sft", "--sft_data", "D", "--max_examples", "6400"]
+    cfg = ldalign.parse_args(argv)
+    assert plan.steps_per_iteration(cfg) == {"ldalign": (200, 200), "spin": (200, 400), "dpo": (200, 200),
+                                             "sft": (200, 200)}
+    # the paper preset's continual SFT reads every record of --data: the plan cannot count them
+    assert plan.steps_per_iteration(dict(cfg, sft_data=""))["sft"] == (None, None)
+    ldalign.main(argv)
+    text = capsys.readouterr().out
+    assert "  ldalign: 200 steps (~" in text and ") per iteration" in text
+    assert "  spin: 200 steps (~" in text and "in iteration 1, 400 steps (~" in text
+    save = next(line for line in text.splitlines() if line.startswith("Suggested --save_steps"))
+    now, fast = (float(x) for x in re.findall(r"takes ([0-9.]+)% of the update .* ([0-9.]+)% at a step twice", save)[0])
+    assert 0 < now < fast <= 2 * now, save
 
 
 def test_plan_option_errors_are_one_line(tmp_path, capsys):
@@ -133,6 +164,84 @@ def test_plan_equals_real_shards_and_saved_activations_in_two_gloo_processes():
         assert real[rank]["optimizer"] == rec["marks"]["after_step"]["optimizer"]
         act = rec["marks"]["after_forward"]["activations"]
         assert real[rank]["saved"] <= act <= (1 + PLAN_ACT_TOLERANCE) * real[rank]["saved"], (act, real[rank])
+
+
+def _held_gradient_bytes(model):
+    """The gradient bytes this rank holds: its sharded .grad and FSDP2's unsharded gradients kept between
+    micro-batches when the reduce-scatter is deferred (FSDP2's own fields: the unsharded parameter's .grad, or an
+    fp32 accumulator when the reduce dtype differs)."""
+    from torch.distributed.fsdp import FSDPModule
+    held = sum((p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).numel() * p.grad.element_size()
+               for p in model.parameters() if p.grad is not None)
+    for m in model.modules():
+        group = m._get_fsdp_state()._fsdp_param_group if isinstance(m, FSDPModule) else None
+        for fp in group.fsdp_params if group else []:
+            g = fp.unsharded_accumulated_grad
+            if g is None and getattr(fp, "_unsharded_param", None) is not None:
+                g = fp._unsharded_param.grad
+            held += g.numel() * g.element_size() if g is not None else 0
+    return held
+
+
+def _sync_modes_worker(rank, results):
+    """One optimizer step of dpo.train_step over two micro-batches of PLAN_PAIRS pairs per rank, FSDP2 on 2 gloo
+    processes, in both gradient-sync modes: the gradient bytes held between the two micro-batches and the full
+    weights after the step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cpu = torch.device("cpu")
+    out = {}
+    for defer in (False, True):
+        torch.manual_seed(0)
+        model = fsdp.parallelize(LlamaForCausalLM(LlamaConfig(**PLAN_LLAMA)), cpu)
+        opt = dpo.make_optimizer(model, "adamw", 1e-3)
+        ids = torch.randint(3, PLAN_LLAMA["vocab_size"], (8, 2 * PLAN_PAIRS, PLAN_LEN),
+                            generator=torch.Generator().manual_seed(1))
+        held = []
+
+        def loss_fn(idx, valid):
+            if idx[0] > 1:  # this rank's second micro-batch (items r + 4, r + 6): what the first one left
+                held.append(_held_gradient_bytes(model))
+            x = ids[idx[0]]  # (2B, T): the micro-batch's pairs, the same in both modes
+            logps = dpo.policy_logps(model, x, torch.ones_like(x), x, start=1)
+            ones, zeros = torch.ones(PLAN_PAIRS), torch.zeros(PLAN_PAIRS)
+            return dpo.ldalign_loss(logps[:PLAN_PAIRS], logps[PLAN_PAIRS:], zeros, zeros, ones, 0.1)[0].sum(), \
+                torch.zeros(0)
+        # 8 items, 4 per rank (rank r: r, r + 2, ...), micro-batches of 2 items: two per step
+        dpo.train_step(model, opt, (list(range(8)), [True] * 8), loss_fn, 0, 10, device=cpu, lr=1e-3, warmup=1,
+                       micro_batch_size=2, max_grad_norm=1.0, stats_names=[], defer_grad_sync=defer)
+        out[defer] = dict(held=held[0], weights={k: v.clone() for k, v in fsdp.full_state_dict(model).items()})
+    if rank == 0:
+        results[rank] = dict(held={d: out[d]["held"] for d in out},
+                             differ=max((out[False]["weights"][k] - out[True]["weights"][k]).abs().max().item()
+                                        for k in out[False]["weights"]))
+    else:
+        results[rank] = dict(held={d: out[d]["held"] for d in out})
+
+
+@pytest.mark.slow
+def test_gradient_sync_modes_give_one_step_and_the_plans_gradient_bytes_in_two_gloo_processes():
+    """Several micro-batches per step under FSDP2: reduce-scattered after each (the default) or deferred to the last
+    (--defer_grad_sync true), one step gives the same weights to float round-off; between the micro-batches a rank
+    holds its gradient shards in the first mode and every parameter's unsharded fp32 gradient in the second, and
+    the plan (fake tensors, fake group of 2, policy_train in each mode) counts those same bytes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    planned = {}
+    with plan.fake_world(2):
+        for defer in (False, True):
+            model = plan.sharded(lambda: LlamaForCausalLM(LlamaConfig(**PLAN_LLAMA)), bf16=False)
+            with plan.fake_tensors():
+                model.to_empty(device="cpu")
+                rec = plan.policy_train(model, batch=PLAN_PAIRS, length=PLAN_LEN, vocab=PLAN_LLAMA["vocab_size"],
+                                        optimizer="adamw", micro_batches=2, defer_grad_sync=defer)
+            between = rec["marks"]["before_last_micro"]
+            planned[defer] = between["grads"] + rec["accumulated"]
+            n_params = sum(p.numel() for p in model.parameters())
+    assert not dist.is_initialized()
+    real = _run_gloo(_sync_modes_worker)
+    assert real[0]["differ"] <= 1e-6, real[0]
+    for rank in (0, 1):
+        assert real[rank]["held"] == planned, (real[rank], planned)
+    assert planned[True] == 4 * n_params and planned[False] < 0.6 * planned[True]
 
 
 @pytest.mark.slow

@@ -416,6 +416,25 @@ def response_ids(tokenizer, x, y, system=None):
     return ids + [tokenizer.eos_token_id]
 
 
+def trl_pairs(tokenizer, records, pairs, weights):
+    """Line 10's pairs as TRL's DPOTrainer reads them (docs/trl.md): one row per pair, y wins over y'.
+
+    records: the records of D each pair comes from (x, y, system); pairs: the (x, y, y') token ids line 10 trains
+    on; weights: their s_i / S (1 for spin). A row holds
+      prompt, chosen, rejected  TRL's plain-text ("standard") preference form: x in the policy's chat template
+                                (prompt_text), y as written, y' decoded as in samples.jsonl. TRL tokenizes prompt,
+                                then prompt + response + EOS: this project's ids wherever y' is the tokenizer's own
+                                spelling of its text and ends with EOS (not so for a y' cut at --max_new_tokens).
+      weight                    s_i / S, Algorithm 1, line 9
+      prompt_ids, chosen_ids, rejected_ids   the ids trained on here, under the names of TRL's tokenized columns
+                                (examples/trl_ldalign.py trains on them instead of re-tokenizing the text).
+    """
+    return [{"prompt": prompt_text(tokenizer, d["x"], d.get("system")), "chosen": d["y"],
+             "rejected": tokenizer.decode(yp, skip_special_tokens=True), "weight": float(w),
+             "prompt_ids": px, "chosen_ids": py, "rejected_ids": yp}
+            for d, (px, py, yp), w in zip(records, pairs, weights, strict=True)]
+
+
 def tokenize_data(records, tok, gtok, cfg, log, held_out=False):
     """Tokenize D for the policy (chat template) and the guide (plain text); check lengths up front.
 

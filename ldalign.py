@@ -33,6 +33,8 @@ again: it goes on from the last finished stage). stages.py says which stage writ
                                 (Section 5.2 (1))
     M/iter{t}/policy/           line 10: theta_t (HF safetensors); train_metrics.jsonl: loss and
                                 rewards per optimizer step, drawn in train_curves.png (matplotlib)
+    M/iter{t}/pairs.trl.jsonl   (ldalign, spin) line 10's pairs and weights s_i/S as TRL's
+                                DPOTrainer reads them (docs/trl.md, examples/trl_ldalign.py)
     M/iter{t}/eval.json         theta_t's greedy answers on held-out prompts: exact match, reward
     M/metrics.jsonl, results.md one row per iteration; comparison.md when several methods ran
     dpo/ref_logps_theta0.json   (dpo) the fixed reference's log-probs, computed in iteration 1

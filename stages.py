@@ -9,6 +9,7 @@
     s = stages.distances(M, t, guide, y_prime)   line 8: s_i, M/iter{t}/distances.jsonl
     w = stages.weights(M, t, s, y_prime)   line 9: s_i / S, M/iter{t}/distances.json
     stages.update(M, t, y_prime, w)        line 10: theta_t, M/iter{t}/policy/
+                                           (ldalign, spin: its pairs for TRL, M/iter{t}/pairs.trl.jsonl)
     stages.evaluate(M, t)                  theta_t on held-out prompts, M/iter{t}/eval.json, M/metrics.jsonl
 
 Every call takes the method M first, then the iteration t (for sampling: the index of the policy that samples),
@@ -85,6 +86,9 @@ def keeps_previous(cfg, method, t):
 
 # theta_0's log-probs of the annotated pairs: the DPO baseline's reference in every iteration
 DPO_REFERENCE = "dpo/ref_logps_theta0.json"
+# Line 10's pairs of ldalign and spin with their weights, as TRL's DPOTrainer reads them (dataset.trl_pairs):
+# <method>/iter{t}/pairs.trl.jsonl
+TRL_PAIRS = "pairs.trl.jsonl"
 # The settings a stage's <name>.partial/ (rundir.RunDir.partial) is made with, besides its inputs' digests: a
 # rerun with other values starts the stage over. Sampling: the prompts and each batch's tokens; the update: the
 # pairs, the data order (--seed) and every step.
@@ -291,7 +295,8 @@ class Stages:
     def update(self, method, t, y_prime, w):
         """theta_t: theta_{t-1} trained in place on the method's pairs against its reference (METHODS), by
         dpo.dpo_train (Eq. 4) or, for continual SFT, dpo.sft_train; saved as an HF checkpoint with its step
-        log. The reference log-probs are computed once, before the update (README, errata)."""
+        log. The reference log-probs are computed once, before the update (README, errata). ldalign and spin
+        first write the pairs and weights they train on for TRL (TRL_PAIRS, docs/trl.md)."""
         cfg = self.cfg
         policy = self.policy(method, t - 1)
         # From here on the held model is no longer theta_{t-1}.
@@ -301,6 +306,12 @@ class Stages:
             # --lora_r: fresh adapters (B = 0: still theta_{t-1}), trained alone; merged when theta_t is saved
             lora.begin(policy, cfg["lora_alpha"] or cfg["lora_r"], seed=cfg["seed"] + 1000 * t)
         pairs, w = self.pairs(method, t, y_prime, w)
+        if METHODS[method].pairs == "y > y'" and fsdp.rank() == 0:
+            # The same pairs and weights in TRL's preference format, for examples/trl_ldalign.py (docs/trl.md):
+            # spin's --spin_keep_previous pairs come from D twice (iteration t-1's N, then this iteration's).
+            D = self.data.D
+            write_jsonl(self.run.path(method, f"iter{t}", TRL_PAIRS), dataset.trl_pairs(
+                self.data.tok, [D[i % len(D)] for i in range(len(pairs))], pairs, w))
         ref = self.reference(method, t, policy, pairs) if METHODS[method].reference else None
         settings = self.train_settings(method, t)  # (the step checkpoints: every input of theta_t exists now)
         # SIGTERM: a step checkpoint at the next step, then exit (checkpoint.STOPPED)

@@ -182,18 +182,20 @@ PAPER = dict(
     gen_static=True, gen_compile=True,
     latent_dim=64, guide_epochs=1, guide_lr=5e-5, guide_batch_size=32,
     T=3, beta=0.1, lr=5e-7, optimizer="rmsprop", epochs=2, batch_size=64,
-    # 64 / 8 GPUs = 8 pairs per rank: one micro-batch per step. With several (2: four per step)
-    # FSDP2 keeps the step's fp32 gradients unsharded until its last micro-batch, 27 GiB per GPU
-    # (7.24B x 4 bytes): the update peaks at 37.6 GiB, over 8 x 40 GB; at 8, with activation
-    # checkpointing, at 17.7 GiB, and sampling (26.6 GiB) is the largest stage (docs/reproduce.md, "Memory
-    # plan"). On 4 GPUs (16 pairs per rank) 8 gives two micro-batches: 51.6 GiB per GPU.
+    # From the memory plan (docs/reproduce.md, "Memory plan"): 64 / 8 GPUs = 8 pairs per rank, so
+    # 8 is one micro-batch per step: the fewest forward calls and one gradient reduce-scatter per
+    # step. With activation checkpointing the update peaks at 17.7 GiB per GPU and sampling (26.6
+    # GiB) is the largest stage, within 8 x 40 GB: a smaller micro-batch would save memory that no
+    # stage needs. On 4 GPUs (16 pairs per rank) 8 is two per step, each reduce-scattered: 31.3 GiB,
+    # within 4 x 40 GB; on 4 x 80 GB, 16 (one per step, 34.9 GiB) halves the reduce-scatters.
     micro_batch_size=8,
     grad_ckpt=True, log_every=10, pref_data="data/ultrafeedback_binarized.jsonl",
     # The plan's step checkpoint on 8 GPUs: fp32 weights + RMSprop state, 6.74 GiB per rank
-    # (54 GiB in all), ~58 s at 1 GB/s; a step ~7.6 s (8 x 7.24B parameters x 131,072 tokens at
-    # 40% of 312 TFLOP/s per GPU). Every 153 steps saving costs under 5% of the update, and a
-    # pre-emption loses at most 153 steps (~19 min at that step time; 1,564 steps per
-    # iteration). On 4 GPUs the plan suggests 77. Estimated, not measured on a GPU.
+    # (54 GiB in all), ~58 s at 1 GB/s; a step at most ~7.6 s (8 x 7.24B parameters x 131,072
+    # tokens at 40% of 312 TFLOP/s per GPU: every pair at the 1,024-token cap). Every 153 steps
+    # saving costs 4.7% of the update at that step time, 9.1% at a step twice as fast; a
+    # pre-emption loses at most 153 steps (~19 min; 1,564 steps per iteration, SPIN's 3,126 from
+    # iteration 2). On 4 GPUs the plan suggests 77. Estimated, not measured on a GPU.
     save_steps=153,
     measure_S=False, judge="reward", agreement_n=500,
     reward_model="OpenAssistant/reward-model-deberta-v3-large-v2",
@@ -203,17 +205,19 @@ PAPER = dict(
 PRESETS = {
     "tiny": {},
     "paper": PAPER,
-    # One GPU of 24 GB (docs/reproduce.md, "One GPU"): Qwen2.5-0.5B-Instruct (0.49B, Qwen2 architecture, a
-    # chat template with a system turn; widely used, Apache-2.0) fully fine-tuned from theta_0, the
-    # GPT-2 guide, the first 2,000 UltraChat 200k records, three iterations. The paper's beta,
-    # epochs, lengths (1024: prompt 512, 256 new tokens), RMSprop, guide lr and epochs. Differs:
-    # 2,000 records (not 50k); batch 32 and lr 1e-6 (125 optimizer steps per iteration, not 1,562
+    # One GPU of 24 GB (docs/reproduce.md, "One GPU"): Qwen2.5-0.5B-Instruct (0.49B, Qwen2
+    # architecture, a chat template with a system turn; widely used, Apache-2.0) fully fine-tuned
+    # from theta_0, the GPT-2 guide, the first 2,000 UltraChat 200k records, three iterations. The
+    # paper preset's beta, epochs, lengths (1024: prompt 512, 256 new tokens), RMSprop, guide lr
+    # and epochs. Differs: 2,000 records (not 50k); batch 32 and lr 1e-6 (125 optimizer steps per iteration, not 1,562
     # at 64 and 5e-7); the guide's batch 8, not 32. Memory (`--plan --plan_world 1 --plan_gpu_gb
     # 24`, 19.6 GiB usable): the guide's Eq. 2 on 32 rows of 1024 tokens needs 56 GiB (its two
     # GPT-2s' activations and 50,257-entry logits), on 8 rows 17.7 GiB, the largest stage; the
     # update (fp32 weights, gradients, RMSprop state 1.84 GiB each; micro-batches of 2 pairs,
-    # checkpointed) 13.9 GiB; sampling 256 prompts at once 10.5 GiB (64: 5.4 GiB). A step
-    # checkpoint every 39 steps (the plan's suggestion). Every other value is the paper preset's.
+    # checkpointed) 13.9 GiB; sampling 256 prompts at once 10.5 GiB (64: 5.4 GiB). The plan's
+    # largest micro-batch is 3; 2 divides the 32 pairs of a step and keeps 5.7 GiB of margin,
+    # and the guide is the largest stage either way. A step checkpoint every 39 steps (the
+    # plan's suggestion). Every other value is the paper preset's.
     "small": dict(
         PAPER, out="runs/small", policy="Qwen/Qwen2.5-0.5B-Instruct", max_examples=2000,
         gen_batch_size=256, guide_batch_size=8, lr=1e-6, batch_size=32, micro_batch_size=2,

@@ -384,7 +384,10 @@ def measure(cfg, world):
         return sharded(lambda: AutoModelForCausalLM.from_config(pconf), grad_ckpt=grad_ckpt, lora_r=r,
                        lora_targets=cfg["lora_targets"], base_dtype=base_dtype)
 
-    def update(model, defer=cfg["defer_grad_sync"]):
+    # one process has no FSDP2 (its gradients are whole): --defer_grad_sync is for several
+    defer_grad_sync = cfg["defer_grad_sync"] and world > 1
+
+    def update(model, defer=defer_grad_sync):
         if r:
             lora.begin(model, cfg["lora_alpha"] or r, cfg["seed"])
         record = policy_train(model, batch=mb, length=cfg["max_len"], vocab=pconf.vocab_size,
@@ -393,10 +396,11 @@ def measure(cfg, world):
         return one_gpu_bf16_base(record, model, train=True) if bf16_base else record
 
     def updates(model):
-        # the settings' update; with several micro-batches per step the other gradient-sync mode too
+        # the settings' update; with several micro-batches per step under FSDP2 the other gradient-sync mode too
+        # (one process has no FSDP2: its gradients are whole either way)
         rows["update"] = update(model)
-        if n_micro > 1:
-            rows["update_sync_other"] = update(model, not cfg["defer_grad_sync"])
+        if n_micro > 1 and world > 1:
+            rows["update_sync_other"] = update(model, not defer_grad_sync)
     rows = {}
     with fake_world(world):
         policy = policy_model(cfg["grad_ckpt"])
@@ -435,7 +439,7 @@ def measure(cfg, world):
         guide_shard = shard_bytes(guide)
     return dict(rows=rows, policy_shard=policy_shard, guide_shard=guide_shard, n_params=n_params,
                 trainable=trainable, base_params=base, micro=mb, n_micro=n_micro, local=local, width=width,
-                guide_len=glen, pconf=pconf)
+                guide_len=glen, pconf=pconf, defer_grad_sync=defer_grad_sync)
 
 
 def one_gpu_bf16_base(record, model, train):
@@ -469,7 +473,7 @@ def report(cfg, m, world, gpu_gb):
     resident_guide, resident_policy = m["guide_shard"], m["policy_shard"]
     # with several micro-batches per step: the settings' gradient-sync mode, in the update's name
     sync = {False: "per-micro sync", True: "deferred sync"}
-    mode = f", {sync[cfg['defer_grad_sync']]}" if "update_sync_other" in rows else ""
+    mode = f", {sync[m['defer_grad_sync']]}" if "update_sync_other" in rows else ""
     # (stage, tracked record, the other model's shard held meanwhile, a stage of these settings (False: shown
     # for comparison: the other activation-checkpointing setting, the other gradient-sync mode))
     table = [
@@ -482,7 +486,7 @@ def report(cfg, m, world, gpu_gb):
          False),
     ]
     if "update_sync_other" in rows:
-        table.append((f"update (line 10), AC {ckpt}, {sync[not cfg['defer_grad_sync']]}", rows["update_sync_other"],
+        table.append((f"update (line 10), AC {ckpt}, {sync[not m['defer_grad_sync']]}", rows["update_sync_other"],
                       resident_guide, False))
     # sft: micro_batch_size sequences where the update has 2 x micro_batch_size
     half = rows["update"]["activations"] / 2
@@ -543,8 +547,7 @@ def _largest(record, batch, resident, usable, cap, accumulated=None):
 
 def largest_batches(cfg, m, usable):
     """--micro_batch_size (update and reference log-probs, both checkpointing settings) and --gen_batch_size."""
-    rows, local, guide = m["rows"], m["local"], m["guide_shard"]
-    defer = cfg["defer_grad_sync"]
+    rows, local, guide, defer = m["rows"], m["local"], m["guide_shard"], m["defer_grad_sync"]
     # a step of several micro-batches with deferred sync keeps every trainable parameter's fp32 gradient unsharded
     full_grads = max(rows["update"].get("accumulated", 0), rows["update_other"].get("accumulated", 0)) or \
         m["trainable"] * 4

@@ -384,8 +384,9 @@ def measure(cfg, world):
         return sharded(lambda: AutoModelForCausalLM.from_config(pconf), grad_ckpt=grad_ckpt, lora_r=r,
                        lora_targets=cfg["lora_targets"], base_dtype=base_dtype)
 
-    # one process has no FSDP2 (its gradients are whole): --defer_grad_sync is for several
-    defer_grad_sync = cfg["defer_grad_sync"] and world > 1
+    # one process has no FSDP2: its gradients accumulate whole over a step's micro-batches, as FSDP2's deferred
+    # sync keeps them (--defer_grad_sync is for several processes)
+    defer_grad_sync = cfg["defer_grad_sync"] or world == 1
 
     def update(model, defer=defer_grad_sync):
         if r:
@@ -559,8 +560,9 @@ def largest_batches(cfg, m, usable):
     mb_on = min(_largest(on, m["micro"], guide, usable, local, accumulated), ref)
     mb_off = min(_largest(off, m["micro"], guide, usable, local, accumulated), ref)
     gen = _largest(rows["sample"], cfg["gen_batch_size"], guide, usable, 4096)
-    grads = ("several micro-batches per step keep every fp32 gradient unsharded (--defer_grad_sync true)" if defer
-             else "each micro-batch's gradients reduce-scattered as it ends")
+    grads = ("each micro-batch's gradients reduce-scattered as it ends" if not defer else
+             "one process: the fp32 gradients whole" if cfg["plan_world"] == 1 else
+             "several micro-batches per step keep every fp32 gradient unsharded (--defer_grad_sync true)")
     return [f"Largest that fit (activations and KV linear in the batch; up to batch_size / world = {local} "
             f"pairs per rank, {grads}): "
             f"--micro_batch_size {mb_on} with --grad_ckpt true, {mb_off} with --grad_ckpt false; "

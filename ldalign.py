@@ -241,7 +241,8 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_args(argv)
     if cfg["plan"]:
         from tools import plan
         return plan.main(cfg)  # the memory plan: printed, nothing computed, no run folder
@@ -249,6 +250,9 @@ def main(argv=None):
     run = RunDir(cfg, METHODS)
     run.log(f"LD-Align | preset={cfg['preset']} method={cfg['method']} T={cfg['T']} | "
             f"{world} process(es) on {device}")
+    # an option that one method alone reads, given to a call that does not run it: a warning
+    for line in options.ignored(cfg, cli.read_overrides(argv, DEFAULTS, "")):
+        run.log(line)
     torch.manual_seed(cfg["seed"])
     # ----------------------------------------------------------------------------------------------
     # Require: D = {(x_i, y_i)}, guide T = (phi, psi), LLM theta_0. Every record is read and checked

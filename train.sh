@@ -49,19 +49,29 @@ elif [ -n "${NNODES:-}${NODE_RANK:-}${MASTER_ADDR:-}${MASTER_PORT:-}" ]; then
 fi
 
 # torchrun ldalign.py "$@", NPROC processes per node, one per GPU (or per CPU worker); the script itself calls
-# fully_shard when WORLD_SIZE > 1. A mistake in the settings or the input (ldalign.py's one-line "error: ...",
-# exit status 2) is printed last, after torchrun's own failure report, by the node of global rank 0.
+# fully_shard when WORLD_SIZE > 1. The settings are checked first in one process (ldalign.parse_args, at the world
+# size torchrun will give): a bad option is ldalign.py's one line "error: ...", exit status 2, and torchrun never
+# starts. A mistake met once it runs (in the input, say), a NaN stop or a full disk (exit status 2) and ctrl-C
+# (130) are one line too, printed last, after torchrun's own failure report, by the node of global rank 0.
 launch() {
-  local err status=0
+  local err status=0 world=1
   if [ -n "${DRY_RUN:-}" ]; then
     echo "torchrun ${RENDEZVOUS[*]} --nproc_per_node=$NPROC ldalign.py $(printf '%q ' "$@")"
     return 0
   fi
+  # (NPROC gpu / auto, or NNODES MIN:MAX of an elastic rendezvous: a world size known only to torchrun, whose run
+  # checks the batch sizes against it)
+  case "$NPROC:${NNODES:-1}" in *[!0-9:]*|*::*|*:*:*) ;; *) world=$((NPROC * ${NNODES:-1})) ;; esac
+  WORLD_SIZE="$world" python -c 'import sys, ldalign; from run import cli
+cli.report_errors(ldalign.parse_args, sys.argv[1:])' "$@" || exit
+  for a in "$@"; do
+    if [ "$a" = -h ] || [ "$a" = --help ]; then exit 0; fi  # (printed by the check)
+  done
   err="$(mktemp)"
   LDALIGN_ERROR_FILE="$err" torchrun "${RENDEZVOUS[@]}" --nproc_per_node="$NPROC" ldalign.py "$@" || status=$?
   if [ -s "$err" ]; then
     cat "$err" >&2
-    status=2
+    case "$(cat "$err")" in interrupted*) status=130 ;; *) status=2 ;; esac
   fi
   rm -f "$err"
   return "$status"

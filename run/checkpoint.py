@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 import fsdp
 from run.cli import UserError
-from run.rundir import _remove, atomic_path, read_json, verify, write_json
+from run.rundir import _remove, atomic_path, read_json, verify, write_json, writing_into
 
 # Exit status of a run stopped by SIGTERM at a boundary, its work saved: 128 + 15, what a shell reports for a
 # process killed by SIGTERM (the run is not finished: `ldalign.py ... && next` does not go on).
@@ -164,7 +164,7 @@ class StepCheckpoint:
         path, rank = os.path.join(self.folder, f"step{step}"), fsdp.rank()
         # rank 0 owns the rename (atomic_path); the others write into the same temporary folder
         hashed = {}
-        with atomic_path(path, hashed) if rank == 0 else contextlib.nullcontext(path + ".tmp") as tmp:
+        with atomic_path(path, hashed) if rank == 0 else writing_into(path) as tmp:
             fsdp.barrier()  # rank 0 has removed a step{step}.tmp left by a killed run
             with _one_process_is_meant():
                 dcp_save({"model": model_sd, "optimizer": optim_sd["state"]}, checkpoint_id=tmp,

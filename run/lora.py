@@ -68,6 +68,8 @@ def add(model, targets, r):
     only A and B are ever trained. A target that names no nn.Linear of the model is a user error."""
     from run.cli import UserError
     names = [t.strip() for t in targets.split(",") if t.strip()]
+    # the model's linear layers as they are before any is wrapped (for the error below)
+    linears = sorted({n.split(".")[-1] for n, m in model.named_modules() if type(m) is nn.Linear})
     for p in model.parameters():
         p.requires_grad_(False)
     found = set()
@@ -78,7 +80,6 @@ def add(model, targets, r):
                 found.add(name)
     missing = [n for n in names if n not in found]
     if missing:
-        linears = sorted({n.split(".")[-1] for n, m in model.named_modules() if type(m) is nn.Linear})
         raise UserError(f"--lora_targets {targets}: {', '.join(missing)} is no nn.Linear of "
                         f"{type(model).__name__} (its linear layers: {', '.join(linears)})")
     return model

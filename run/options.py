@@ -2,6 +2,7 @@
 
     options.check(cfg, methods)    # every bad value named at once, on one line (SystemExit: exit status 2)
     options.setting_at(cfg, "lr", t)    # --lr of iteration t: its --lr_per_iter value when given, else --lr
+    options.ignored(cfg, given)    # warnings: options given for a method that --method does not run
 
 Each check names the option and the value it got; a user reads it as one line (run/cli.py's report_errors).
 """
@@ -84,6 +85,20 @@ def check(cfg, methods):
     for k in ("batch_size", "guide_batch_size"):
         if cfg[k] % world:
             raise SystemExit(f"--{k} {cfg[k]} must be a multiple of the number of processes ({world})")
+
+
+# The options that one method alone reads (stages.METHODS): given on the command line to a call that does not run
+# that method, they are ignored, and the log says so (a warning, not an error: `train.sh paper-baselines` passes the
+# user's options to each method's call). A preset's values are not the user's: only the options given count.
+READ_BY = {"sft_data": "sft", "pref_data": "dpo", "spin_keep_previous": "spin"}
+
+
+def ignored(cfg, given):
+    """A warning line for each option of READ_BY among `given` (the options on the command line: read_overrides'
+    keys) whose method --method does not run."""
+    methods = cfg["method"].split(",")
+    return [f"warning: --{k} is read by --method {m} alone, which --method {cfg['method']} does not run: ignored"
+            for k, m in READ_BY.items() if k in given and m not in methods]
 
 
 # The per-iteration settings. SPIN's scripts set the lr and beta per iteration (train.sh paper-baselines cites

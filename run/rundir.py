@@ -36,7 +36,8 @@ def atomic_path(path, hashed=None):
     A folder gets a manifest.json with the sha256 of each of its files (verify checks it when the folder is read
     back); hashed: {relative path: sha256} of files whose hashes the caller has (other processes wrote and hashed
     them: checkpoint.py), filled in before the block ends. On an exception the temporary is removed and `path`
-    is left as it was.
+    is left as it was; a full disk (cli.disk_full, looked at before the temporary is removed: it may be what filled
+    the disk) becomes a cli.DiskFull naming `path` (the outermost write's, when writes are nested).
     """
     path = os.fspath(path)
     tmp = path + ".tmp"
@@ -52,9 +53,36 @@ def atomic_path(path, hashed=None):
         if os.path.isdir(path) and not os.path.islink(path):  # os.replace cannot overwrite a non-empty folder
             shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = _as_disk_full(e, path)  # (before the temporary, which may be what filled the disk, is removed)
         _remove(tmp)
+        if full:
+            raise full from e
         raise
+
+
+@contextlib.contextmanager
+def writing_into(path):
+    """Yield the temporary of `path` that another process's atomic_path makes and renames (checkpoint.py: rank 0's,
+    the other ranks write their shards into it); a full disk there is a cli.DiskFull naming `path`, as in
+    atomic_path."""
+    try:
+        yield os.fspath(path) + ".tmp"
+    except BaseException as e:
+        full = _as_disk_full(e, path)
+        if full:
+            raise full from e
+        raise
+
+
+def _as_disk_full(e, path):
+    """A cli.DiskFull naming `path` when the exception `e` of writing it came from a full disk (cli.disk_full, on
+    the filesystem of `path`), else None. (DCP's CheckpointException is a BaseException; ctrl-C and exits are not a
+    full disk's.)"""
+    if isinstance(e, cli.DiskFull) or (not isinstance(e, (UserError, KeyboardInterrupt, SystemExit))
+                                       and cli.disk_full(e, os.path.dirname(os.path.abspath(path)))):
+        return cli.DiskFull(cli.disk_full_message(path))
+    return None
 
 
 MANIFEST = "manifest.json"
@@ -447,7 +475,8 @@ class RunDir:
     def kill_point(stage):
         """Test hook for the resume tests: LDALIGN_KILL_AT=<stage> kills the process here, as a crash or a
         pre-empted job would (no cleanup, no atexit); LDALIGN_TERM_AT=<stage> sends SIGTERM to the process of
-        the last rank (the only one in one process), as a scheduler does first, and goes on. Stages: the names
+        the last rank (the only one in one process), as a scheduler does first, and goes on; LDALIGN_INT_AT=<stage>
+        sends SIGINT to every rank's process, as ctrl-C in a terminal does (KeyboardInterrupt). Stages: the names
         given to cached() ("sft", "guide", "iter0/samples.jsonl", ...), "<name>/batch<k>" (sampling's k-th
         batch on this rank written), "<method>/iter<t>/train" (half-way through the update),
         "<method>/iter<t>/step<k>" (after optimizer step k and its step checkpoint, if one) and
@@ -459,6 +488,12 @@ class RunDir:
             import signal
             print(f"LDALIGN_TERM_AT={stage}: sending SIGTERM to rank {fsdp.rank()}", flush=True)
             os.kill(os.getpid(), signal.SIGTERM)
+        if os.environ.get("LDALIGN_INT_AT") == stage:
+            import signal
+            print(f"LDALIGN_INT_AT={stage}: sending SIGINT (ctrl-C)", flush=True)
+            # Python's own handler, as a terminal's foreground process has it (a background job ignores SIGINT)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 # Where a run folder keeps theta_t: RunDir's methods above, and harness.py reading a finished run folder.

@@ -14,7 +14,8 @@ module.
     running ldalign.py     TINY_RUN, _run, _check_run_folder (the `tiny_run` and `uninterrupted` fixtures'),
                            MINIMAL_RUN / _minimal_data (the fast tier's slice of the toy data), _check_same_stages (a
                            2-process run against 1); _cli_start / _cli_wait / _cli (a user's command line, exit status
-                           not checked); _train_sh; _user_error (a one-line user error in this process); _all_files
+                           not checked); _train_sh (its environment: _train_sh_env); _user_error (a one-line user
+                           error in this process); _all_files
     several processes      _run_gloo (a worker in processes joined by gloo, torch.multiprocessing)
     the paper path         UltraChat / UltraFeedback-like records (QA), trained tokenizers (Mistral-like with
                            zephyr's template, GPT-2-like, DeBERTa-like), tiny HF folders (build_paper_inputs,
@@ -348,10 +349,17 @@ def _cli(args, env_extra=None):
     return _cli_wait(_cli_start(args, env_extra))
 
 
+def _train_sh_env(env_extra):
+    """The environment of a train.sh the tests launch: the running interpreter's folder first on PATH, where
+    train.sh finds python and torchrun (a virtual environment's python runs the tests without being activated)."""
+    path = os.path.dirname(sys.executable) + os.pathsep + env_extra.get("PATH", os.environ.get("PATH", ""))
+    return dict(os.environ, OMP_NUM_THREADS="1", **dict(env_extra, PATH=path))
+
+
 def _train_sh(args, env_extra, timeout=300):
     """bash train.sh ARGS as a user runs it; returns the completed process (no check of its exit status)."""
     return subprocess.run(["bash", os.path.join(HERE, "train.sh")] + args, cwd=HERE, timeout=timeout,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", **env_extra), capture_output=True, text=True)
+                          env=_train_sh_env(env_extra), capture_output=True, text=True)
 
 
 def _user_error(argv, capsys):

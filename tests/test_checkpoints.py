@@ -1,7 +1,11 @@
 """Pre-emption (run/checkpoint.py): an update resumed from its step checkpoint, and sampling from its finished batches,
-give the uninterrupted weights and tokens (1 process; FSDP2 on 2 gloo processes); SIGTERM stops at a step boundary.
+give the uninterrupted weights and tokens (1 process; FSDP2 on 2 gloo processes); SIGTERM stops at a step boundary;
+ctrl-C mid-update and a full disk (a small tmpfs) while a step checkpoint or theta_t is written end with one line
+saying how to resume, and lose nothing stored.
 """
 import os
+import shutil
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -12,10 +16,14 @@ import fsdp
 import generate as generate_module
 import ldalign
 import stages
-from run import checkpoint, lora
+from run import checkpoint, cli, lora, rundir
 from tests.builders import (
+    MINIMAL_RUN,
     SAMPLE_CFG,
     SAMPLE_TOK,
+    _cli,
+    _minimal_data,
+    _run,
     _run_gloo,
     gen_llama,
     gen_prompts,
@@ -139,3 +147,94 @@ def test_sampling_resumes_at_the_first_unfinished_batch(tmp_path):
         calls = []
         assert sample(calls.append) == want and calls == [1]  # one batch left to sample
         assert sample(calls.append) == want and calls == [1]  # none left
+
+
+# ====================================================================================================
+# ctrl-C and a full disk: one line saying how to resume, nothing stored lost
+# ====================================================================================================
+def _update_args(tmp_path, out, epochs):
+    """The minimal run (T 1) with 2 optimizer steps per epoch and a step checkpoint after each step (not the last)."""
+    return ["--out", out, "--data", _minimal_data(tmp_path)] + MINIMAL_RUN + [
+        "--T", "1", "--epochs", str(epochs), "--batch_size", "8", "--micro_batch_size", "8", "--save_steps", "1"]
+
+
+def _ends_with_one_line(p, out, line, status):
+    """The run `p` ended with exit status `status` and `line` as the last line of stderr and of log.txt, with no
+    traceback."""
+    assert p.returncode == status and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == line, p.stderr[-3000:]
+    assert open(os.path.join(out, "log.txt")).read().splitlines()[-1] == line
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_update_says_how_to_resume(tmp_path):
+    """ctrl-C (SIGINT) after step 1 of 2: one line saying that the same command resumes, exit status 130, the step
+    checkpoint of step 1 kept; the same command then goes on from it."""
+    out = str(tmp_path / "run")
+    args = _update_args(tmp_path, out, epochs=1)
+    p = _cli(args, {"LDALIGN_INT_AT": "ldalign/iter1/step1"})
+    _ends_with_one_line(p, out, f"interrupted (ctrl-C); what was stored is kept: {cli.RESUME}", cli.INTERRUPTED)
+    assert "step1" in os.listdir(os.path.join(out, "ldalign", "iter1", "policy.partial"))
+    log = _run(args)
+    assert "[resume] ldalign iteration 1: from the step checkpoint of step 1/2" in log
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 32 MiB tmpfs (a filesystem that fills up) at tmp_path/disk, unmounted afterwards. Skipped where mounting is
+    not allowed (it needs root; CI runs as root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command: a full disk needs a small tmpfs")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if p.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {p.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        if subprocess.run(["umount", str(disk)]).returncode:
+            subprocess.run(["umount", "-l", str(disk)], check=True)  # (busy: detached now, freed when unused)
+
+
+def _fill(disk, leave):
+    """A file on `disk` that leaves `leave` bytes free; returns its path."""
+    path = os.path.join(disk, "filler")
+    with open(path, "wb") as f:
+        f.write(bytes(shutil.disk_usage(disk).free - int(leave)))
+    return path
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_a_step_checkpoint_or_theta_t_is_written_is_one_line(tmp_path, small_disk):
+    """The run folder on a small tmpfs, filled up (a real full disk) while the update writes its step checkpoint of
+    step 2 (torch's zip writer says only "unexpected pos"), then while theta_1 is saved (safetensors: "No space left
+    on device"): each time one line naming what was being written and saying that the same command resumes once
+    space is freed, exit status 2, and every file stored before (the earlier stages, the last complete step
+    checkpoint) the same bytes. With the space freed the same command finishes."""
+    out = str(small_disk / "run")
+    args = _update_args(tmp_path, out, epochs=2)  # 4 steps: step checkpoints after steps 1, 2 and 3
+    partial, theta_1 = (os.path.join(out, "ldalign", "iter1", p) for p in ("policy.partial", "policy"))
+
+    def fails_writing(path, leave):
+        # (the run's records, rewritten by every call, aside: its log, settings and lock, what each stage is from)
+        records = {"log.txt", "config.json", "lock.json", "settings.json", "stages.json"}
+        stored = rundir._sha256_of_files(out, skip=records)
+        filler = _fill(small_disk, leave)
+        p = _cli(args)
+        _ends_with_one_line(p, out, f"error: {cli.disk_full_message(path)}", 2)
+        after = rundir._sha256_of_files(out)
+        assert {f: after.get(f) for f in stored} == stored  # nothing stored lost
+        assert not os.path.exists(path) and not os.path.exists(path + ".tmp")
+        os.remove(filler)
+    assert _cli(args, {"LDALIGN_KILL_AT": "ldalign/iter1/step1"}).returncode == 137  # step 1's checkpoint saved
+    weights = os.path.getsize(os.path.join(out, "sft", "model.safetensors"))
+    # weights + AdamW's two moments: 3x the policy's fp32 weights, where 1.5x is left
+    fails_writing(os.path.join(partial, "step2"), leave=1.5 * weights)
+    rundir.verify(os.path.join(partial, "step1"))
+    assert _cli(args, {"LDALIGN_KILL_AT": "ldalign/iter1/step4"}).returncode == 137  # steps 2, 3 saved, not theta_1
+    fails_writing(theta_1, leave=weights / 2)
+    rundir.verify(os.path.join(partial, "step3"))
+    log = _run(args)
+    assert "[resume] ldalign iteration 1: from the step checkpoint of step 3/4" in log
+    assert os.path.exists(os.path.join(theta_1, "model.safetensors")) and not os.path.exists(partial)

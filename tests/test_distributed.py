@@ -40,6 +40,7 @@ from tests.builders import (
     _run,
     _run_gloo,
     _train_sh,
+    _train_sh_env,
     gen_llama,
     gen_prompts,
     save_tiny_mistral,
@@ -298,8 +299,7 @@ def _train_sh_two_nodes(args, logs, timeout=300):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        env = dict(os.environ, OMP_NUM_THREADS="1", NPROC="1", NNODES="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
+        env = _train_sh_env(dict(NPROC="1", NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
         procs = []
         for r in (0, 1):
             with open(os.path.join(logs, f"node{r}.log"), "w") as f:

@@ -5,6 +5,7 @@ with Qwen2.5-Instruct's template and tokenizer settings, built here: save_tiny_q
     test_lora_theta_t_is_saved_merged_and_reloads_to_the_same_logps,
     test_prompt_and_golden_tokens_follow_qwen_template,
     test_lora_targets_that_name_no_linear_layer_are_a_user_error_before_compute,
+    test_a_mistyped_lora_target_lists_the_models_own_linear_layers,
     test_lora_on_a_bf16_base_saves_theta_t_in_fp32_and_holds_what_a_reload_gives, test_lora_settings_are_checked
     slow: test_lora_fsdp2_two_processes_equal_one_process, test_small_preset_with_lora_end_to_end_then_resume
 
@@ -168,6 +169,15 @@ def test_lora_targets_that_name_no_linear_layer_are_a_user_error_before_compute(
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
     assert "--lora_targets q_proj,c_attn: c_attn is no nn.Linear of LlamaForCausalLM" in err and "down_proj" in err
     assert not os.path.exists(os.path.join(out, "sft"))
+
+
+def test_a_mistyped_lora_target_lists_the_models_own_linear_layers():
+    """--lora_targets q_proj,v_prj: the error names v_prj and lists the model's linear layers as the model has
+    them (q_proj, v_proj, ...), not as they are once q_proj is wrapped (its linear then called `base`)."""
+    with pytest.raises(cli.UserError) as e:
+        lora.add(tiny_llama(), "q_proj,v_prj", 2)
+    assert str(e.value) == ("--lora_targets q_proj,v_prj: v_prj is no nn.Linear of LlamaForCausalLM (its linear "
+                            "layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)")
 
 
 def test_lora_settings_are_checked(monkeypatch):

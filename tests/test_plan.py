@@ -1,7 +1,9 @@
-"""The memory plan (tools/plan.py, `ldalign.py --plan`): its table and verdict without a run folder, its option errors;
+"""The memory plan (tools/plan.py, `ldalign.py --plan`): its table and verdict without a run folder (the tiny preset's
+in MiB), its option errors, a config.json that lacks a size, is cut short or has no model_type (one line);
 slow: its shard bytes equal a real FSDP2 step's (2 gloo processes) and its activations are within a stated tolerance
 of the saved ones; with LoRA its weight, gradient and optimizer bytes equal a real step's with adapters.
 """
+import json
 import os
 import re
 
@@ -108,6 +110,51 @@ def test_plan_option_errors_are_one_line(tmp_path, capsys):
     err = _user_error(["--plan", "--policy", "someorg/some-model", "--plan_world", "2"], capsys)
     assert err.startswith("error: --policy someorg/some-model: --plan reads a local folder's config.json")
     assert not dist.is_initialized()
+
+
+def test_a_config_json_without_the_model_sizes_is_refused_by_the_plan(tmp_path, capsys):
+    """--policy DIR whose config.json is {"model_type": "llama", "vocab_size": 300} (a trial's): one line naming the
+    file and every size it leaves to LlamaConfig's defaults (which made a 6.48B plan), not a plan. GPT-2's own
+    spellings (n_embd, n_layer, n_head, n_positions) are sizes given; the shipped configs give them all."""
+    policy, guide = tmp_path / "policy", tmp_path / "guide"
+    policy.mkdir()
+    guide.mkdir()
+    (policy / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 300}))
+    err = _user_error(["--plan", "--policy", str(policy)], capsys)
+    assert err == (f"error: {policy}/config.json (--policy): no hidden_size, num_hidden_layers, num_attention_heads, "
+                   "intermediate_size; the plan needs every size of the model from the file, not LlamaConfig's "
+                   "defaults"), err
+    sizes = dict(model_type="gpt2", vocab_size=96, n_embd=32, n_layer=1, n_head=2)
+    (guide / "config.json").write_text(json.dumps(sizes))
+    err = _user_error(["--plan", "--guide", str(guide)], capsys)
+    assert err.startswith(f"error: {guide}/config.json (--guide): no n_positions; the plan needs"), err
+    (guide / "config.json").write_text(json.dumps(dict(sizes, n_positions=64)))
+    assert plan.read_config(dict(ldalign.DEFAULTS, guide=str(guide)), "guide").n_embd == 32
+    paper = ldalign.parse_args(["--preset", "paper"])
+    for option, name in (("policy", paper["policy"]), ("policy", "Qwen/Qwen2.5-0.5B-Instruct"), ("guide", "gpt2")):
+        assert plan.read_config(dict(paper, **{option: name}), option).vocab_size > 30000, name
+
+
+def test_a_plan_config_json_cut_short_or_without_model_type_is_one_line(tmp_path, capsys):
+    """A config.json cut mid-way, one without "model_type", one of an architecture transformers does not know:
+    one line naming the file (not a JSONDecodeError or KeyError traceback)."""
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    path = policy / "config.json"
+    for text, msg in (('{"model_type": "llama", "hidden_si', "not valid JSON (Unterminated string"),
+                      ('{"vocab_size": 300}', 'no "model_type" (the architecture'),
+                      ('{"model_type": "nonesuch"}', "Unrecognized model identifier: nonesuch")):
+        path.write_text(text)
+        err = _user_error(["--plan", "--policy", str(policy)], capsys)
+        assert err.startswith(f"error: {path} (--policy): {msg}"), err
+
+
+def test_the_plan_of_the_tiny_preset_gives_its_verdict_in_the_tables_unit(capsys):
+    """--plan on the tiny preset: its table is in MiB, and so is its verdict's largest stage (not "0.0 GiB")."""
+    ldalign.main(["--plan"])
+    text = capsys.readouterr().out
+    verdict = next(line for line in text.splitlines() if line.startswith("Verdict:"))
+    assert "peak/GPU MiB" in text and re.search(r", [1-9][0-9.]* MiB\)$", verdict), verdict
 
 
 def _plan_real_step_worker(rank, results):

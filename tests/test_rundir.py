@@ -1,7 +1,9 @@
 """The run folder and resume (run/rundir.py, run/cli.py, ldalign.py): the settings check on a resume, kill and resume
-(every stage), stale stages recomputed, corrupt files named, NaN stop, bad data before compute, parse_args, user
-errors as one line (exit 2, logged; unreadable input, an unwritable --out), the lock (a dead or half-written one), a
-folder without its manifest, no pickle checkpoints and no remote code by default.
+(every stage), stale stages recomputed, corrupt files named, NaN stop (one line), bad data before compute,
+parse_args, user errors as one line (exit 2, logged; unreadable input, an unwritable --out; train.sh: a bad option
+before torchrun starts, a bad input after it, a venv that is not activated), a method's option given to a call that
+does not run it (a warning), the lock (a dead or half-written one), a folder without its manifest, no pickle
+checkpoints and no remote code by default.
 """
 import json
 import os
@@ -16,7 +18,7 @@ import torch
 import dataset
 import ldalign
 import stages
-from run import checkpoint, cli, rundir
+from run import checkpoint, cli, options, rundir
 from tests.builders import (
     GOOD,
     HERE,
@@ -180,13 +182,17 @@ def test_theta_t_trained_from_another_theta_0_is_trained_again(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_update_stopped_at_a_nan_binds_none_of_its_settings(tmp_path):
-    """--beta 1e30 stops at a non-finite loss with the hint "Lower --lr or --beta"; doing that on the same --out
-    works: an iteration that produced nothing binds none of the update's settings."""
-    data = _minimal_data(tmp_path)
-    args = ["--out", str(tmp_path / "run"), "--data", data] + MINIMAL_RUN + ["--T", "1"]
+def test_beta_1e30_stops_at_a_nan_in_one_line_and_a_rerun_at_a_lower_beta_works(tmp_path):
+    """--beta 1e30 stops at a non-finite loss: one line (no traceback) with the hint "Lower --lr or --beta", exit
+    status 2, in log.txt too; doing that on the same --out works: an iteration that produced nothing binds none of
+    the update's settings."""
+    data, out = _minimal_data(tmp_path), str(tmp_path / "run")
+    args = ["--out", out, "--data", data] + MINIMAL_RUN + ["--T", "1"]
     p = _cli(args + ["--beta", "1e30"])
-    assert p.returncode != 0 and "Lower --lr or --beta" in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert last.startswith("error: loss is ") and last.endswith("Lower --lr or --beta."), last
+    assert open(os.path.join(out, "log.txt")).read().splitlines()[-1] == last
     _run(args + ["--beta", "0.1"])
 
 
@@ -272,10 +278,54 @@ def test_user_errors_are_one_line_exit_2_and_logged(tmp_path):
 
 @pytest.mark.slow
 def test_train_sh_reports_a_user_error_once_under_torchrun(tmp_path):
-    """Under torchrun every rank meets the same mistake: the user sees it once, as the last line, exit status 2."""
-    p = _train_sh(["tiny", "--beta", "0", "--out", str(tmp_path / "r")], {"NPROC": "2"})
+    """Under torchrun every rank meets the same mistake in the input (the settings are good: torchrun starts): the
+    user sees it once, as the last line, after torchrun's report, exit status 2."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(GOOD + "\n" + '{"messages": "oops"}\n')
+    p = _train_sh(["tiny", "--data", str(bad), "--out", str(tmp_path / "r")], {"NPROC": "2"})
     assert p.returncode == 2 and p.stderr.count("error: ") == 1, p.stderr[-3000:]
-    assert p.stderr.strip().splitlines()[-1] == "error: --beta must be a finite number > 0, got 0.0"
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: {bad}:2: 'messages' must be a list"), p.stderr[-3000:]
+
+
+def test_a_mistyped_option_to_train_sh_prints_only_the_error():
+    """`bash train.sh tiny --betta 0.1` (2 processes): the settings are checked before torchrun starts, so the user
+    sees ldalign.py's one line and nothing of torchrun, exit status 2. docs/reproduce.md says to launch through
+    train.sh (under a bare torchrun its report follows the line)."""
+    p = _train_sh(["tiny", "--betta", "0.1"], {"NPROC": "2"})
+    assert p.returncode == 2 and p.stdout == "", p.stdout[-2000:] + p.stderr[-2000:]
+    assert p.stderr.strip().startswith("error: unknown option --betta; known: preset, out,"), p.stderr[-2000:]
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
+    docs = " ".join(open(os.path.join(HERE, "docs", "reproduce.md")).read().split())
+    assert "**Launch through `train.sh`**, not a bare `torchrun ... ldalign.py`" in docs
+
+
+@pytest.mark.slow
+def test_train_sh_under_a_python_whose_venv_is_not_activated_finds_torchrun(tmp_path):
+    """The suite run as `.venv/bin/python -m pytest` (no venv on PATH): _train_sh puts the running interpreter's
+    folder first on PATH, where train.sh finds python and torchrun (not status 127); the run gets as far as reading
+    its data, whose error is the last line."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": "oops"}\n')
+    p = _train_sh(["tiny", "--data", str(bad), "--out", str(tmp_path / "r")], {"PATH": "/usr/bin:/bin"})
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: {bad}:1: 'messages' must be a list"), p.stderr[-3000:]
+
+
+def test_sft_data_given_to_an_ldalign_run_is_a_warning_in_the_log(tmp_path, capsys, monkeypatch):
+    """--sft_data (read by --method sft alone), --pref_data (dpo) or --spin_keep_previous (spin) given to a call that
+    does not run that method: a warning line in the log, not an error (`train.sh paper-baselines` passes the user's
+    options to every method's call); a preset's values (the paper preset's --sft_data "") are not the user's."""
+    monkeypatch.setattr(cli, "_LOG", [])  # this test's log.txt only
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--sft_data", "more.jsonl", "--pref_data", "pairs.jsonl", "--spin_keep_previous",
+            "true"]
+    _user_error(argv + ["--method", "ldalign,dpo", "--policy", "/nonexistent"], capsys)  # stops after the log's head
+    log = (out / "log.txt").read_text()
+    assert ("warning: --sft_data is read by --method sft alone, which --method ldalign,dpo does not run: ignored"
+            in log) and "warning: --spin_keep_previous is read by --method spin alone" in log
+    assert "--pref_data is read" not in log
+    paper = ldalign.parse_args(["--preset", "paper"])
+    assert options.ignored(paper, {}) == [] and options.ignored(dict(paper, method="sft"), {"sft_data": ""}) == []
 
 
 @pytest.mark.slow

@@ -109,7 +109,8 @@ class _ToyTokenizer:
 
 def read_config(cfg, option):
     """--policy / --guide's config: a local folder's config.json, the shipped copy for a preset hub id, or the
-    tiny preset's own configs (dataset.tiny_policy_config / tiny_guide_config)."""
+    tiny preset's own configs (dataset.tiny_policy_config / tiny_guide_config). A config.json must give every size
+    the plan builds from (SIZES): the plan does not take them from the architecture's defaults."""
     from transformers import AutoConfig
     name = cfg[option]
     if name == "tiny":
@@ -126,9 +127,38 @@ def read_config(cfg, option):
                         f"{', '.join(HUB_CONFIGS)}, the copy in data/): give the folder")
     if not os.path.isfile(path):
         raise UserError(f"--{option} {name}: no config.json in the folder")
-    with open(path) as f:
-        d = json.load(f)
-    return AutoConfig.for_model(d.pop("model_type"), **d)
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} (--{option}): not valid JSON ({e})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("model_type"), str):
+        raise UserError(f"{path} (--{option}): no \"model_type\" (the architecture, e.g. \"llama\", \"gpt2\"), which "
+                        "every Hugging Face config.json has")
+    try:
+        config = AutoConfig.for_model(d.pop("model_type"), **d)
+    except ValueError as e:
+        raise UserError(f"{path} (--{option}): {str(e).split('. ')[0]}") from None
+    missing = missing_sizes(config, d, option)
+    if missing:
+        raise UserError(f"{path} (--{option}): no {', '.join(missing)}; the plan needs every size of the model from "
+                        f"the file, not {type(config).__name__}'s defaults")
+    return config
+
+
+# The sizes a config.json must give (a model's standard names; GPT-2 spells them n_embd, n_layer, n_head,
+# n_positions: the config class's attribute_map): intermediate_size where the class has one; the guide's context
+# (its rows' length) too.
+SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def missing_sizes(config, given, option):
+    """The sizes of SIZES (and the others the config needs) that the config.json's fields `given` leave to the
+    defaults of the config's class, each under the file's own spelling."""
+    need = SIZES + (("intermediate_size",) if hasattr(config, "intermediate_size") else ()) + \
+        (("max_position_embeddings",) if option == "guide" else ())
+    spelled = type(config).attribute_map
+    return [spelled.get(k, k) for k in need if given.get(k) is None and given.get(spelled.get(k, k)) is None]
 
 
 @contextlib.contextmanager
@@ -530,7 +560,7 @@ def report(cfg, m, world, gpu_gb):
     ok = all(fits[name] for name in used)
     worst = max(used, key=peaks.get)
     lines += ["", f"Verdict: {'FITS' if ok else 'DOES NOT FIT'} on {world} x {gpu_gb:g} GiB "
-                  f"(largest stage: {worst.rsplit(',', 1)[0]}, {peaks[worst] / GiB:.1f} GiB)"]
+                  f"(largest stage: {worst.rsplit(',', 1)[0]}, {peaks[worst] / UNIT[unit]:.1f} {unit})"]
     lines += largest_batches(cfg, m, usable)
     lines += checkpoint_lines(cfg, m, world)
     return lines, ok

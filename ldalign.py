@@ -1,9 +1,9 @@
 """LD-Align: Algorithm 1 of arXiv 2404.06390, line for line, in main() (a banner per pseudocode line).
 
-    python ldalign.py                                # the embedded default: toy task, CPU, ~3 min
+    python ldalign.py                                # the embedded default: the toy task, CPU
     python ldalign.py --method ldalign,spin,dpo,sft  # the competing methods, same epochs and batch
     python ldalign.py --preset paper --data ultrachat_50k.jsonl      # the paper's setting
-    torchrun --nproc_per_node=8 ldalign.py --preset paper ...         # the same, FSDP2 on 8 GPUs
+    bash train.sh paper                              # the same, FSDP2 on 8 GPUs (torchrun)
     python ldalign.py --preset small --data train_sft.parquet   # Qwen2.5-0.5B-Instruct, 1 GPU
     python ldalign.py --preset paper --lora_r 64 --lora_base_dtype bfloat16 ...  # the 7B, 1 GPU
     python ldalign.py --out runs/x --T 5             # any default below, overridden as --key value

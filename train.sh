@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # LD-Align recipes (Algorithm 1 of arXiv 2404.06390), launched with torchrun.
 #
-#   bash train.sh                 # preset "tiny" (default): toy sorting task, CPU or GPU, ~3 min on 2 cores
+#   bash train.sh                 # preset "tiny" (default): toy sorting task, CPU or GPU (README: its time)
 #   bash train.sh paper           # the paper's setting on 8 GPUs (docs/reproduce.md, "The paper's setting")
 #   bash train.sh paper-baselines # then Table 1's other rows on the same --out: SPIN, DPO, continual SFT as the
 #                                 # paper ran them (docs/reproduce.md, "Table 1's rows")
@@ -10,9 +10,9 @@
 #   NPROC=1 bash train.sh paper --lora_r 64 --lora_base_dtype bfloat16 --lr 5e-6 --micro_batch_size 16 \
 #     --gen_batch_size 256 --save_steps 1 --out runs/paper_lora
 #                                 # the paper's 7B with LoRA on one 80 GB GPU (docs/reproduce.md, "One GPU")
-#   bash train.sh compare         # the toy task with ldalign, spin, dpo and sft at equal budget (~8 min, CPU)
+#   bash train.sh compare         # the toy task with ldalign, spin, dpo and sft at equal budget
 #   bash train.sh eval runs/paper  # the paper's Table 1 (lm-evaluation-harness) for every policy of a run folder
-#   bash train.sh seeds           # the compare run for SEEDS seeds (default 5): means with 95% intervals (~40 min)
+#   bash train.sh seeds           # the compare run for SEEDS seeds (default 5): means with 95% intervals
 #   NPROC=2 bash train.sh tiny    # the toy run on 2 processes (FSDP2 over gloo on CPU)
 #   bash train.sh paper --T 2 --out runs/paper2    # extra --key value pairs are passed to ldalign.py
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 bash train.sh paper --out /shared/runs/paper

@@ -658,7 +658,7 @@ def checkpoint_lines(cfg, m, world):
         lines.append(f"  {method}: {each}")
     lines.append(f"Suggested --save_steps {save_steps}: saving takes {per_step(step_s):.1%} of the update at "
                  f"~{step_s:.2g} s per step, {per_step(step_s / 2):.1%} at a step twice as fast "
-                 f"(~{step_s / 2:.2g} s); a pre-emption loses at most {save_steps} steps "
+                 f"(~{step_s / 2:.2g} s); a pre-emption loses at most {save_steps} step{'s' if save_steps > 1 else ''} "
                  f"(~{save_steps * step_s / 60:.0f} min)")
     return lines
 
